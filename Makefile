@@ -1,0 +1,33 @@
+# Two commands set up everything on a fresh machine: `make chat` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# A CPU build of this torch lies on the CI machines' disk; pinning it here keeps a
+# fresh install fast. pyproject.toml itself asks only for a range.
+TORCH  ?= torch==2.13.0
+
+.PHONY: chat test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)"
+	$(PIP) install --quiet -e ".[test]"
+	@touch $@
+
+# Until the chat lands, `make chat` shows the most complete thing there is:
+# the plugins, and a BPE tokenizer trained on this README at work.
+chat: $(VENV)/.installed
+	@$(VENV)/bin/quill plugins
+	@$(VENV)/bin/quill tokenizer train README.md --kind bpe --vocab-size 400 --out $(VENV)/demo-tokenizer.json --force
+	@$(VENV)/bin/quill tokenizer inspect --tokenizer $(VENV)/demo-tokenizer.json "To be, or not to be: that is the question."
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/tokenizer_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

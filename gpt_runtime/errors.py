@@ -1,0 +1,42 @@
+"""Errors meant for people.
+
+Every failure a user can cause is raised as a `QuillError`: the message says what
+went wrong and with which file or value, the hint says what to do. The CLI prints
+them as one line on stderr (plus the hint) and never a traceback, unless
+`QUILL_DEBUG=1` is set.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class QuillError(Exception):
+    """A failure to report to the user: exit code 1 from the CLI."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class UsageError(QuillError):
+    """The command line itself is wrong: exit code 2 from the CLI."""
+
+    exit_code = 2
+
+
+class QuillWarning(UserWarning):
+    """Something the user should know about that does not stop the work."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """Return 'did you mean X?' for the closest of `choices`, or None."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None

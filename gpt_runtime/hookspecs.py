@@ -1,0 +1,59 @@
+"""The plugin contract: the hooks a Quill plugin may implement.
+
+A plugin is a module (or any object) with functions named after these hooks and
+decorated with `gpt_runtime.hookimpl`. Built-in plugins in `plugins/` use exactly
+these hooks; a third-party plugin declares its module in its own pyproject::
+
+    [project.entry-points.quill]
+    my_plugin = "my_package.my_module"
+
+Each hook receives a `register` callable. Call it once per thing you provide;
+registration happens once per process, never per token. A name that two plugins
+register is an error naming both.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("quill")
+hookimpl = pluggy.HookimplMarker("quill")
+
+
+@hookspec
+def quill_register_tokenizers(register) -> None:
+    """Register tokenizer kinds: ``register(name, cls)``.
+
+    `cls` is a class with ``train(text, vocab_size=None, **options)`` and
+    ``from_dict(data)`` class methods returning an instance that implements
+    `gpt_runtime.tokenizer.Tokenizer`. `name` is the ``kind`` stored in tokenizer
+    files and given to ``quill tokenizer train --kind``.
+    """
+
+
+@hookspec
+def quill_register_samplers(register) -> None:
+    """Register samplers: ``register(name, factory)``.
+
+    `factory(**options)` returns a sampler. The generation engine that calls
+    samplers, and the protocol they follow, arrive with `gpt_runtime.sampling`.
+    """
+
+
+@hookspec
+def quill_register_backends(register) -> None:
+    """Register hardware backends: ``register(name, factory)``.
+
+    `factory()` returns a backend object (device, dtypes, availability). The
+    training and generation code that uses backends defines their protocol.
+    """
+
+
+@hookspec
+def quill_register_commands(register) -> None:
+    """Register chat slash commands: ``register("/name", handler, help="...")``.
+
+    `handler(session, args: str)` runs the command; `help` is the one-line
+    description shown by ``/help``. Extra keyword arguments to `register` are kept
+    with the entry for the interface that shows it.
+    """
