@@ -144,7 +144,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     with progress_bar(f"training {args.kind} tokenizer", unit="merges" if args.kind == "bpe" else "") as progress:
         tok = cls.train(text, vocab_size=args.vocab_size, progress=progress, **options)
     seconds = time.perf_counter() - start
-    tok.save(args.out)
+    try:
+        tok.save(args.out)
+    except OSError as exc:  # e.g. --out is a directory, or not writable
+        raise QuillError(f"cannot write {args.out!r}: {exc.strerror or exc}") from None
     note = ""
     if args.vocab_size and tok.vocab_size < args.vocab_size:
         note = f" (the corpus only supports {tok.vocab_size})"

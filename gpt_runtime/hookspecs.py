@@ -1,7 +1,7 @@
 """The plugin contract: the hooks a Quill plugin may implement.
 
 A plugin is a module (or any object) with functions named after these hooks and
-decorated with `gpt_runtime.hookimpl`. Built-in plugins in `plugins/` use exactly
+decorated with `gpt_runtime.hookspecs.hookimpl`. Built-in plugins in `plugins/` use exactly
 these hooks; a third-party plugin declares its module in its own pyproject::
 
     [project.entry-points.quill]

@@ -109,9 +109,9 @@ class PluginHost:
     def _register(self, info: PluginInfo, plugin: object) -> None:
         if self.pm.has_plugin(info.name):
             raise QuillError(f"a plugin named {info.name!r} is already loaded")
-        self.pm.register(plugin, name=info.name)
         try:
-            self._check_hook_names(info.name)
+            self.pm.register(plugin, name=info.name)
+            self._check_hook_names(plugin)
             staged_by_kind = {}
             for kind, hook_name in zip(KINDS, HOOK_NAMES):
                 register, staged = self.registry.stage(kind, info.name)
@@ -119,24 +119,25 @@ class PluginHost:
                     if impl.plugin_name == info.name:
                         impl.function(**({"register": register} if "register" in impl.argnames else {}))
                 staged_by_kind[kind] = staged
-            for kind, staged in staged_by_kind.items():
-                self.registry.commit(kind, staged)
+            self.registry.commit(staged_by_kind)
         except BaseException:
-            self.pm.unregister(name=info.name)
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
             raise
         info.registered = {k: [e.name for e in v] for k, v in staged_by_kind.items() if v}
 
-    def _check_hook_names(self, name: str) -> None:
-        """A misspelled hook would silently never be called: make it an error."""
+    def _check_hook_names(self, plugin: object) -> None:
+        """A misspelled or undecorated hook would silently never run: make it an error."""
+        undecorated = [
+            name for name in HOOK_NAMES
+            if callable(getattr(plugin, name, None)) and self.pm.parse_hookimpl_opts(plugin, name) is None
+        ]
+        if undecorated:
+            raise QuillError(f"{undecorated[0]} is not decorated with @hookimpl (from gpt_runtime.hookspecs), so it would never run")
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError:
-            plugin = self.pm.get_plugin(name)
-            unknown = [
-                attr for attr in dir(plugin)
-                if attr.startswith("quill_") and attr not in HOOK_NAMES
-                and self.pm.parse_hookimpl_opts(plugin, attr) is not None
-            ]
+            unknown = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or () if not caller.has_spec())
             hint = did_you_mean(unknown[0], HOOK_NAMES) if unknown else None
             raise QuillError(
                 f"implements unknown hook {', '.join(unknown) or '?'}"
@@ -153,8 +154,12 @@ class PluginHost:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, QuillError):
         return str(exc)
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    # One line for `quill plugins`, keeping every line of the message (pluggy puts
+    # the reason for a bad hook signature on its second line).
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _env_flag(name: str) -> bool:

@@ -35,7 +35,7 @@ class Registry:
         """Return a `register` callable for `plugin` and the list it fills.
 
         Nothing reaches the tables until `commit` is called, so a plugin that fails
-        halfway through its hook leaves no partial registration behind.
+        halfway through its hooks leaves no partial registration behind.
         """
         staged: list[Entry] = []
 
@@ -49,19 +49,24 @@ class Registry:
 
         return register, staged
 
-    def commit(self, kind: str, entries: list[Entry]) -> None:
-        """Add staged entries; a name already taken is an error naming both plugins."""
-        table = self._tables[kind]
-        for entry in entries:
-            if entry.name in table:
-                first = table[entry.name].plugin
-                raise QuillError(
-                    f"{kind[:-1]} {entry.name!r} is registered by both plugin {first!r} "
-                    f"and plugin {entry.plugin!r}",
-                    hint=f"uninstall one, or skip it with QUILL_DISABLE_PLUGINS={entry.plugin}",
-                )
-        for entry in entries:
-            table[entry.name] = entry
+    def commit(self, staged: dict[str, list[Entry]]) -> None:
+        """Add one plugin's staged entries of every kind, or none of them.
+
+        A name already taken is an error naming both plugins.
+        """
+        for kind, entries in staged.items():
+            table = self._tables[kind]
+            for entry in entries:
+                if entry.name in table:
+                    first = table[entry.name].plugin
+                    raise QuillError(
+                        f"{kind[:-1]} {entry.name!r} is registered by both plugin {first!r} "
+                        f"and plugin {entry.plugin!r}",
+                        hint=f"uninstall one, or skip it with QUILL_DISABLE_PLUGINS={entry.plugin}",
+                    )
+        for kind, entries in staged.items():
+            for entry in entries:
+                self._tables[kind][entry.name] = entry
 
     def get(self, kind: str, name: str) -> Entry:
         """The entry registered as `name`, or a QuillError listing what there is."""

@@ -170,7 +170,7 @@ def tokenizer_from_dict(data: Any, source: str = "tokenizer") -> Tokenizer:
             hint="make one with `quill tokenizer train`",
         )
     version = data.get("version")
-    if not isinstance(version, int):
+    if type(version) is not int or version < 1:
         raise QuillError(f"{source} has no valid format version (found {version!r})")
     if version > FORMAT_VERSION:
         raise QuillError(
@@ -214,6 +214,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except json.JSONDecodeError as exc:
         problem = "is empty" if not raw.strip() else f"is truncated or not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
         raise QuillError(f"{source} {problem}") from None
+    except RecursionError:
+        raise QuillError(f"{source} is not a tokenizer file (JSON nested too deeply)") from None
     return tokenizer_from_dict(data, source)
 
 

@@ -17,11 +17,10 @@ up rather than merged.
 from __future__ import annotations
 
 import heapq
-from collections import Counter, defaultdict
-from itertools import repeat
-from typing import Any
-
 import re
+from collections import Counter, defaultdict
+from itertools import chain, repeat
+from typing import Any
 
 import regex
 
@@ -54,6 +53,18 @@ _NO_MERGE = float("inf")
 _CACHE_LIMIT = 200_000  # distinct chunks remembered before the cache is reset
 
 
+class _ChunkCache(dict):
+    """chunk -> ids; a missing chunk is encoded once and remembered."""
+
+    def __init__(self, encode) -> None:
+        super().__init__()
+        self._encode = encode
+
+    def __missing__(self, chunk: str) -> list[int]:
+        ids = self[chunk] = self._encode(chunk)
+        return ids
+
+
 class _Splitter:
     """Pre-splits text by a pattern, with the fast `re` twin for ASCII text."""
 
@@ -70,9 +81,10 @@ class _Splitter:
     def split(self, text: str) -> list[str]:
         """Chunks of `text` in order; text the pattern skips becomes chunks too."""
         pattern = self.ascii if self.ascii is not None and text.isascii() else self.full
-        chunks = pattern.findall(text)
-        if sum(map(len, chunks)) == len(text):
-            return chunks
+        if not pattern.groups:  # with groups, findall() gives the groups, not the matches
+            chunks = pattern.findall(text)
+            if sum(map(len, chunks)) == len(text):
+                return chunks
         chunks, pos = [], 0
         for m in pattern.finditer(text):
             if m.start() > pos:
@@ -94,13 +106,13 @@ class BPETokenizer(Tokenizer):
         self.merges = [tuple(m) for m in merges]
         self.pattern = pattern
         self._splitter = _Splitter(pattern)
-        self._char_ranks = {(chr(a), chr(b)): rank for rank, (a, b) in enumerate(self.merges)}
-        self._char_merges = [(chr(a) + chr(b), chr(256 + rank)) for rank, (a, b) in enumerate(self.merges)]
         pieces = [bytes([i]) for i in range(256)]
-        for rank, (a, b) in enumerate(self.merges):
+        for rank, (a, b) in enumerate(self.merges):  # checked before chr() sees the ids
             if not (0 <= a < 256 + rank and 0 <= b < 256 + rank):
                 raise QuillError(f"merge {rank} ({a}, {b}) refers to an id not yet defined")
             pieces.append(pieces[a] + pieces[b])
+        self._char_ranks = {(chr(a), chr(b)): rank for rank, (a, b) in enumerate(self.merges)}
+        self._char_merges = [(chr(a) + chr(b), chr(256 + rank)) for rank, (a, b) in enumerate(self.merges)]
         n = len(pieces)
         if special_tokens is None:
             special_tokens = {name: n + i for i, name in enumerate(SPECIALS)}
@@ -109,7 +121,7 @@ class BPETokenizer(Tokenizer):
         self.special_tokens = dict(special_tokens)
         pieces.extend(name.encode("utf-8") for name, _ in sorted(special_tokens.items(), key=lambda kv: kv[1]))
         self.pieces = pieces
-        self._cache: dict[str, list[int]] = {}
+        self._cache = _ChunkCache(self._bpe)
 
     # --- training ---------------------------------------------------------------
     @classmethod
@@ -149,22 +161,17 @@ class BPETokenizer(Tokenizer):
         cache = self._cache
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
-        ids: list[int] = []
         try:
-            for chunk in self._splitter.split(text):
-                chunk_ids = cache.get(chunk)
-                if chunk_ids is None:
-                    chunk_ids = cache[chunk] = self._bpe(chunk.encode("utf-8"))
-                ids += chunk_ids
-        except UnicodeEncodeError as exc:
+            # Hits stay in C (dict lookups); misses run _ChunkCache.__missing__.
+            return list(chain.from_iterable(map(cache.__getitem__, self._splitter.split(text))))
+        except UnicodeEncodeError:
             raise QuillError(_surrogate_message(text)) from None
-        return ids
 
-    def _bpe(self, data: bytes) -> list[int]:
+    def _bpe(self, chunk: str) -> list[int]:
         # Ids are held as the characters of a str (id i is chr(i)): latin-1 maps
         # each byte to its own id, and str.replace applies a merge left to right
         # in C. The same trick drives training.
-        s = data.decode("latin-1")
+        s = chunk.encode("utf-8").decode("latin-1")
         get_rank = self._char_ranks.get
         while len(s) > 1:
             rank = min(map(get_rank, zip(s, s[1:]), repeat(_NO_MERGE)))

@@ -30,7 +30,10 @@ class CharTokenizer(Tokenizer):
         self.chars = list(chars)
         self.special_tokens = {name: i for i, name in enumerate(SPECIALS)}
         self.stoi = {c: i + len(SPECIALS) for i, c in enumerate(self.chars)}
-        self.pieces = [s.encode("utf-8") for s in SPECIALS] + [c.encode("utf-8") for c in self.chars]
+        try:
+            self.pieces = [s.encode("utf-8") for s in SPECIALS] + [c.encode("utf-8") for c in self.chars]
+        except UnicodeEncodeError as exc:
+            raise QuillError(f"a char vocabulary cannot hold the lone surrogate U+{ord(exc.object[exc.start]):04X}") from None
         self._reported: set[str] = set()
 
     @classmethod
