@@ -49,7 +49,7 @@ _ASCII_PATTERNS = {
 }
 DEFAULT_PATTERN = "gpt2"
 SPECIALS = ("<pad>", "<bos>", "<eos>")
-_NO_MERGE = float("inf")
+_NO_MERGE = 1 << 62  # rank of a pair with no merge: above every real rank
 _CACHE_LIMIT = 200_000  # distinct chunks remembered before the cache is reset
 
 
@@ -172,12 +172,13 @@ class BPETokenizer(Tokenizer):
         # each byte to its own id, and str.replace applies a merge left to right
         # in C. The same trick drives training.
         s = chunk.encode("utf-8").decode("latin-1")
-        get_rank = self._char_ranks.get
+        get_rank, merges = self._char_ranks.get, self._char_merges
         while len(s) > 1:
             rank = min(map(get_rank, zip(s, s[1:]), repeat(_NO_MERGE)))
             if rank == _NO_MERGE:
                 break
-            s = s.replace(*self._char_merges[rank])
+            pair, new = merges[rank]
+            s = s.replace(pair, new)
         return list(map(ord, s))
 
 
