@@ -104,6 +104,78 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_tokenizer_inspect)
 
+    # quill prepare
+    p = _sub(commands, "prepare", "tokenize a corpus into a data directory for training", (
+        "quill prepare corpus.txt --tokenizer tokenizer.json --out data/shakespeare",
+        "quill prepare corpus.txt --tokenizer chars.json --out data/chars --val-fraction 0.05",
+    ))
+    p.add_argument("corpus", help="UTF-8 text file")
+    p.add_argument("--tokenizer", required=True, help="tokenizer file (from `quill tokenizer train`)")
+    p.add_argument("--out", required=True, help="directory to write train.bin, val.bin, meta.json, tokenizer.json")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the corpus kept for validation (default: 0.1)")
+    p.set_defaults(run=cmd_prepare)
+
+    # quill train
+    p = _sub(commands, "train", "train a GPT on a prepared data directory", (
+        "quill train --data data/shakespeare --out runs/small --n-layer 4 --n-embd 128 --max-steps 2000",
+        "quill train --data data/shakespeare --out runs/small --config small.toml --lr 3e-4",
+        "quill train --out runs/small --resume --max-steps 4000",
+        "quill train --data data/shakespeare --out runs/ddp --nproc 2",
+    ), description="Train a GPT. Every flag can also be a key of the --config TOML file "
+                   "(n_layer = 4); flags override the file. Ctrl-C saves a checkpoint and stops; "
+                   "--resume continues exactly where a run stopped.")
+    p.add_argument("--config", help="TOML file with any of the settings below, in snake_case")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--nproc", type=int, default=1, help="processes for data-parallel training (launches torchrun)")
+    from .config import TrainConfig
+    from dataclasses import MISSING, fields
+
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help = f"{f.metadata['help']} (default: {f.default})"
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=argparse.SUPPRESS, help=help, metavar=f.type.upper())
+    p.set_defaults(run=cmd_train)
+
+    # quill eval
+    p = _sub(commands, "eval", "loss, perplexity and bits per byte of a checkpoint", (
+        "quill eval runs/small --data data/shakespeare",
+        "quill eval runs/small/best.safetensors --data notes.txt --json",
+    ))
+    p.add_argument("checkpoint", help="checkpoint file, or a run directory (its best checkpoint)")
+    p.add_argument("--data", required=True, help="prepared data directory (its val split) or a text file")
+    p.add_argument("--split", default="val", help="split of a data directory: train or val (default: val)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
+    p.add_argument("--device", default="auto", help="backend (default: auto)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_eval)
+
+    # quill check
+    p = _sub(commands, "check", "describe a checkpoint, and whether a tokenizer matches it", (
+        "quill check runs/small/best.safetensors",
+        "quill check runs/small --tokenizer tokenizer.json",
+    ))
+    p.add_argument("checkpoint", help="checkpoint file, or a run directory")
+    p.add_argument("--tokenizer", help="tokenizer file to compare with the checkpoint's")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_check)
+
+    # quill generate
+    p = _sub(commands, "generate", "generate text from a checkpoint, streamed as it comes", (
+        "quill generate runs/small --prompt 'ROMEO:'",
+        "quill generate runs/small/best.safetensors --prompt 'To be' --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 1",
+    ))
+    p.add_argument("checkpoint", help="checkpoint file, or a run directory")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from <bos>)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, help="sample only from the K most likely tokens")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible output")
+    p.add_argument("--device", default="auto", help="backend (default: auto)")
+    p.set_defaults(run=cmd_generate)
+
     # quill plugins
     p = _sub(commands, "plugins", "list plugins: what each registered, and any error", (
         "quill plugins",
@@ -234,6 +306,143 @@ def cmd_tokenizer_inspect(args: argparse.Namespace) -> None:
             print(f"  {i:>{id_width}}  {_show_piece(piece)}")
 
 
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare
+    from .progress import progress_bar
+
+    start = time.perf_counter()
+    with progress_bar("tokenizing", unit="bytes") as progress:
+        meta = prepare(args.corpus, args.tokenizer, args.out, args.val_fraction, progress)
+    print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+          f"({meta['dtype']}), tokenizer {meta['tokenizer_fingerprint']}, in {time.perf_counter() - start:.1f} s")
+
+
+def _train_command_line(argv: list[str]) -> list[str]:
+    """The `quill train` arguments without --nproc, for torchrun to pass on."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields, replace
+
+    from .config import TrainConfig, load_toml, saved_config
+
+    if args.resume:
+        if args.config:
+            raise UsageError("--resume continues a run with its own settings; it takes no --config")
+        base = saved_config(getattr(args, "out", TrainConfig.out))
+    else:
+        base = TrainConfig.from_dict(load_toml(args.config), f"config file {args.config!r}") if args.config else TrainConfig()
+    cfg = replace(base, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    if not args.resume and os.path.exists(os.path.join(cfg.out, "last.state.pt")):
+        raise QuillError(f"{cfg.out!r} already holds a run", hint="continue it with --resume, or choose another --out")
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, not {args.nproc}")
+    if args.nproc > 1:
+        import subprocess
+
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   "-m", "gpt_runtime.train", *_train_command_line(args.argv[1:])]
+        return subprocess.call(command, env=env)
+    from .progress import train_display
+    from .train import train
+
+    with train_display() as on_event:
+        result = train(cfg, resume=args.resume, on_event=on_event)
+    best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
+    if result.stopped in ("SIGINT", "SIGTERM"):
+        print(f"stopped by {result.stopped} at step {result.step}; saved {result.out}/last.safetensors "
+              f"(continue with: quill train --out {result.out} --resume)", file=sys.stderr)
+        return 130 if result.stopped == "SIGINT" else 143
+    ended = f"stopped at the time limit at step {result.step}" if result.stopped else f"finished {result.step} steps"
+    print(f"{ended}; best val loss {best}; checkpoints in {result.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+    from .progress import progress_bar
+
+    with progress_bar("evaluating", unit="batches") as progress:
+        result = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device, progress=progress)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return
+    print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}  "
+          f"({result.tokens:,} tokens, {result.bytes:,} bytes)")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .tokenizer import load_tokenizer
+
+    ckpt = load_checkpoint(args.checkpoint)
+    info = {
+        "file": str(ckpt.path),
+        "config": ckpt.config.to_dict(),
+        "parameters": ckpt.model.num_params(),
+        "step": ckpt.step,
+        "val_loss": ckpt.val_loss,
+        "tokenizer_kind": ckpt.tokenizer.kind,
+        "tokenizer_vocab_size": ckpt.tokenizer.vocab_size,
+        "tokenizer_fingerprint": ckpt.tokenizer.fingerprint,
+    }
+    if args.tokenizer:
+        given = load_tokenizer(args.tokenizer)
+        info["given_tokenizer_fingerprint"] = given.fingerprint
+        info["tokenizer_matches"] = given.fingerprint == ckpt.tokenizer.fingerprint
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        c = info["config"]
+        arch = f"{c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, block {c['block_size']}, " \
+               f"{c['position']} positions, {c['norm']}, {c['mlp']}" + (", tied embeddings" if c["tie_embeddings"] else "")
+        val = f"{ckpt.val_loss:.4f}" if ckpt.val_loss is not None else "n/a"
+        rows = [("file", info["file"]), ("model", arch), ("parameters", f"{info['parameters']:,}"),
+                ("step", str(ckpt.step)), ("val loss", val),
+                ("tokenizer", f"{ckpt.tokenizer.kind}, vocab {ckpt.tokenizer.vocab_size}, fingerprint {ckpt.tokenizer.fingerprint}")]
+        if args.tokenizer:
+            verdict = "matches" if info["tokenizer_matches"] else f"DOES NOT MATCH (it is {info['given_tokenizer_fingerprint']})"
+            rows.append(("given tokenizer", f"{args.tokenizer}: {verdict}"))
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key:<{width}}  {value}")
+    return 0 if info.get("tokenizer_matches", True) else 1
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .backend import get_backend
+    from .checkpoint import load_checkpoint
+    from .generate import prompt_ids, sample_tokens, stream_text
+
+    if args.max_new_tokens < 0:
+        raise UsageError(f"--max-new-tokens must be 0 or more, not {args.max_new_tokens}")
+    backend = get_backend(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device=backend.device)
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    ids = prompt_ids(ckpt.tokenizer, args.prompt)
+    if len(ids) > ckpt.config.block_size:
+        print(f"{PROG}: note: the prompt has {len(ids)} tokens; only its last {ckpt.config.block_size} fit the context", file=sys.stderr)
+    out = sys.stdout
+    for text in stream_text(ckpt.tokenizer, sample_tokens(ckpt.model, ckpt.tokenizer, ids, args.max_new_tokens, args.temperature, args.top_k, generator)):
+        out.write(text)
+        out.flush()
+    if out.isatty():
+        out.write("\n")
+
+
 def cmd_plugins(args: argparse.Namespace) -> None:
     from .plugins import get_plugin_host
 
@@ -266,13 +475,14 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _show_warning
     parser = build_parser()
     try:
+        argv = sys.argv[1:] if argv is None else argv
         args = parser.parse_args(argv)
+        args.argv = argv
         if args.run is None:
             # `quill` or `quill tokenizer` alone: show what there is to run.
             args.help_parser.print_help(sys.stderr)
             return 2
-        args.run(args)
-        return 0
+        return args.run(args) or 0
     except QuillError as exc:
         if debug:
             raise

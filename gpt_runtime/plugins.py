@@ -32,6 +32,7 @@ from .registry import KINDS, Registry
 BUILTINS: tuple[tuple[str, str], ...] = (
     ("char", "plugins.char_tokenizer"),
     ("bpe", "plugins.bpe_tokenizer"),
+    ("backends", "plugins.backends"),
 )
 
 HOOK_NAMES = tuple(f"quill_register_{kind}" for kind in KINDS)

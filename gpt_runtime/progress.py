@@ -31,3 +31,64 @@ def progress_bar(description: str, unit: str = "") -> Iterator[Callable[[int, in
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def describe_step(event: dict) -> str:
+    """One line for a training step event: step, losses, speed, MFU, ETA."""
+    parts = [f"step {event['step']}/{event['max_steps']}", f"loss {event['loss']:.4f}"]
+    if event.get("val_loss") is not None:
+        parts.append(f"val {event['val_loss']:.4f}")
+    if event.get("tokens_per_s") is not None:
+        parts.append(f"{event['tokens_per_s']:,.0f} tok/s")
+    if event.get("mfu") is not None:
+        parts.append(f"MFU {100 * event['mfu']:.1f}%")
+    parts.append(f"ETA {_duration(event.get('eta_s'))}")
+    return "  ".join(parts)
+
+
+@contextmanager
+def train_display() -> Iterator[Callable[[dict], None]]:
+    """Yield an `on_event` callback for `train()` that shows progress on stderr.
+
+    On a terminal: a live bar with the latest step line. Elsewhere: the step lines
+    themselves, one per log interval, so logs and CI output stay readable.
+    """
+    if not sys.stderr.isatty():
+        def log(event: dict) -> None:
+            if event["event"] == "start":
+                print(f"training {event['params']:,} parameters on {event['device']} ({event['dtype']}"
+                      f"{', %d processes' % event['world_size'] if event['world_size'] > 1 else ''}) "
+                      f"from step {event['step']}", file=sys.stderr, flush=True)
+            elif event["event"] == "step":
+                print(describe_step(event), file=sys.stderr, flush=True)
+        yield log
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[line]}"),
+                  console=console, transient=False) as bar:
+        task = bar.add_task("train", total=None, line="starting")
+
+        def show(event: dict) -> None:
+            if event["event"] == "start":
+                console.print(f"training {event['params']:,} parameters on {event['device']} ({event['dtype']}) "
+                              f"from step {event['step']}")
+                bar.update(task, total=event["max_steps"], completed=event["step"])
+            elif event["event"] == "step":
+                line = describe_step(event).split("  ", 1)[1]
+                bar.update(task, completed=event["step"], line=line)
+                if event.get("val_loss") is not None:
+                    console.print(describe_step(event))
+
+        yield show

@@ -1,0 +1,110 @@
+"""Hardware backends: the protocol plugins implement, and choosing one.
+
+A backend answers where tensors live (`device`), which dtypes it can compute in
+and which it prefers, and gives the autocast context for mixed precision.
+Training and generation get their device and dtype only from here.
+
+Backend plugins are loaded with every other plugin, so nothing here imports
+torch at module level: `quill tokenizer ...` never pays for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from .errors import QuillError
+
+if TYPE_CHECKING:
+    import torch
+
+AUTO_ORDER = ("cuda", "mps", "cpu")
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
+
+class Backend:
+    """Base class for backends; the defaults suit a CPU.
+
+    Subclasses set `name` (what users type, e.g. ``--device cuda``) and override
+    what differs. `device` is ``torch.device(name)`` unless overridden.
+    """
+
+    name: str = "cpu"
+
+    @property
+    def device(self) -> "torch.device":
+        import torch
+
+        return torch.device(self.name)
+
+    def is_available(self) -> bool:
+        return True
+
+    def supported_dtypes(self) -> tuple["torch.dtype", ...]:
+        import torch
+
+        return (torch.float32, torch.bfloat16)
+
+    def preferred_dtype(self) -> "torch.dtype":
+        """The dtype to compute in when the user does not choose."""
+        import torch
+
+        return torch.float32
+
+    def autocast(self, dtype: "torch.dtype"):
+        """A context running matrix products in `dtype` (nothing for float32)."""
+        import torch
+
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def memory_in_use(self) -> int | None:
+        """Bytes of device memory in use, if the backend can tell."""
+        return None
+
+    def synchronize(self) -> None:
+        """Wait for queued work to finish (for honest timings)."""
+
+    def distributed_backend(self) -> str:
+        """The torch.distributed backend for data-parallel training."""
+        return "gloo"
+
+
+def get_backend(name: str = "auto") -> Backend:
+    """The backend called `name`, or for ``auto`` the best one available."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    names = registry.names("backends")
+    if name == "auto":
+        for candidate in [n for n in AUTO_ORDER if n in names] + [n for n in names if n not in AUTO_ORDER]:
+            backend = registry.get("backends", candidate).obj()
+            if backend.is_available():
+                return backend
+        raise QuillError("no backend is available")
+    backend = registry.get("backends", name).obj()
+    if not backend.is_available():
+        available = [n for n in names if registry.get("backends", n).obj().is_available()]
+        raise QuillError(f"backend {name!r} is not available on this machine", hint=f"available: {', '.join(available) or 'none'}")
+    return backend
+
+
+def resolve_dtype(backend: Backend, name: str = "auto") -> "torch.dtype":
+    """The compute dtype: the backend's preference for ``auto``, else the one named."""
+    import torch
+
+    if name == "auto":
+        return backend.preferred_dtype()
+    if name not in DTYPE_NAMES:
+        raise QuillError(f"unknown dtype {name!r}", hint="use auto, float32, bfloat16 or float16")
+    dtype = getattr(torch, DTYPE_NAMES[name])
+    if dtype not in backend.supported_dtypes():
+        supported = ", ".join(str(d).removeprefix("torch.") for d in backend.supported_dtypes())
+        raise QuillError(f"backend {backend.name!r} does not support {name}", hint=f"it supports {supported}")
+    return dtype
+
+
+def dtype_name(dtype: "torch.dtype") -> str:
+    return str(dtype).removeprefix("torch.")

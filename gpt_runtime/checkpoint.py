@@ -1,0 +1,178 @@
+"""Checkpoints: weights in safetensors, everything needed to use them in its metadata.
+
+A checkpoint file (``best.safetensors``, ``last.safetensors``) is enough to
+generate: its metadata holds the model config, the whole tokenizer with its
+fingerprint, the step, the validation loss and the training arguments. Resuming
+needs more (optimizer, RNG and data position): that lives beside it in
+``last.state.pt``, written with `torch.save` and read with
+``torch.load(weights_only=True)``, so nothing is ever unpickled.
+
+Every write is atomic: a crash mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import QuillError
+from .fileio import atomic_write_bytes
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
+
+FORMAT = "quill-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (in eval mode), its tokenizer and its metadata."""
+
+    path: Path
+    model: GPT
+    tokenizer: Tokenizer
+    step: int
+    val_loss: float | None
+    train_args: dict[str, Any]
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+
+def _weights(model: GPT) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as wte.weight; safetensors stores it once
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: GPT,
+    tokenizer: Tokenizer,
+    step: int,
+    val_loss: float | None = None,
+    train_args: dict[str, Any] | None = None,
+) -> None:
+    """Write weights and metadata to `path` atomically."""
+    from safetensors.torch import save
+
+    metadata = {
+        "format": FORMAT,
+        "version": str(FORMAT_VERSION),
+        "config": json.dumps(model.config.to_dict()),
+        "tokenizer": json.dumps(tokenizer.to_dict(), ensure_ascii=False),
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        "step": str(step),
+        "val_loss": "" if val_loss is None else repr(float(val_loss)),
+        "train_args": json.dumps(train_args or {}),
+    }
+    atomic_write_bytes(path, save(_weights(model), metadata=metadata))
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory (its best checkpoint, else its last)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise QuillError(f"run directory {str(path)!r} has no checkpoint (best.safetensors or last.safetensors)")
+    if not path.exists():
+        raise QuillError(f"checkpoint {str(path)!r} does not exist")
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a checkpoint file, checked to be a Quill checkpoint."""
+    from safetensors import SafetensorError, safe_open
+
+    path = resolve_checkpoint_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise QuillError(
+            f"checkpoint {str(path)!r} is truncated or not a safetensors file ({str(exc).splitlines()[0][:120]})",
+            hint="use a best.safetensors or last.safetensors written by `quill train`",
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise QuillError(f"{str(path)!r} is a safetensors file but not a Quill checkpoint (no Quill metadata)")
+    if int(meta.get("version", "0")) > FORMAT_VERSION:
+        raise QuillError(f"checkpoint {str(path)!r} has format version {meta['version']}, newer than this Quill reads ({FORMAT_VERSION})", hint="upgrade quillgpt")
+    return meta
+
+
+def check_tokenizer_match(expected: str, tokenizer: Tokenizer, what: str, other: str) -> None:
+    """Raise a clear error if `tokenizer` is not the one with fingerprint `expected`."""
+    if tokenizer.fingerprint != expected:
+        raise QuillError(
+            f"{what} was trained with tokenizer {expected}, but {other} is tokenizer {tokenizer.fingerprint}",
+            hint="use the tokenizer the model was trained with (it is stored in the checkpoint)",
+        )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
+    device: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Load a checkpoint (file or run directory) ready to generate.
+
+    With `tokenizer` (a file or object), it must be the tokenizer the checkpoint
+    was trained with: a different fingerprint is an error naming both.
+    """
+    from safetensors.torch import load_file
+
+    path = resolve_checkpoint_path(path)
+    meta = read_metadata(path)
+    source = f"checkpoint {str(path)!r}"
+    try:
+        config = GPTConfig.from_dict(json.loads(meta["config"]))
+        tok = tokenizer_from_dict(json.loads(meta["tokenizer"]), f"the tokenizer in {source}")
+        step = int(meta["step"])
+        val_loss = float(meta["val_loss"]) if meta.get("val_loss") else None
+        train_args = json.loads(meta.get("train_args") or "{}")
+    except (KeyError, ValueError) as exc:
+        raise QuillError(f"{source} has malformed metadata ({type(exc).__name__}: {exc})") from None
+    if tokenizer is not None:
+        given = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+        name = f"tokenizer file {str(tokenizer)!r}" if not isinstance(tokenizer, Tokenizer) else "the given tokenizer"
+        check_tokenizer_match(tok.fingerprint, given, source, name)
+    model = GPT(config)
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for bad payloads
+        raise QuillError(f"{source} is corrupt: {str(exc).splitlines()[0][:160]}") from None
+    if config.tie_embeddings and "wte.weight" in weights:
+        weights["lm_head.weight"] = weights["wte.weight"]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise QuillError(f"{source} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    return Checkpoint(path, model, tok, step, val_loss, train_args)
+
+
+def save_resume_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write resume state (tensors, numbers, strings, lists and dicts) atomically."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read resume state without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuillError(f"no resume state at {str(path)!r}", hint="--resume needs a run directory that `quill train` wrote")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle refused by weights_only, ...
+        raise QuillError(f"resume state {str(path)!r} is corrupt or not Quill's ({str(exc).splitlines()[0][:160]})") from None

@@ -1,0 +1,232 @@
+"""A decoder-only GPT, readable in one sitting.
+
+    tokens -> embeddings (+ learned positions) -> n_layer x Block -> norm -> logits
+    Block:  x + Attention(norm(x)), then x + MLP(norm(x))    (pre-norm residuals)
+
+Architecture choices live in `GPTConfig`: learned or rotary (RoPE) positions,
+LayerNorm or RMSNorm, a GELU, SwiGLU or squared-ReLU MLP, tied or separate
+input/output embeddings. `n_layer = 0` leaves only the embeddings and the output
+head: a bigram model, the baseline that shows what attention buys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .errors import QuillError, did_you_mean
+
+CHOICES = {
+    "position": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu", "relu2"),
+}
+
+
+@dataclass
+class GPTConfig:
+    """The shape and architecture of a GPT. Stored in every checkpoint."""
+
+    vocab_size: int = 256
+    block_size: int = 256  # longest context, in tokens
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    position: str = "learned"
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise QuillError(f"model {name} {value!r} is not one of {', '.join(choices)}")
+        for name in ("vocab_size", "block_size", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise QuillError(f"model {name} must be at least 1, not {getattr(self, name)}")
+        if self.n_layer < 0:
+            raise QuillError(f"model n_layer must be 0 or more, not {self.n_layer}")
+        if self.n_embd % self.n_head:
+            raise QuillError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise QuillError(f"rope needs an even head size; n_embd / n_head is {self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise QuillError(f"dropout must be in [0, 1), not {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTConfig":
+        """Build a config, naming any key that is not a config field."""
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise QuillError(f"unknown model config key {key!r}", hint=did_you_mean(key, known))
+        return cls(**data)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: rotates query and key pairs by position."""
+
+    def __init__(self, head_size: int, block_size: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)
+        angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (T, hs/2)
+        # Derived from the config, so not saved in checkpoints.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, nh, T, hs)
+        T = x.size(-2)
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_drop = nn.Dropout(config.dropout)
+        self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.position == "rope" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward layer: GELU, SwiGLU or squared ReLU."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        if self.kind == "swiglu":
+            # Two input projections; 8/3 x width keeps parameters equal to the 4x MLPs.
+            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
+            self.gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        else:
+            hidden = 4 * config.n_embd
+        self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            h = F.silu(self.gate(x)) * self.up(x)
+        elif self.kind == "relu2":
+            h = F.relu(self.up(x)).square()
+        else:
+            h = F.gelu(self.up(x))
+        return self.drop(self.down(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = Attention(config)
+        self.norm2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """The model. `forward(idx, targets)` returns (logits, loss or None)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        # A bigram model (n_layer = 0) sees one token at a time: no positions.
+        use_wpe = config.position == "learned" and config.n_layer > 0
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if use_wpe else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # Scaled init of the projections into the residual stream (GPT-2).
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position of `idx` (B, T); with `targets`, the mean loss too.
+
+        Targets equal to -1 are ignored in the loss.
+        """
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise QuillError(f"sequence of {T} tokens is longer than the context window ({self.config.block_size})")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def num_params(self, exclude_positions: bool = True) -> int:
+        """Parameter count; position embeddings are left out by default (as is usual)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_positions and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward and backward): 6N plus attention scores.
+
+        The estimate from the PaLM paper's appendix, used for MFU.
+        """
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T

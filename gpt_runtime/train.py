@@ -1,0 +1,360 @@
+"""The training loop: one process, or data-parallel under torchrun.
+
+    quill train --data DIR --out RUN [--config FILE.toml] [flags]
+    torchrun --nproc_per_node N -m gpt_runtime.train --data DIR --out RUN ...
+
+Both run `train(config)`. Under torchrun every rank draws the same global batch
+and trains on its own slice (DDP averages the gradients), so N ranks with batch B
+follow the same loss curve as one process with batch N*B. Only rank 0 logs and
+writes checkpoints.
+
+A run directory holds::
+
+    best.safetensors   lowest validation loss so far      (enough to generate)
+    last.safetensors   the latest evaluation step         (enough to generate)
+    last.state.pt      optimizer, RNG and data position   (for --resume)
+    log.jsonl          one JSON object per logged step
+    config.json        the TrainConfig of the run
+
+Resuming restores the model, optimizer, step, RNG states and data position, so
+an interrupted run continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .backend import Backend, dtype_name, get_backend, resolve_dtype
+from .checkpoint import check_tokenizer_match, load_resume_state, save_checkpoint, save_resume_state
+from .config import TrainConfig
+from .data import BatchSampler, DataDir
+from .errors import QuillError
+from .model import GPT
+
+
+# What a resumed run may change; anything else would make it a different run.
+RESUME_MAY_CHANGE = {"data", "max_steps", "eval_interval", "eval_steps", "log_interval", "max_seconds", "device", "compile"}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # the fused kernel is fastest where it exists
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    best_val_loss: float | None
+    last_val_loss: float | None
+    stopped: str | None = None  # why training ended early: "SIGINT", "SIGTERM", "time limit"
+    history: list[dict] = field(default_factory=list)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a request to save and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def set(self, signum, _frame) -> None:
+        self.reason = signal.Signals(signum).name
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals only reach the main thread; the caller stops us another way
+            return
+        previous = {s: signal.signal(s, self.set) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, sampler: BatchSampler, steps: int, autocast, world: int, device: torch.device) -> float:
+    """Mean loss over `steps` fixed batches (the same ones at every evaluation)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(1)
+    for _ in range(steps):
+        x, y = sampler.next()
+        with autocast:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float().cpu()
+    model.train(was_training)
+    total /= steps
+    if world > 1:
+        torch.distributed.all_reduce(total)
+        total /= world
+    return total.item()
+
+
+def _machine_peak_flops(backend: Backend, dtype: torch.dtype) -> float:
+    """FLOP/s of a large matrix product here, the yardstick for MFU on CPUs."""
+    n = 1024
+    a = torch.randn(n, n, device=backend.device, dtype=dtype)
+    b = torch.randn(n, n, device=backend.device, dtype=dtype)
+    a @ b
+    backend.synchronize()
+    start, reps = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.2:
+        a @ b
+        reps += 1
+    backend.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train a GPT as `cfg` says; returns where it got to.
+
+    With `resume`, continue the run in `cfg.out` exactly where it stopped; `cfg`
+    must be the run's config (`config.saved_config(out)`) except for the fields in
+    `RESUME_MAY_CHANGE`. `on_event` receives dicts for each logged step
+    (``{"event": "step", ...}``), evaluation and the end of training.
+    """
+    out = Path(cfg.out)
+    state = None
+    if resume:
+        state = load_resume_state(out / "last.state.pt")
+        saved = TrainConfig.from_dict(state["config"], f"{out}/last.state.pt")
+        for name in sorted(set(asdict(cfg)) - RESUME_MAY_CHANGE):
+            if getattr(cfg, name) != getattr(saved, name):
+                raise QuillError(
+                    f"cannot resume {str(out)!r} with {name} = {getattr(cfg, name)!r}: the run used {getattr(saved, name)!r}",
+                    hint=f"resuming may only change {', '.join(sorted(RESUME_MAY_CHANGE))}",
+                )
+    cfg.validate()
+    rank, world = _distributed()
+    emit = on_event if (on_event and rank == 0) else (lambda event: None)
+
+    backend = get_backend(cfg.device)
+    device = backend.device
+    dtype = resolve_dtype(backend, cfg.dtype)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend.distributed_backend())
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+
+    data = DataDir.open(cfg.data)
+    if state is not None:
+        check_tokenizer_match(state["tokenizer_fingerprint"], data.tokenizer, f"run {str(out)!r}", f"data directory {cfg.data!r}")
+    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+    if len(val_tokens) <= cfg.block_size:
+        val_tokens = train_tokens  # no usable validation split: evaluate on training data
+    train_batches = BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, rank, world)
+
+    torch.manual_seed(cfg.seed + rank)
+    model_cfg = cfg.model_config(data.tokenizer.vocab_size)
+    model = GPT(model_cfg).to(device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    optimizer = make_optimizer(model, cfg, device)
+    step, best_val, last_val = 0, None, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        train_batches.load_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step, best_val, last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
+    first_step = step
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        _trim_log(out / "log.jsonl", step)
+
+    runner = model
+    if cfg.compile:
+        runner = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = backend.autocast(dtype)
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    flops_per_step = model.flops_per_token() * tokens_per_step
+    peak = _machine_peak_flops(backend, dtype) * (world if device.type == "cpu" else 1) if rank == 0 else 0.0
+    emit({"event": "start", "step": step, "max_steps": cfg.max_steps, "params": model.num_params(),
+          "device": str(device), "dtype": dtype_name(dtype), "world_size": world, "tokens_per_step": tokens_per_step})
+
+    def evaluate_now() -> float:
+        val_batches = BatchSampler(val_tokens, cfg.block_size, cfg.batch_size, cfg.seed + 1, rank, world)
+        return estimate_loss(model, val_batches, cfg.eval_steps, autocast, world, device)
+
+    def save(val_loss: float | None) -> None:
+        if rank != 0:
+            return
+        args = asdict(cfg)
+        save_resume_state(out / "last.state.pt", {
+            "config": args, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "data_rng": train_batches.state(), "torch_rng": torch.get_rng_state(),
+            "best_val_loss": best_val, "last_val_loss": val_loss,
+            "tokenizer_fingerprint": data.tokenizer.fingerprint,
+        })
+        save_checkpoint(out / "last.safetensors", model, data.tokenizer, step, val_loss, args)
+
+    stop = _StopFlag()
+    history: list[dict] = []
+    log_file = open(out / "log.jsonl", "a") if rank == 0 else None
+    window_start, window_tokens, train_seconds = time.perf_counter(), 0, 0.0
+    model.train()
+    try:
+        with stop.installed():
+            while step < cfg.max_steps:
+                step_start = time.perf_counter()
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(cfg.grad_accum):
+                    x, y = train_batches.next()
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    sync = world == 1 or micro == cfg.grad_accum - 1
+                    with (nullcontext() if sync else runner.no_sync()), autocast:
+                        _, loss = runner(x, y)
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach()
+                loss_value = loss_sum / cfg.grad_accum
+                if world > 1:
+                    torch.distributed.all_reduce(loss_value)
+                    loss_value /= world
+                loss_value = loss_value.item()
+                if not math.isfinite(loss_value):
+                    raise QuillError(
+                        f"the loss became {loss_value} at step {step + 1}; stopped without saving it",
+                        hint=f"the last good checkpoint (step {_saved_step(out)}) is in {out}; try a lower --lr or more --warmup-steps",
+                    )
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                backend.synchronize()
+                now = time.perf_counter()
+                train_seconds += now - step_start
+                window_tokens += tokens_per_step
+
+                record = None
+                if step % cfg.log_interval == 0 or step == cfg.max_steps:
+                    tps = window_tokens / (now - window_start)
+                    record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": round(tps, 1),
+                              "mfu": round(flops_per_step / tokens_per_step * tps / peak, 4) if peak else None,
+                              "elapsed_s": round(train_seconds, 2)}
+                    window_start, window_tokens = now, 0
+                stopping = _should_stop(stop, cfg, train_seconds, world)
+                if step % cfg.eval_interval == 0 or step == cfg.max_steps or stopping:
+                    last_val = evaluate_now()
+                    record = record or {"step": step, "loss": loss_value, "lr": lr, "elapsed_s": round(train_seconds, 2)}
+                    record["val_loss"] = last_val
+                    if best_val is None or last_val < best_val:
+                        best_val = last_val
+                        if rank == 0:
+                            save_checkpoint(out / "best.safetensors", model, data.tokenizer, step, last_val, asdict(cfg))
+                    save(last_val)
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                if record is not None:
+                    history.append(record)
+                    if log_file:
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                    emit({"event": "step", "max_steps": cfg.max_steps,
+                          "eta_s": (cfg.max_steps - step) * train_seconds / max(1, step - first_step), **record})
+                if stopping:
+                    emit({"event": "stopped", "step": step, "reason": stopping})
+                    return TrainResult(out, step, best_val, last_val, stopping, history)
+    except RuntimeError as exc:
+        if _is_oom(exc):
+            raise QuillError(
+                f"ran out of memory at batch size {cfg.batch_size}, block size {cfg.block_size}",
+                hint="lower --batch-size (raising --grad-accum keeps the same batch), lower --block-size, or add --gradient-checkpointing",
+            ) from None
+        raise
+    finally:
+        if log_file:
+            log_file.close()
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    emit({"event": "done", "step": step, "best_val_loss": best_val, "val_loss": last_val})
+    return TrainResult(out, step, best_val, last_val, None, history)
+
+
+def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world: int) -> str | None:
+    reason = stop.reason or ("time limit" if cfg.max_seconds and train_seconds >= cfg.max_seconds else None)
+    if world > 1:  # every rank must stop at the same step, or the others would hang
+        flag = torch.tensor([1.0 if reason else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not reason:
+            reason = "another rank stopped"
+    return reason
+
+
+def _saved_step(out: Path) -> str:
+    try:
+        return str(load_resume_state(out / "last.state.pt")["step"])
+    except QuillError:
+        return "none yet"
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the step we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def main() -> None:
+    """`python -m gpt_runtime.train ...` (what torchrun runs): the `quill train` CLI."""
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()

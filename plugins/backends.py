@@ -1,0 +1,98 @@
+"""Built-in plugin `backends`: cpu, cuda and mps.
+
+The protocol is `gpt_runtime.backend.Backend`; `auto` picks the first available
+of cuda, mps, cpu. Nothing else in Quill checks `torch.cuda.is_available()`.
+CUDA and MPS are kept plain: they cannot be exercised on the CPU-only machines
+this project is developed on, only their selection logic is tested.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import cache
+
+from gpt_runtime.backend import Backend
+from gpt_runtime.hookspecs import hookimpl
+
+
+@cache
+def cpu_has_bf16() -> bool:
+    """True when the CPU multiplies bf16 matrices natively (AMX or AVX512-BF16)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def preferred_dtype(self):
+        import torch
+
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def is_available(self) -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    def supported_dtypes(self):
+        import torch
+
+        return (torch.float32, torch.bfloat16, torch.float16)
+
+    def preferred_dtype(self):
+        import torch
+
+        # bf16 needs compute capability 8.0+; fp16 would also need a gradient scaler.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+
+    def memory_in_use(self) -> int | None:
+        import torch
+
+        return torch.cuda.memory_allocated()
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+
+    def distributed_backend(self) -> str:
+        return "nccl"
+
+
+class MpsBackend(Backend):
+    name = "mps"
+
+    def is_available(self) -> bool:
+        import torch
+
+        return torch.backends.mps.is_available()
+
+    def memory_in_use(self) -> int | None:
+        import torch
+
+        return torch.mps.current_allocated_memory()
+
+    def synchronize(self) -> None:
+        import torch
+
+        torch.mps.synchronize()
+
+
+@hookimpl
+def quill_register_backends(register) -> None:
+    register("cpu", CpuBackend)
+    register("cuda", CudaBackend)
+    register("mps", MpsBackend)
