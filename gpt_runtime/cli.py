@@ -359,6 +359,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     with train_display() as on_event:
         result = train(cfg, resume=args.resume, on_event=on_event)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 speaks for all
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
     if result.stopped in ("SIGINT", "SIGTERM"):
         print(f"stopped by {result.stopped} at step {result.step}; saved {result.out}/last.safetensors "
