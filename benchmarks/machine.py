@@ -1,9 +1,22 @@
-"""What machine a benchmark ran on, for the JSON it prints."""
+"""Shared by the benchmarks: the corpus they read and the machine they ran on."""
 
 from __future__ import annotations
 
 import os
 import platform
+import sys
+from pathlib import Path
+
+# Tiny Shakespeare beside the repository, as on the project's machines; pass
+# --corpus or set QUILL_CORPUS elsewhere.
+DEFAULT_CORPUS = Path(os.environ.get("QUILL_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"))
+
+
+def corpus_or_exit(path: Path) -> Path:
+    """The corpus path, or a one-line message and exit code 1 if it is missing."""
+    if not path.is_file():
+        sys.exit(f"benchmark: no corpus at {path}; pass --corpus FILE or set QUILL_CORPUS")
+    return path
 
 
 def machine_info() -> dict:

@@ -17,12 +17,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import DEFAULT_CORPUS, corpus_or_exit, machine_info  # noqa: E402
 
 from gpt_runtime.fileio import read_corpus  # noqa: E402
 from gpt_runtime.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
-
-DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def timed(fn):
@@ -38,7 +36,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    text = read_corpus(args.corpus)
+    text = read_corpus(corpus_or_exit(args.corpus))
     n_bytes = len(text.encode("utf-8"))
     train_s, encode_s, decode_s = [], [], []
     with tempfile.TemporaryDirectory() as tmp:

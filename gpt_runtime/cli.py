@@ -190,31 +190,35 @@ def build_parser() -> Parser:
 # --- commands ---------------------------------------------------------------
 
 def _read_arg(value: str, what: str) -> str:
-    """The argument itself, or standard input when it is '-'."""
-    if value != "-":
-        return value
-    data = sys.stdin.buffer.read()
+    """The argument itself, or standard input when it is '-'; UTF-8 either way."""
+    # Python turns undecodable argument bytes into lone surrogates; undo that to
+    # report them as what they are.
+    data = sys.stdin.buffer.read() if value == "-" else os.fsencode(value)
+    where = "on standard input" if value == "-" else "given as an argument"
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise QuillError(f"{what} on standard input is not UTF-8 (invalid byte at offset {exc.start})") from None
+        raise QuillError(f"{what} {where} is not UTF-8 (invalid byte at offset {exc.start})") from None
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from .fileio import read_corpus
     from .progress import progress_bar
-    from .tokenizer import tokenizer_class
+    from .tokenizer import tokenizer_class, train_tokenizer
 
     if os.path.exists(args.out) and not args.force:
         raise QuillError(f"{args.out!r} already exists", hint="pass --force to overwrite it, or choose another --out")
     if args.vocab_size is not None and args.vocab_size < 1:
         raise UsageError(f"--vocab-size must be a positive number, not {args.vocab_size}")
-    cls = tokenizer_class(args.kind)
+    try:
+        cls = tokenizer_class(args.kind)
+    except QuillError as exc:
+        raise UsageError(f"--kind: {exc.message}", hint=exc.hint) from None
     text = read_corpus(args.corpus)
-    options = {"pattern": args.pattern} if args.pattern else {}
+    options = {"pattern": args.pattern} if args.pattern is not None else {}
     start = time.perf_counter()
-    with progress_bar(f"training {args.kind} tokenizer", unit="merges" if args.kind == "bpe" else "") as progress:
-        tok = cls.train(text, vocab_size=args.vocab_size, progress=progress, **options)
+    with progress_bar(f"training {args.kind} tokenizer", unit=cls.progress_unit) as progress:
+        tok = train_tokenizer(args.kind, text, args.vocab_size, progress, **options)
     seconds = time.perf_counter() - start
     try:
         tok.save(args.out)
@@ -245,6 +249,8 @@ def cmd_tokenizer_decode(args: argparse.Namespace) -> None:
         ids = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise QuillError(f"ids are not valid JSON ({exc.msg} at column {exc.colno})", hint="give a list such as [12, 7, 301]") from None
+    except ValueError as exc:  # e.g. an integer too long to parse
+        raise QuillError(f"ids are not valid: {exc}", hint="give a list such as [12, 7, 301]") from None
     data = tok.decode_bytes(check_ids(ids))
     out = sys.stdout.buffer
     out.write(data)
@@ -271,11 +277,8 @@ def cmd_tokenizer_inspect(args: argparse.Namespace) -> None:
         "fingerprint": tok.fingerprint,
         "special_tokens": tok.special_tokens,
     }
-    pattern = getattr(tok, "pattern", None)
-    if pattern is not None:
-        from plugins.bpe_tokenizer import PATTERNS  # names for the known patterns
-
-        info["pattern"] = next((name for name, p in PATTERNS.items() if p == pattern), pattern)
+    extra = tok.describe()
+    info.update(extra)
     if args.text is not None:
         text = _read_arg(args.text, "text")
         ids = tok.encode(text)
@@ -283,7 +286,7 @@ def cmd_tokenizer_inspect(args: argparse.Namespace) -> None:
         info["text_bytes"] = n_bytes
         info["tokens"] = len(ids)
         info["bytes_per_token"] = round(n_bytes / len(ids), 3) if ids else None
-        info["pieces"] = [[i, tok.pieces[i].decode("utf-8", "replace")] for i in ids]
+        info["pieces"] = [{"id": i, "text": tok.pieces[i].decode("utf-8", "replace"), "bytes": tok.pieces[i].hex()} for i in ids]
         info_pieces = [(i, tok.pieces[i]) for i in ids]
     if args.json:
         print(json.dumps(info, ensure_ascii=False, indent=1))
@@ -291,8 +294,7 @@ def cmd_tokenizer_inspect(args: argparse.Namespace) -> None:
     specials = " ".join(f"{name}={i}" for name, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1]))
     rows = [("file", args.tokenizer), ("kind", tok.kind), ("vocab size", str(tok.vocab_size)),
             ("fingerprint", tok.fingerprint), ("special tokens", specials)]
-    if "pattern" in info:
-        rows.append(("pre-split", info["pattern"]))
+    rows.extend((key.replace("_", " "), value) for key, value in extra.items())
     if args.text is not None:
         bpt = f"{info['bytes_per_token']:.2f} bytes/token" if ids else "no tokens"
         rows.append(("text", f"{info['text_bytes']} bytes -> {len(ids)} tokens, {bpt}"))
@@ -472,7 +474,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage error)."""
-    debug = os.environ.get("QUILL_DEBUG", "") not in ("", "0")
+    debug = os.environ.get("QUILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
     if not debug:
         warnings.showwarning = _show_warning
     parser = build_parser()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +53,18 @@ def _line_start_after(f, offset: int, size: int) -> int:
     return size
 
 
+# An ASCII letter or digit, then a space, tab or newline: every built-in BPE pre-split
+# (gpt2, gpt4, words) has a chunk boundary there, so text cut at it encodes exactly
+# as it would whole. Searched in the reversed block, to find the last one fast.
+_SAFE_CUT_REVERSED = re.compile(rb"[ \t\n][A-Za-z0-9]")
+
+
 def _cut(data: bytes) -> int:
-    """Where to end a block: after its last newline, else at a character boundary."""
+    """Where to end a block: before the last whitespace that follows a letter or digit,
+    else after its last newline, else at a character boundary."""
+    m = _SAFE_CUT_REVERSED.search(data[::-1])
+    if m:
+        return len(data) - 1 - m.start()
     cut = data.rfind(b"\n") + 1
     if cut:
         return cut
@@ -170,8 +181,13 @@ class DataDir:
             raise QuillError(f"{str(path)!r} has no meta.json: not a prepared data directory", hint="make one with `quill prepare`") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise QuillError(f"{str(meta_path)!r} is corrupt (not JSON)", hint="run `quill prepare` again") from None
+        if not isinstance(meta, dict):
+            raise QuillError(f"{str(meta_path)!r} is corrupt (not a JSON object)", hint="run `quill prepare` again")
         if meta.get("version") != META_VERSION:
             raise QuillError(f"{str(meta_path)!r} has data format version {meta.get('version')!r}; this Quill reads {META_VERSION}", hint="run `quill prepare` again")
+        missing = [key for key in ("dtype", "tokenizer_fingerprint", "train_tokens", "val_tokens") if key not in meta]
+        if missing:
+            raise QuillError(f"{str(meta_path)!r} is corrupt (it lacks {', '.join(missing)})", hint="run `quill prepare` again")
         tok = load_tokenizer(path / "tokenizer.json")
         if tok.fingerprint != meta["tokenizer_fingerprint"]:
             raise QuillError(

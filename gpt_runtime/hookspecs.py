@@ -24,10 +24,9 @@ hookimpl = pluggy.HookimplMarker("quill")
 def quill_register_tokenizers(register) -> None:
     """Register tokenizer kinds: ``register(name, cls)``.
 
-    `cls` is a class with ``train(text, vocab_size=None, **options)`` and
-    ``from_dict(data)`` class methods returning an instance that implements
-    `gpt_runtime.tokenizer.Tokenizer`. `name` is the ``kind`` stored in tokenizer
-    files and given to ``quill tokenizer train --kind``.
+    `cls` is a subclass of `gpt_runtime.tokenizer.Tokenizer` (its docstring lists
+    what to implement) whose ``kind`` attribute equals `name`: the kind stored in
+    tokenizer files and given to ``quill tokenizer train --kind``.
     """
 
 

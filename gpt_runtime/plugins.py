@@ -27,6 +27,7 @@ import pluggy
 from . import __version__, hookspecs
 from .errors import QuillError, QuillWarning, did_you_mean
 from .registry import KINDS, Registry
+from .tokenizer import check_tokenizer_class
 
 # Built-in plugins: (plugin name, module). Registered exactly like third-party ones.
 BUILTINS: tuple[tuple[str, str], ...] = (
@@ -93,7 +94,9 @@ class PluginHost:
         try:
             plugin = load()
             self._register(info, plugin)
-        except Exception as exc:  # a plugin may fail in any way; report it, keep going
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a plugin may fail in any way, even sys.exit(); report it, keep going
             info.error = _describe(exc)
             info.registered = {}
             if self.strict:
@@ -109,7 +112,8 @@ class PluginHost:
 
     def _register(self, info: PluginInfo, plugin: object) -> None:
         if self.pm.has_plugin(info.name):
-            raise QuillError(f"a plugin named {info.name!r} is already loaded")
+            first = next(p for p in self.plugins if p.name == info.name and p is not info)
+            raise QuillError(f"the plugin name {info.name!r} is taken by {first.origin}", hint="rename the entry point")
         try:
             self.pm.register(plugin, name=info.name)
             self._check_hook_names(plugin)
@@ -120,6 +124,8 @@ class PluginHost:
                     if impl.plugin_name == info.name:
                         impl.function(**({"register": register} if "register" in impl.argnames else {}))
                 staged_by_kind[kind] = staged
+            for entry in staged_by_kind["tokenizers"]:
+                check_tokenizer_class(entry.name, entry.obj)
             self.registry.commit(staged_by_kind)
         except BaseException:
             if self.pm.is_registered(plugin):
@@ -173,6 +179,10 @@ def get_plugin_host() -> PluginHost:
     disabled = frozenset(n.strip() for n in os.environ.get("QUILL_DISABLE_PLUGINS", "").split(",") if n.strip())
     host = PluginHost(strict=_env_flag("QUILL_STRICT_PLUGINS"), disabled=disabled)
     host.load_all()
+    names = [p.name for p in host.plugins]
+    for name in sorted(disabled - set(names)):
+        hint = did_you_mean(name, names)
+        warnings.warn(f"QUILL_DISABLE_PLUGINS names {name!r}, which is no plugin here" + (f"; {hint}" if hint else ""), QuillWarning, stacklevel=2)
     return host
 
 

@@ -25,6 +25,7 @@ from .fileio import atomic_write_bytes, read_user_file
 
 FORMAT = "quill-tokenizer"
 FORMAT_VERSION = 1
+RESERVED_KEYS = frozenset({"format", "version", "kind", "special_tokens", "fingerprint"})
 
 AllowedSpecial = Literal["all"] | Collection[str]
 Progress = Callable[[int, int], None]
@@ -45,6 +46,7 @@ class Tokenizer:
     """
 
     kind: ClassVar[str] = ""
+    progress_unit: ClassVar[str] = ""  # what `train` counts in its progress calls
     special_tokens: dict[str, int]
     pieces: list[bytes]
 
@@ -63,6 +65,10 @@ class Tokenizer:
     def encode_ordinary(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def describe(self) -> dict[str, str]:
+        """Extra facts for `quill tokenizer inspect`, e.g. ``{"pre_split": "gpt2"}``; optional."""
+        return {}
+
     # --- provided -----------------------------------------------------------
     @property
     def vocab_size(self) -> int:
@@ -74,8 +80,16 @@ class Tokenizer:
 
         Special-token strings in `text` (``<eos>``...) are encoded as plain text
         unless named in `allowed_special` (or it is ``"all"``), so user text can
-        never inject them by accident.
+        never inject them by accident. Text that is not valid Unicode (a lone
+        surrogate) is a QuillError.
         """
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise QuillError(
+                f"text has a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}, "
+                "which is not valid Unicode and cannot be encoded"
+            ) from None
         if allowed_special == "all":
             allowed = list(self.special_tokens)
         else:
@@ -118,12 +132,16 @@ class Tokenizer:
         return fingerprint_of(self._body())
 
     def _body(self) -> dict[str, Any]:
+        content = self.content()
+        clash = set(content) & RESERVED_KEYS
+        if clash:
+            raise QuillError(f"{type(self).__name__}.content() may not use the reserved keys {sorted(clash)}")
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "kind": self.kind,
             "special_tokens": dict(self.special_tokens),
-            **self.content(),
+            **content,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +162,14 @@ def fingerprint_of(body: dict[str, Any]) -> str:
     """16 hex digits of SHA-256 over the canonical JSON of a tokenizer file body."""
     canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def check_tokenizer_class(name: str, cls: Any) -> None:
+    """What the plugin host checks of a registered tokenizer kind."""
+    if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
+        raise QuillError(f"tokenizer {name!r} must be a subclass of gpt_runtime.tokenizer.Tokenizer, not {cls!r}")
+    if cls.kind != name:
+        raise QuillError(f"tokenizer {name!r} is registered with a class whose kind is {cls.kind!r}", hint=f"set kind = {name!r} on {cls.__name__}")
 
 
 def tokenizer_class(kind: str) -> type[Tokenizer]:
@@ -187,17 +213,20 @@ def tokenizer_from_dict(data: Any, source: str = "tokenizer") -> Tokenizer:
     specials = data.get("special_tokens")
     if not isinstance(specials, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in specials.items()):
         raise QuillError(f"{source} has malformed special_tokens (expected names mapped to ids)")
-    content = {k: v for k, v in data.items() if k not in ("format", "version", "kind", "special_tokens", "fingerprint")}
+    stored = data.get("fingerprint")
+    if not isinstance(stored, str):
+        raise QuillError(f"{source} has no fingerprint", hint="files written by Quill always have one; was it edited?")
+    content = {k: v for k, v in data.items() if k not in RESERVED_KEYS}
     try:
         tok = cls.from_content(content, dict(specials))
+        actual = tok.fingerprint
     except QuillError as exc:
         raise QuillError(f"{source}: {exc.message}", hint=exc.hint) from None
     except (KeyError, ValueError, TypeError, IndexError) as exc:
         raise QuillError(f"{source} is malformed: {type(exc).__name__}: {exc}") from None
-    stored = data.get("fingerprint")
-    if stored is not None and stored != tok.fingerprint:
+    if stored != actual:
         raise QuillError(
-            f"{source} does not match its own fingerprint (stored {stored}, content hashes to {tok.fingerprint})",
+            f"{source} does not match its own fingerprint (stored {stored}, content hashes to {actual})",
             hint="the file was edited or corrupted; train or export it again",
         )
     return tok

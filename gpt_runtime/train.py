@@ -128,8 +128,9 @@ def estimate_loss(model: GPT, sampler: BatchSampler, steps: int, autocast, world
 def _machine_peak_flops(backend: Backend, dtype: torch.dtype) -> float:
     """FLOP/s of a large matrix product here, the yardstick for MFU on CPUs."""
     n = 1024
-    a = torch.randn(n, n, device=backend.device, dtype=dtype)
-    b = torch.randn(n, n, device=backend.device, dtype=dtype)
+    # Not torch.randn: drawing from the global RNG here would shift a resumed run's dropout.
+    a = torch.full((n, n), 0.5, device=backend.device, dtype=dtype)
+    b = torch.full((n, n), 0.5, device=backend.device, dtype=dtype)
     a @ b
     backend.synchronize()
     start, reps = time.perf_counter(), 0
@@ -260,10 +261,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
                     loss_value /= world
                 loss_value = loss_value.item()
                 if not math.isfinite(loss_value):
-                    raise QuillError(
-                        f"the loss became {loss_value} at step {step + 1}; stopped without saving it",
-                        hint=f"the last good checkpoint (step {_saved_step(out)}) is in {out}; try a lower --lr or more --warmup-steps",
-                    )
+                    raise _diverged("loss", loss_value, step + 1, out)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -284,6 +282,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
                 stopping = _should_stop(stop, cfg, train_seconds, world)
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps or stopping:
                     last_val = evaluate_now()
+                    if not math.isfinite(last_val):  # weights that give this are not worth a checkpoint
+                        raise _diverged("validation loss", last_val, step, out)
                     record = record or {"step": step, "loss": loss_value, "lr": lr, "elapsed_s": round(train_seconds, 2)}
                     record["val_loss"] = last_val
                     if best_val is None or last_val < best_val:
@@ -326,6 +326,13 @@ def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world:
         if flag.item() and not reason:
             reason = "another rank stopped"
     return reason
+
+
+def _diverged(what: str, value: float, step: int, out: Path) -> QuillError:
+    return QuillError(
+        f"the {what} became {value} at step {step}; stopped without saving it",
+        hint=f"the last good checkpoint (step {_saved_step(out)}) is in {out}; try a lower --lr or more --warmup-steps",
+    )
 
 
 def _saved_step(out: Path) -> str:

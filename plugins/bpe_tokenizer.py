@@ -24,7 +24,7 @@ from typing import Any
 
 import regex
 
-from gpt_runtime.errors import QuillError
+from gpt_runtime.errors import QuillError, UsageError, did_you_mean
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.tokenizer import Progress, Tokenizer
 
@@ -51,6 +51,7 @@ DEFAULT_PATTERN = "gpt2"
 SPECIALS = ("<pad>", "<bos>", "<eos>")
 _NO_MERGE = 1 << 62  # rank of a pair with no merge: above every real rank
 _CACHE_LIMIT = 200_000  # distinct chunks remembered before the cache is reset
+_LONG_CHUNK = 64  # bytes; longer chunks are merged with a heap (see _bpe_long)
 
 
 class _ChunkCache(dict):
@@ -101,6 +102,7 @@ class BPETokenizer(Tokenizer):
     """Byte-level BPE over a regex pre-split."""
 
     kind = "bpe"
+    progress_unit = "merges"
 
     def __init__(self, merges: list[tuple[int, int]], pattern: str = PATTERNS[DEFAULT_PATTERN], special_tokens: dict[str, int] | None = None) -> None:
         self.merges = [tuple(m) for m in merges]
@@ -132,13 +134,13 @@ class BPETokenizer(Tokenizer):
         early if every chunk has become a single token.
         """
         if options:
-            raise QuillError(f"unknown BPE option(s): {', '.join(sorted(options))}", hint="BPE takes: pattern")
+            raise UsageError(f"unknown BPE option(s): {', '.join(sorted(options))}", hint="BPE takes: pattern")
         if vocab_size is None:
-            raise QuillError("a BPE tokenizer needs a vocabulary size", hint="e.g. --vocab-size 4096")
+            raise UsageError("a BPE tokenizer needs a vocabulary size", hint="e.g. --vocab-size 4096")
         n_merges = vocab_size - 256 - len(SPECIALS)
         if n_merges < 0:
-            raise QuillError(f"vocab size {vocab_size} is too small for byte-level BPE", hint=f"it needs at least {256 + len(SPECIALS)}: 256 bytes and {len(SPECIALS)} special tokens")
-        pattern = PATTERNS.get(pattern, pattern)
+            raise UsageError(f"vocab size {vocab_size} is too small for byte-level BPE", hint=f"it needs at least {256 + len(SPECIALS)}: 256 bytes and {len(SPECIALS)} special tokens")
+        pattern = resolve_pattern(pattern)
         chunks = Counter(_Splitter(pattern).split(text))
         return cls(_learn_merges(chunks, n_merges, progress), pattern)
 
@@ -156,22 +158,25 @@ class BPETokenizer(Tokenizer):
     def content(self) -> dict[str, Any]:
         return {"pattern": self.pattern, "merges": [list(m) for m in self.merges]}
 
+    def describe(self) -> dict[str, str]:
+        name = next((name for name, p in PATTERNS.items() if p == self.pattern), None)
+        return {"pre_split": name or self.pattern, "merges": str(len(self.merges))}
+
     # --- encoding ---------------------------------------------------------------
     def encode_ordinary(self, text: str) -> list[int]:
         cache = self._cache
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
-        try:
-            # Hits stay in C (dict lookups); misses run _ChunkCache.__missing__.
-            return list(chain.from_iterable(map(cache.__getitem__, self._splitter.split(text))))
-        except UnicodeEncodeError:
-            raise QuillError(_surrogate_message(text)) from None
+        # Hits stay in C (dict lookups); misses run _ChunkCache.__missing__.
+        return list(chain.from_iterable(map(cache.__getitem__, self._splitter.split(text))))
 
     def _bpe(self, chunk: str) -> list[int]:
         # Ids are held as the characters of a str (id i is chr(i)): latin-1 maps
         # each byte to its own id, and str.replace applies a merge left to right
         # in C. The same trick drives training.
         s = chunk.encode("utf-8").decode("latin-1")
+        if len(s) > _LONG_CHUNK:
+            return self._bpe_long(s)
         get_rank, merges = self._char_ranks.get, self._char_merges
         while len(s) > 1:
             rank = min(map(get_rank, zip(s, s[1:]), repeat(_NO_MERGE)))
@@ -180,6 +185,49 @@ class BPETokenizer(Tokenizer):
             pair, new = merges[rank]
             s = s.replace(pair, new)
         return list(map(ord, s))
+
+
+    def _bpe_long(self, s: str) -> list[int]:
+        """The same merges in O(n log n), for long chunks.
+
+        A heap of (rank, position) over a linked list of tokens: the lowest rank,
+        leftmost first, exactly the order the simple loop applies merges in.
+        """
+        toks: list[str | None] = list(s)
+        n = len(toks)
+        nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+        get_rank = self._char_ranks.get
+        heap = [(r, i) for i, r in enumerate(map(get_rank, zip(s, s[1:]))) if r is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank, i = heapq.heappop(heap)
+            j = nxt[i] if toks[i] is not None else n
+            if j >= n or get_rank((toks[i], toks[j])) != rank:
+                continue  # stale: position i was merged away, or its pair changed
+            toks[i], toks[j] = self._char_merges[rank][1], None
+            k = nxt[i] = nxt[j]
+            if k < n:
+                prv[k] = i
+                if (r := get_rank((toks[i], toks[k]))) is not None:
+                    heapq.heappush(heap, (r, i))
+            p = prv[i]
+            if p >= 0 and (r := get_rank((toks[p], toks[i]))) is not None:
+                heapq.heappush(heap, (r, p))
+        return [ord(t) for t in toks if t is not None]
+
+
+def resolve_pattern(pattern: str) -> str:
+    """A pattern name from `PATTERNS` to its regex; anything else must be a regex."""
+    if pattern in PATTERNS:
+        return PATTERNS[pattern]
+    if not pattern or regex.fullmatch(r"\w+", pattern):
+        hint = did_you_mean(pattern, PATTERNS) or f"use one of {', '.join(PATTERNS)}, or a regular expression"
+        raise UsageError(f"unknown pre-split pattern {pattern!r}", hint=hint)
+    try:
+        _Splitter(pattern)  # a regex that does not compile is the caller's mistake
+    except QuillError as exc:
+        raise UsageError(exc.message, hint=exc.hint) from None
+    return pattern
 
 
 def _surrogate_message(text: str) -> str:
@@ -221,22 +269,38 @@ def _learn_merges(chunks: Counter, n_merges: int, progress: Progress | None) -> 
             continue
         new = chr(256 + len(merges))
         merges.append((ord(pair[0]), ord(pair[1])))
-        joined = pair[0] + pair[1]
+        left, right = pair
+        joined = left + right
         touched: set[tuple[str, str]] = set()
+
+        def add(p: tuple[str, str], count: int, i: int) -> None:
+            pair_counts[p] += count
+            where[p].add(i)
+            touched.add(p)
+
+        # Only the pairs next to each occurrence change: (x, left) and (right, y)
+        # lose a count, (x, new) and (new, y) gain one. Back-to-back occurrences
+        # share a neighbour, which becomes (new, new).
         for i in where.pop(pair):
             word = words[i]
-            merged = word.replace(joined, new)
-            if len(merged) == len(word):
+            pos = word.find(joined)
+            if pos < 0:
                 continue  # stale: this chunk no longer holds the pair
-            count = counts[i]
-            for p in zip(word, word[1:]):
-                pair_counts[p] -= count
-            for p in zip(merged, merged[1:]):
-                pair_counts[p] += count
-                if new in p:
-                    where[p].add(i)
-                    touched.add(p)
-            words[i] = merged
+            count, n, prev_end = counts[i], len(word), -1
+            while pos >= 0:
+                next_pos = word.find(joined, pos + 2)
+                if pos > 0:
+                    if pos == prev_end:
+                        add((new, new), count, i)
+                    else:
+                        pair_counts[(word[pos - 1], left)] -= count
+                        add((word[pos - 1], new), count, i)
+                if pos + 2 < n:
+                    pair_counts[(right, word[pos + 2])] -= count
+                    if next_pos != pos + 2:
+                        add((new, word[pos + 2]), count, i)
+                prev_end, pos = pos + 2, next_pos
+            words[i] = word.replace(joined, new)
         del pair_counts[pair]
         for p in touched:
             heapq.heappush(heap, (-pair_counts[p], p))

@@ -12,7 +12,7 @@ import warnings
 from collections import Counter
 from typing import Any
 
-from gpt_runtime.errors import QuillError, QuillWarning
+from gpt_runtime.errors import QuillError, QuillWarning, UsageError
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.tokenizer import Progress, Tokenizer
 
@@ -40,11 +40,11 @@ class CharTokenizer(Tokenizer):
     def train(cls, text: str, vocab_size: int | None = None, progress: Progress | None = None, **options: Any) -> "CharTokenizer":
         """Learn the characters of `text`; with `vocab_size`, keep only the most frequent."""
         if options:
-            raise QuillError(f"the char tokenizer takes no options (got {', '.join(sorted(options))})")
+            raise UsageError(f"the char tokenizer takes no options (got {', '.join(sorted(options))})")
         counts = Counter(text)
         if vocab_size is not None:
             if vocab_size <= len(SPECIALS):
-                raise QuillError(f"vocab size {vocab_size} is too small for a char tokenizer", hint=f"it needs more than {len(SPECIALS)} (its special tokens)")
+                raise UsageError(f"vocab size {vocab_size} is too small for a char tokenizer", hint=f"it needs more than {len(SPECIALS)} (its special tokens)")
             # most frequent first; equal counts by code point, so training is deterministic
             ranked = sorted(counts, key=lambda c: (-counts[c], c))
             keep = ranked[: vocab_size - len(SPECIALS)]

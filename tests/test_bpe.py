@@ -470,3 +470,43 @@ def test_progress_is_reported():
     assert calls and calls[-1] == (300 - 256 - len(SPECIALS),) * 2
     assert all(t == calls[-1][1] for _, t in calls)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+# --- long chunks: the heap-based merge must equal the simple one ----------------------
+
+def simple_bpe(tok: BPETokenizer, chunk: str) -> list[int]:
+    """The per-rank loop `_bpe` uses for short chunks, applied at any length."""
+    s = chunk.encode("utf-8").decode("latin-1")
+    while len(s) > 1:
+        ranks = [tok._char_ranks.get(p) for p in zip(s, s[1:])]
+        known = [r for r in ranks if r is not None]
+        if not known:
+            break
+        pair, new = tok._char_merges[min(known)]
+        s = s.replace(pair, new)
+    return [ord(c) for c in s]
+
+
+long_words = st.lists(st.sampled_from(list("FirstCzenaspkdmtlvr") + ["e", "ee", "th", "é", "😀"]), min_size=30, max_size=400).map("".join)
+
+
+@SETTINGS
+@given(word=long_words)
+def test_long_chunk_heap_merge_equals_simple_merge(tok, word):
+    s = word.encode("utf-8").decode("latin-1")
+    assert tok._bpe_long(s) == simple_bpe(tok, word)
+
+
+def test_long_letter_runs_encode_exactly_and_round_trip():
+    tok = trained(PATTERNS["gpt2"])
+    word = ("Citizenspeakresolved" * 200)[:3000]  # one chunk of 3000 letters, nothing trivial
+    ids = tok.encode(" " + word)
+    assert ids == reference_encode(tok.merges, tok.pattern, " " + word)
+    assert tok.decode(ids) == " " + word
+
+
+@FEW
+@given(text=st.text(st.sampled_from("abcab"), min_size=40, max_size=300), n=st.integers(1, 30))
+def test_training_on_long_unsplit_words_matches_naive_reference(text, n):
+    # the "words" pattern leaves space-free text whole: long chunks with many repeats
+    assert BPETokenizer.train(text, 256 + 3 + n, pattern="words").merges == reference_train(text, n, PATTERNS["words"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,7 +179,7 @@ def test_inspect_without_text(files, kind):
     for name, i in tok.special_tokens.items():
         assert f"{name}={i}" in stdout
     assert "pieces:" not in stdout
-    assert ("pre-split" in stdout) == (kind == "bpe")
+    assert ("pre split" in stdout) == (kind == "bpe")
 
 
 @pytest.mark.parametrize("kind", ["bpe", "char"])
@@ -210,22 +212,24 @@ def test_inspect_json(files):
     assert info["fingerprint"] == tok.fingerprint
     assert info["kind"] == "bpe" and info["vocab_size"] == tok.vocab_size
     assert info["special_tokens"] == tok.special_tokens
-    assert info["pattern"] == "gpt2"
+    assert info["pre_split"] == "gpt2"
     assert info["tokens"] == len(ids)
     assert info["text_bytes"] == len(text.encode("utf-8"))
     assert info["bytes_per_token"] == pytest.approx(len(text.encode("utf-8")) / len(ids), abs=1e-3)
-    assert [i for i, _ in info["pieces"]] == ids
-    assert "".join(p for _, p in info["pieces"] if "\ufffd" not in p) in text.replace("😀", "")
+    assert [p["id"] for p in info["pieces"]] == ids
+    assert "".join(p["text"] for p in info["pieces"] if "\ufffd" not in p["text"]) in text.replace("😀", "")
+    # the raw bytes survive even for pieces that split a character
+    assert b"".join(bytes.fromhex(p["bytes"]) for p in info["pieces"]).decode("utf-8") == text
 
     info = json.loads(ok(run_quill("tokenizer", "inspect", "--tokenizer", str(files["char"]), "--json")))
     assert info["fingerprint"] == load_tokenizer(files["char"]).fingerprint
-    assert "pieces" not in info and "pattern" not in info
+    assert "pieces" not in info and "pre_split" not in info
 
 
 def test_inspect_reads_stdin(files):
     tok = load_tokenizer(files["bpe"])
     info = json.loads(ok(run_quill("tokenizer", "inspect", "--tokenizer", str(files["bpe"]), "--json", "-", input=TRICKY.encode())))
-    assert [i for i, _ in info["pieces"]] == tok.encode(TRICKY)
+    assert [p["id"] for p in info["pieces"]] == tok.encode(TRICKY)
 
 
 def test_inspect_empty_text(files):
@@ -292,11 +296,11 @@ def test_error_corrupt_tokenizer_file(files, tmp_path):
 
 def test_error_unknown_kind_suggests_the_closest(corpus, tmp_path):
     out = run_quill("tokenizer", "train", str(corpus), "--kind", "bep", "--out", str(tmp_path / "t.json"))
-    message = fails(out)
+    message = fails(out, code=2)
     assert "'bep'" in message
     assert "did you mean 'bpe'?" in out.stderr.decode()
     out = run_quill("tokenizer", "train", str(corpus), "--kind", "chars", "--out", str(tmp_path / "t.json"))
-    fails(out)
+    fails(out, code=2)
     assert "did you mean 'char'?" in out.stderr.decode()
 
 
@@ -340,12 +344,20 @@ def test_usage_errors_exit_2(tmp_path, args, expected):
     assert expected in message
 
 
-def test_bpe_option_errors_exit_1(corpus, tmp_path):
+def test_bad_training_options_are_usage_errors(corpus, tmp_path):
     out = str(tmp_path / "t.json")
-    assert "needs a vocabulary size" in fails(run_quill("tokenizer", "train", str(corpus), "--out", out))
-    assert "too small" in fails(run_quill("tokenizer", "train", str(corpus), "--vocab-size", "100", "--out", out))
-    assert "invalid pre-split pattern" in fails(run_quill("tokenizer", "train", str(corpus), "--vocab-size", "300", "--pattern", "(", "--out", out))
-    assert "takes no options" in fails(run_quill("tokenizer", "train", str(corpus), "--kind", "char", "--pattern", "gpt2", "--out", out))
+
+    def train(*args):
+        return fails(run_quill("tokenizer", "train", str(corpus), "--out", out, *args), code=2)
+
+    assert "needs a vocabulary size" in train()
+    assert "too small" in train("--vocab-size", "100")
+    assert "invalid pre-split pattern" in train("--vocab-size", "300", "--pattern", "(")
+    assert "takes no options" in train("--kind", "char", "--pattern", "gpt2")
+    # a misspelled pattern name is not silently taken as a regular expression
+    error = train("--vocab-size", "300", "--pattern", "gpt3")
+    assert "unknown pre-split pattern 'gpt3'" in error
+    assert "unknown pre-split pattern ''" in train("--vocab-size", "300", "--pattern", "")
     assert not Path(out).exists()
 
 
@@ -364,3 +376,31 @@ def test_help_has_examples(args):
     stdout = ok(run_quill(*args, "--help"))
     assert "examples:" in stdout
     assert "quill " in stdout.split("examples:", 1)[1]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+@pytest.mark.parametrize("action", ["encode", "inspect"])
+def test_text_argument_that_is_not_utf8_is_a_clear_error(files, kind, action):
+    # Bytes that are not UTF-8 reach Python as lone surrogates; say what they really are.
+    out = subprocess.run(
+        [sys.executable, "-m", "gpt_runtime.cli", "tokenizer", action, "--tokenizer", str(files[kind]), b"caf\xe9"],
+        capture_output=True, timeout=60,
+    )
+    assert "text given as an argument is not UTF-8 (invalid byte at offset 3)" in fails(out)
+
+
+def test_help_and_version_import_nothing_heavy():
+    # `quill --help` must answer instantly: no torch, and none of the plugin machinery.
+    code = (
+        "import sys\n"
+        "from gpt_runtime.cli import main\n"
+        "for args in (['--help'], ['--version'], ['tokenizer', '--help'], ['train', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in ('torch', 'pluggy', 'rich', 'regex', 'textual', 'safetensors') if m in sys.modules)\n"
+        "print(heavy, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert out.stderr.decode().strip().splitlines()[-1] == "[]"

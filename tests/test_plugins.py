@@ -26,7 +26,13 @@ from gpt_runtime import plugins as host_mod
 from gpt_runtime.errors import QuillError, QuillWarning
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.registry import Registry
+from gpt_runtime.tokenizer import Tokenizer
 from helpers import SAMPLE_TEXT, run_quill
+
+
+def tok_class(kind: str) -> type[Tokenizer]:
+    """A minimal tokenizer class of the given kind, for registration tests."""
+    return type(f"Tok_{kind}", (Tokenizer,), {"kind": kind})
 
 # --- the third-party distributions -------------------------------------------------
 
@@ -87,9 +93,12 @@ raise RuntimeError("quill-broken needs a config file\\nsecond line of details")
 
 CLASH_SOURCE = '''
 from gpt_runtime.hookspecs import hookimpl
+from gpt_runtime.tokenizer import Tokenizer
 
 
-class ImpostorChar:
+class ImpostorChar(Tokenizer):
+    kind = "char"
+
     @classmethod
     def train(cls, *args, **kwargs):
         raise RuntimeError("the impostor char tokenizer was used")
@@ -227,7 +236,7 @@ def test_good_plugin_tokenizer_trains_encodes_and_decodes(plugin_site, corpus, t
 
 def test_misspelled_kind_suggests_the_plugin_kind(plugin_site, corpus, tmp_path):
     code, _, err = quill(plugin_site, "tokenizer", "train", str(corpus), "--kind", "lowbyte", "--out", str(tmp_path / "t.json"))
-    assert code == 1
+    assert code == 2  # a wrong --kind is a usage error
     assert "no tokenizer named 'lowbyte'" in err and "did you mean 'lowbytes'?" in err
     assert not (tmp_path / "t.json").exists()
 
@@ -318,7 +327,7 @@ def test_disabled_plugins_are_skipped_and_shown(plugin_site, corpus, tmp_path):
     for kind in ("lowbytes", "bpe"):
         code, _, err = quill(plugin_site, "tokenizer", "train", str(corpus), "--kind", kind,
                              "--vocab-size", "300", "--out", str(tmp_path / f"{kind}.json"), **env)
-        assert code == 1 and f"no tokenizer named {kind!r}" in err, err
+        assert code == 2 and f"no tokenizer named {kind!r}" in err, err
 
     code, out, _ = quill(plugin_site, "plugins", **env)
     assert code == 0
@@ -354,13 +363,14 @@ def test_registry_is_built_once_and_cached(fake_plugins):
         @hookimpl
         def quill_register_tokenizers(self, register):
             calls.append(1)
-            register("counted", dict)
+            register("counted", counted)
 
+    counted = tok_class("counted")
     fake_plugins(counting=Counting())
     registry = host_mod.get_registry()
     for _ in range(100):
         assert host_mod.get_registry() is registry
-        assert tokenizer_class("counted") is dict
+        assert tokenizer_class("counted") is counted
     assert host_mod.get_plugin_host().registry is registry
     assert len(calls) == 1
     host_mod.get_plugin_host.cache_clear()  # only a new host registers again
@@ -372,17 +382,19 @@ def test_hook_raising_halfway_leaves_nothing_registered(fake_plugins):
     class HalfWay:
         @hookimpl
         def quill_register_tokenizers(self, register):
-            register("half_tok", dict)
+            register("half_tok", tok_class("half_tok"))
 
         @hookimpl
         def quill_register_samplers(self, register):
             register("half_sampler", dict)
             raise ValueError("sampler table exploded\nmore details")
 
+    later_tok = tok_class("half_tok")
+
     class Later:
         @hookimpl
         def quill_register_tokenizers(self, register):
-            register("half_tok", list)
+            register("half_tok", later_tok)
 
     fake_plugins(halfway=HalfWay(), later=Later())
     with pytest.warns(QuillWarning, match=r"plugin 'halfway' skipped: ValueError: sampler table exploded more details \(see"):
@@ -390,7 +402,7 @@ def test_hook_raising_halfway_leaves_nothing_registered(fake_plugins):
     info = host.get("halfway")
     assert (info.error, info.registered) == ("ValueError: sampler table exploded more details", {})
     assert host.registry.names("samplers") == []
-    assert host.registry.get("tokenizers", "half_tok").obj is list  # the name stayed free
+    assert host.registry.get("tokenizers", "half_tok").obj is later_tok  # the name stayed free
     assert host.get("later").registered == {"tokenizers": ["half_tok"]}
     assert not host.pm.has_plugin("halfway") and host.pm.has_plugin("later")
 
@@ -404,7 +416,7 @@ def test_conflict_in_a_later_kind_rolls_back_the_earlier_kinds(fake_plugins):
     class Second:
         @hookimpl
         def quill_register_tokenizers(self, register):
-            register("second_tok", dict)  # fine on its own...
+            register("second_tok", tok_class("second_tok"))  # fine on its own...
 
         @hookimpl
         def quill_register_commands(self, register):
@@ -422,7 +434,7 @@ def test_unknown_hook_of_any_name_is_reported_and_strict_mode_raises(fake_plugin
     class Typo:
         @hookimpl
         def register_tokenizers(self, register):  # no quill_ prefix
-            register("typo", dict)
+            register("typo", tok_class("typo"))
 
     fake_plugins(typo=Typo())
     with pytest.warns(QuillWarning, match="plugin 'typo' skipped"):
@@ -440,7 +452,7 @@ def test_unknown_hook_of_any_name_is_reported_and_strict_mode_raises(fake_plugin
 def test_hook_without_hookimpl_decorator_is_reported(fake_plugins):
     class Forgetful:
         def quill_register_tokenizers(self, register):  # no @hookimpl: pluggy would skip it
-            register("forgotten", dict)
+            register("forgotten", tok_class("forgotten"))
 
     fake_plugins(forgetful=Forgetful())
     with pytest.warns(QuillWarning, match="plugin 'forgetful' skipped"):
@@ -481,3 +493,55 @@ def test_register_rejects_bad_and_repeated_names():
         register("", print)
     assert [e.name for e in staged] == ["/a"]
     assert reg.names("commands") == []  # nothing reaches the table before commit
+
+
+def test_tokenizer_class_must_match_its_registered_kind(fake_plugins):
+    class Mislabelled:
+        @hookimpl
+        def quill_register_tokenizers(self, register):
+            register("lower", tok_class("char_copy"))
+
+    class NotAClass:
+        @hookimpl
+        def quill_register_tokenizers(self, register):
+            register("number", 42)
+
+    fake_plugins(mislabelled=Mislabelled(), notaclass=NotAClass())
+    with pytest.warns(QuillWarning):
+        host = host_mod.get_plugin_host()
+    assert host.get("mislabelled").error == "tokenizer 'lower' is registered with a class whose kind is 'char_copy' (set kind = 'lower' on Tok_char_copy)"
+    assert "must be a subclass of gpt_runtime.tokenizer.Tokenizer" in host.get("notaclass").error
+    assert host.registry.names("tokenizers") == []
+
+
+def test_plugin_calling_sys_exit_is_isolated(fake_plugins, monkeypatch):
+    def exiting_import():
+        raise SystemExit("plugin needs a config file")
+
+    fake_plugins()
+    monkeypatch.setattr(host_mod, "BUILTINS", (("exiter", "_quill_test_exiter"), ("char", "plugins.char_tokenizer")))
+    monkeypatch.setattr(host_mod.importlib, "import_module", lambda name, _real=host_mod.importlib.import_module: exiting_import() if name == "_quill_test_exiter" else _real(name))
+    with pytest.warns(QuillWarning, match="plugin 'exiter' skipped: SystemExit: plugin needs a config file"):
+        host = host_mod.get_plugin_host()
+    assert host.registry.names("tokenizers") == ["char"]
+
+
+def test_two_plugins_with_one_name_are_both_named(fake_plugins, monkeypatch):
+    class First:
+        pass
+
+    fake_plugins(same=First())
+    # a third-party entry point that reuses the built-in's plugin name
+    ep = SimpleNamespace(name="same", value="other_pkg", dist=SimpleNamespace(version="9.9", metadata={"Name": "other-dist"}), load=lambda: First())
+    monkeypatch.setattr(host_mod, "metadata", SimpleNamespace(entry_points=lambda group: [ep]))
+    with pytest.warns(QuillWarning):
+        host = host_mod.get_plugin_host()
+    second = [p for p in host.plugins if p.origin == "distribution other-dist"][0]
+    assert second.error == "the plugin name 'same' is taken by built-in (rename the entry point)"
+
+
+def test_disabling_an_unknown_plugin_warns_with_a_suggestion(fake_plugins, monkeypatch):
+    fake_plugins(lowbytes=SimpleNamespace())
+    monkeypatch.setenv("QUILL_DISABLE_PLUGINS", "lowbyte")
+    with pytest.warns(QuillWarning, match="QUILL_DISABLE_PLUGINS names 'lowbyte', which is no plugin here; did you mean 'lowbytes'"):
+        host_mod.get_plugin_host()

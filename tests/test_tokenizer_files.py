@@ -221,7 +221,7 @@ def test_newer_format_version(saved):
     assert f"format version {FORMAT_VERSION + 1}" in message and "newer" in message
 
 
-@pytest.mark.parametrize("version", [None, "1", 1.5])
+@pytest.mark.parametrize("version", [None, "1", 1.5, 0, -1, True])
 def test_invalid_format_version(saved, version):
     edit(saved, lambda d: d.update(version=version))
     assert "no valid format version" in load_error(saved)
@@ -380,3 +380,18 @@ def test_any_merge_ids_are_checked(tmp_path, merges):
         assert load_tokenizer(path).vocab_size == n + 3
     else:
         assert "refers to an id not yet defined" in load_error(path)
+
+
+def test_file_without_fingerprint_is_refused(saved):
+    edit(saved, lambda d: d.pop("fingerprint"))
+    assert "has no fingerprint" in load_error(saved)
+
+
+def test_content_may_not_override_reserved_keys():
+    class Sneaky(CharTokenizer):
+        def content(self):
+            return {**super().content(), "kind": "bpe"}
+
+    tok = Sneaky(["a", "b"])
+    with pytest.raises(QuillError, match=r"reserved keys \['kind'\]"):
+        tok.to_dict()
