@@ -135,12 +135,15 @@ def load_checkpoint(
     meta = read_metadata(path)
     source = f"checkpoint {str(path)!r}"
     try:
-        config = GPTConfig.from_dict(json.loads(meta["config"]))
+        try:
+            config = GPTConfig.from_dict(json.loads(meta["config"]))
+        except QuillError as exc:  # an unknown key or an impossible value: name the file too
+            raise QuillError(f"{source} has a malformed model config: {exc.message}", hint=exc.hint) from None
         tok = tokenizer_from_dict(json.loads(meta["tokenizer"]), f"the tokenizer in {source}")
         step = int(meta["step"])
         val_loss = float(meta["val_loss"]) if meta.get("val_loss") else None
         train_args = json.loads(meta.get("train_args") or "{}")
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         raise QuillError(f"{source} has malformed metadata ({type(exc).__name__}: {exc})") from None
     if tokenizer is not None:
         given = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)

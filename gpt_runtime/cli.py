@@ -344,8 +344,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         base = TrainConfig.from_dict(load_toml(args.config), f"config file {args.config!r}") if args.config else TrainConfig()
     cfg = replace(base, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-    if not args.resume and os.path.exists(os.path.join(cfg.out, "last.state.pt")):
-        raise QuillError(f"{cfg.out!r} already holds a run", hint="continue it with --resume, or choose another --out")
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, not {args.nproc}")
     if args.nproc > 1:

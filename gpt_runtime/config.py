@@ -77,6 +77,8 @@ class TrainConfig:
         for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "max_seconds"):
             if getattr(self, name) < 0:
                 raise QuillError(f"{name} must not be negative, not {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise QuillError(f"min_lr ({self.min_lr}) is above lr ({self.lr})", hint="the schedule decays from lr down to min_lr")
         if not self.data:
             raise QuillError("no data directory given", hint="pass --data DIR (made by `quill prepare`)")
 
@@ -106,7 +108,9 @@ def saved_config(run_dir: str | os.PathLike) -> TrainConfig:
         values = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError):
         raise QuillError(f"{str(path)!r} is corrupt (not JSON)") from None
-    return TrainConfig.from_dict(values, str(path))
+    cfg = TrainConfig.from_dict(values, str(path))
+    cfg.out = str(run_dir)  # the run may have moved since
+    return cfg
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:

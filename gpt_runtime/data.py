@@ -53,18 +53,33 @@ def _line_start_after(f, offset: int, size: int) -> int:
     return size
 
 
-# An ASCII letter or digit, then a space, tab or newline: every built-in BPE pre-split
-# (gpt2, gpt4, words) has a chunk boundary there, so text cut at it encodes exactly
-# as it would whole. Searched in the reversed block, to find the last one fast.
-_SAFE_CUT_REVERSED = re.compile(rb"[ \t\n][A-Za-z0-9]")
+# Whitespace after a character that is not whitespace, in the reversed block (so the
+# last such place is found first): a candidate for where to end a block.
+_CUT_CANDIDATE = re.compile(rb"[ \t\n](?:[\x21-\x7e]|[\x80-\xbf]{1,3}[\xc2-\xf4])")
+
+
+def _safe_cut(data: bytes) -> int:
+    """The last place every built-in BPE pre-split (gpt2, gpt4, words) has a chunk
+    boundary, so the text either side encodes exactly as it would whole: before a
+    space or tab that follows a non-space character, or before a newline that follows
+    a letter or digit (gpt4 keeps newlines with the punctuation before them). 0 if none."""
+    reversed_data = data[::-1]
+    for m in _CUT_CANDIDATE.finditer(reversed_data):
+        try:
+            char = reversed_data[m.start() + 1:m.end()][::-1].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if not char.isspace() and (m.group()[0] != 0x0A or char.isalnum()):
+            return len(data) - 1 - m.start()
+    return 0
 
 
 def _cut(data: bytes) -> int:
-    """Where to end a block: before the last whitespace that follows a letter or digit,
-    else after its last newline, else at a character boundary."""
-    m = _SAFE_CUT_REVERSED.search(data[::-1])
-    if m:
-        return len(data) - 1 - m.start()
+    """Where to end a block: at its last safe place (see `_safe_cut`), else after its
+    last newline, else at a character boundary."""
+    cut = _safe_cut(data)
+    if cut:
+        return cut
     cut = data.rfind(b"\n") + 1
     if cut:
         return cut
@@ -133,16 +148,24 @@ def prepare(
         bom = 3 if f.read(3) == b"\xef\xbb\xbf" else 0
         split = _line_start_after(f, int(size * (1 - val_fraction)), size) if val_fraction else size
         split = max(split, bom)
-        for name, (start, end) in {"train": (bom, split), "val": (split, size)}.items():
-            tmp = out / f".{name}.bin.tmp"
-            with open(tmp, "wb") as dst:
-                counts[name] = _encode_region(f, start, end, tok, dst, typecode, str(corpus), report)
-            os.replace(tmp, out / f"{name}.bin")
-            counts[f"{name}_bytes"] = end - start
-    if counts["train"] == 0:
-        raise QuillError(f"corpus {str(corpus)!r} leaves no training text after the validation split")
-    if val_fraction and counts["val"] == 0:
-        raise QuillError(f"corpus {str(corpus)!r} is too short for a validation split", hint="use a longer corpus or --val-fraction 0")
+        try:
+            for name, (start, end) in {"train": (bom, split), "val": (split, size)}.items():
+                with open(out / f".{name}.bin.tmp", "wb") as dst:
+                    counts[name] = _encode_region(f, start, end, tok, dst, typecode, str(corpus), report)
+                counts[f"{name}_bytes"] = end - start
+            if counts["train"] == 0:
+                raise QuillError(f"corpus {str(corpus)!r} leaves no training text after the validation split")
+            if val_fraction and counts["val"] == 0:
+                raise QuillError(f"corpus {str(corpus)!r} is too short for a validation split", hint="use a longer corpus or --val-fraction 0")
+        except BaseException:
+            for name in ("train", "val"):  # an earlier preparation stays as it was
+                (out / f".{name}.bin.tmp").unlink(missing_ok=True)
+            raise
+    # Without meta.json the directory is not usable, so a crash while the files
+    # below are replaced leaves nothing that mixes two preparations.
+    (out / "meta.json").unlink(missing_ok=True)
+    for name in ("train", "val"):
+        os.replace(out / f".{name}.bin.tmp", out / f"{name}.bin")
     meta = {
         "version": META_VERSION,
         "corpus": str(corpus),
@@ -203,9 +226,11 @@ class DataDir:
         file = self.path / f"{split}.bin"
         dtype = torch.uint16 if self.meta["dtype"] == "uint16" else torch.uint32
         expected = n * (2 if dtype is torch.uint16 else 4)
-        actual = file.stat().st_size if file.exists() else -1
+        if not file.is_file():
+            raise QuillError(f"{str(file)!r} is missing", hint="run `quill prepare` again")
+        actual = file.stat().st_size
         if actual != expected:
-            raise QuillError(f"{str(file)!r} should hold {n} tokens ({expected} bytes) but has {max(actual, 0)} bytes", hint="run `quill prepare` again")
+            raise QuillError(f"{str(file)!r} should hold {n} tokens ({expected} bytes) but has {actual} bytes", hint="run `quill prepare` again")
         if n == 0:
             return torch.zeros(0, dtype=torch.int64)
         return torch.from_file(str(file), shared=False, size=n, dtype=dtype)

@@ -45,7 +45,8 @@ from .model import GPT
 
 
 # What a resumed run may change; anything else would make it a different run.
-RESUME_MAY_CHANGE = {"data", "max_steps", "eval_interval", "eval_steps", "log_interval", "max_seconds", "device", "compile"}
+# `out` too: a run directory may be moved, or named by another path.
+RESUME_MAY_CHANGE = {"out", "data", "max_steps", "eval_interval", "eval_steps", "log_interval", "max_seconds", "device", "compile"}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -111,14 +112,14 @@ def estimate_loss(model: GPT, sampler: BatchSampler, steps: int, autocast, world
     """Mean loss over `steps` fixed batches (the same ones at every evaluation)."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(1)
+    total = torch.zeros(1, device=device)  # on the device: NCCL reduces only GPU tensors
     for _ in range(steps):
         x, y = sampler.next()
         with autocast:
             _, loss = model(x.to(device), y.to(device))
-        total += loss.float().cpu()
+        total += loss.float()
     model.train(was_training)
-    total /= steps
+    total = total / steps
     if world > 1:
         torch.distributed.all_reduce(total)
         total /= world
@@ -165,6 +166,8 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
                     f"cannot resume {str(out)!r} with {name} = {getattr(cfg, name)!r}: the run used {getattr(saved, name)!r}",
                     hint=f"resuming may only change {', '.join(sorted(RESUME_MAY_CHANGE))}",
                 )
+    elif (out / "last.state.pt").exists():
+        raise QuillError(f"{str(out)!r} already holds a run", hint="continue it with --resume, or choose another --out")
     cfg.validate()
     rank, world = _distributed()
     emit = on_event if (on_event and rank == 0) else (lambda event: None)
@@ -279,7 +282,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
                               "mfu": round(flops_per_step / tokens_per_step * tps / peak, 4) if peak else None,
                               "elapsed_s": round(train_seconds, 2)}
                     window_start, window_tokens = now, 0
-                stopping = _should_stop(stop, cfg, train_seconds, world)
+                stopping = _should_stop(stop, cfg, train_seconds, world, device)
                 if step % cfg.eval_interval == 0 or step == cfg.max_steps or stopping:
                     last_val = evaluate_now()
                     if not math.isfinite(last_val):  # weights that give this are not worth a checkpoint
@@ -318,10 +321,10 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
     return TrainResult(out, step, best_val, last_val, None, history)
 
 
-def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world: int) -> str | None:
+def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world: int, device: torch.device) -> str | None:
     reason = stop.reason or ("time limit" if cfg.max_seconds and train_seconds >= cfg.max_seconds else None)
     if world > 1:  # every rank must stop at the same step, or the others would hang
-        flag = torch.tensor([1.0 if reason else 0.0])
+        flag = torch.tensor([1.0 if reason else 0.0], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() and not reason:
             reason = "another rank stopped"
@@ -329,17 +332,19 @@ def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world:
 
 
 def _diverged(what: str, value: float, step: int, out: Path) -> QuillError:
+    saved = _saved_step(out)
+    kept = f"the last good checkpoint (step {saved}) is in {out}" if saved is not None else "no checkpoint was saved yet"
     return QuillError(
         f"the {what} became {value} at step {step}; stopped without saving it",
-        hint=f"the last good checkpoint (step {_saved_step(out)}) is in {out}; try a lower --lr or more --warmup-steps",
+        hint=f"{kept}; try a lower --lr or more --warmup-steps",
     )
 
 
-def _saved_step(out: Path) -> str:
+def _saved_step(out: Path) -> int | None:
     try:
-        return str(load_resume_state(out / "last.state.pt")["step"])
+        return load_resume_state(out / "last.state.pt")["step"]
     except QuillError:
-        return "none yet"
+        return None
 
 
 def _trim_log(path: Path, step: int) -> None:

@@ -1,0 +1,620 @@
+"""The training loop in-process (log, checkpoints, exact resume, NaN, OOM, config), DDP, backends, evaluation, generation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt_runtime.train as train_module
+import plugins.backends as backends
+from gpt_runtime.backend import Backend, get_backend, resolve_dtype
+from gpt_runtime.checkpoint import load_checkpoint, load_resume_state
+from gpt_runtime.config import TrainConfig, load_toml, saved_config
+from gpt_runtime.data import DataDir, prepare
+from gpt_runtime.errors import QuillError
+from gpt_runtime.evaluate import evaluate, evaluate_tokens
+from gpt_runtime.generate import prompt_ids, sample_tokens, stream_text
+from gpt_runtime.model import GPT, GPTConfig
+from gpt_runtime.train import lr_at, train
+from helpers import SAMPLE_TEXT, run_quill
+from plugins.char_tokenizer import CharTokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+REAL_PEAK = {"test_log_checkpoints_and_events", "test_an_interrupted_run_resumes_exactly"}
+
+
+@pytest.fixture(autouse=True)
+def _no_peak_measurement(request, monkeypatch):
+    """Skip the 0.2 s matmul benchmark behind MFU, except where MFU is the point, or where
+    the whole loop as it runs matters (resume: the benchmark must not disturb the RNG)."""
+    if request.function.__name__ not in REAL_PEAK:
+        monkeypatch.setattr(train_module, "_machine_peak_flops", lambda backend, dtype: 1e12)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    (d / "corpus.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    prepare(d / "corpus.txt", CharTokenizer.train(SAMPLE_TEXT), d / "chars", val_fraction=0.1)
+    return d / "chars"
+
+
+def config(data: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(data=str(data), out=str(out), n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
+                  max_steps=6, warmup_steps=2, eval_interval=3, eval_steps=2, log_interval=1, device="cpu", dtype="float32")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def log_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def expected_lr(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+# --- a normal run -------------------------------------------------------------------------------
+
+def test_log_checkpoints_and_events(data, tmp_path):
+    cfg = config(data, tmp_path / "run", max_steps=6, eval_interval=3, log_interval=2)
+    events = []
+    result = train(cfg, on_event=events.append)
+    out = tmp_path / "run"
+    log = log_of(out)
+    assert [r["step"] for r in log] == [2, 3, 4, 6]  # log steps, plus the eval step 3
+    vocab = DataDir.open(data).tokenizer.vocab_size
+    for r in log:
+        assert math.isfinite(r["loss"]) and r["loss"] < math.log(vocab) + 0.5
+        assert r["lr"] == pytest.approx(expected_lr(r["step"] - 1, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps))
+        assert ("val_loss" in r) == (r["step"] % 3 == 0)
+        if r["step"] % 2 == 0:
+            assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+    assert (result.step, result.stopped) == (6, None)
+    assert result.history == log
+    assert result.last_val_loss == log[-1]["val_loss"]
+    assert result.best_val_loss == min(r["val_loss"] for r in log if "val_loss" in r)
+
+    last, best = load_checkpoint(out / "last.safetensors"), load_checkpoint(out / "best.safetensors")
+    assert (last.step, last.val_loss) == (6, log[-1]["val_loss"])
+    assert best.val_loss == result.best_val_loss and best.step in (3, 6)
+    assert last.train_args == asdict(cfg) and last.config.n_embd == 16 and last.config.vocab_size == vocab
+    state = load_resume_state(out / "last.state.pt")
+    assert state["step"] == 6 and state["config"] == asdict(cfg)
+    assert json.loads((out / "config.json").read_text()) == asdict(cfg)
+    assert saved_config(out) == cfg
+
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("step") == len(log)
+    start = events[0]
+    assert start["params"] == GPT(cfg.model_config(vocab)).num_params() and start["dtype"] == "float32"
+    assert start["tokens_per_step"] == cfg.batch_size * cfg.block_size
+    assert events[-1]["best_val_loss"] == result.best_val_loss
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
+    lrs = [lr_at(s, cfg) for s in range(120)]
+    for s, lr in enumerate(lrs):
+        assert lr == pytest.approx(expected_lr(s, 1e-3, 1e-4, 10, 100))
+    assert lrs[:11] == sorted(lrs[:11]) and lrs[10] == pytest.approx(1e-3)  # warmup rises to the peak
+    assert lrs[10:] == sorted(lrs[10:], reverse=True) and lrs[100] == pytest.approx(1e-4) == lrs[119]
+
+
+def test_grad_accum_is_a_bigger_batch(data, tmp_path):
+    """batch 4 x 2 micro-batches follows the same losses as batch 8 in one."""
+    a = train(config(data, tmp_path / "a", batch_size=8, grad_accum=1, max_steps=4, eval_interval=4))
+    b = train(config(data, tmp_path / "b", batch_size=4, grad_accum=2, max_steps=4, eval_interval=4))
+    for ra, rb in zip(a.history, b.history, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(data, tmp_path):
+    a = train(config(data, tmp_path / "a", n_layer=2, dropout=0.1, max_steps=5, eval_interval=5))
+    b = train(config(data, tmp_path / "b", n_layer=2, dropout=0.1, max_steps=5, eval_interval=5, gradient_checkpointing=True))
+    losses_a, losses_b = [r["loss"] for r in a.history], [r["loss"] for r in b.history]
+    assert len(losses_a) == 5
+    assert losses_b == pytest.approx(losses_a, abs=1e-5)
+    assert a.last_val_loss == pytest.approx(b.last_val_loss, abs=1e-5)
+
+
+# --- exact resume -------------------------------------------------------------------------------
+
+def test_an_interrupted_run_resumes_exactly(data, tmp_path):
+    """Run A: 12 steps straight. Run B: SIGINT at step 6 (it saves and stops), then resumed to 12.
+
+    Dropout is on, so the torch RNG state must be restored exactly too.
+    """
+    settings = dict(max_steps=12, eval_interval=5, dropout=0.1)
+    a = train(config(data, tmp_path / "A", **settings))
+
+    def interrupt(event):
+        if event["event"] == "step" and event["step"] == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handler = signal.getsignal(signal.SIGINT)
+    b1 = train(config(data, tmp_path / "B", **settings), on_event=interrupt)
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop put the previous handler back
+    assert b1.stopped == "SIGINT" and 6 <= b1.step < 12
+    assert load_resume_state(tmp_path / "B" / "last.state.pt")["step"] == b1.step
+    assert load_checkpoint(tmp_path / "B" / "last.safetensors").step == b1.step
+    b2 = train(saved_config(tmp_path / "B"), resume=True)
+    assert (b2.step, b2.stopped) == (12, None)
+
+    log_a, log_b = log_of(tmp_path / "A"), log_of(tmp_path / "B")
+    assert [r["step"] for r in log_b] == [r["step"] for r in log_a] == list(range(1, 13))
+    for ra, rb in zip(log_a, log_b):
+        assert rb["loss"] == ra["loss"], f"step {ra['step']}: {rb['loss']} != {ra['loss']}"
+        assert rb["lr"] == ra["lr"]
+    final_a, final_b = load_checkpoint(tmp_path / "A" / "last.safetensors"), load_checkpoint(tmp_path / "B" / "last.safetensors")
+    for name, p in final_a.model.state_dict().items():
+        assert torch.equal(final_b.model.state_dict()[name], p), name
+
+
+def test_resume_drops_log_lines_past_the_saved_step(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=3, eval_interval=3))
+    with open(out / "log.jsonl", "a") as f:  # as if the run went on past its last save, then crashed
+        f.write(json.dumps({"step": 4, "loss": 9.9}) + "\n" + '{"step": 5, "lo')
+    train(replace(saved_config(out), max_steps=5), resume=True)
+    assert [r["step"] for r in log_of(out)] == [1, 2, 3, 4, 5]
+    assert log_of(out)[3]["loss"] != 9.9
+
+
+def test_resuming_with_a_changed_model_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=3, eval_interval=3))
+    with pytest.raises(QuillError, match=rf"cannot resume '{re.escape(str(out))}' with n_embd = 32: the run used 16") as info:
+        train(replace(saved_config(out), n_embd=32), resume=True)
+    assert "max_steps" in info.value.hint
+    with pytest.raises(QuillError, match="with lr = 0.5: the run used 0.001"):
+        train(replace(saved_config(out), lr=0.5), resume=True)
+    result = train(replace(saved_config(out), max_steps=4, eval_interval=2), resume=True)  # these may change
+    assert result.step == 4
+
+
+def test_resume_with_data_from_another_tokenizer_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=2, eval_interval=2))
+    other = tmp_path / "other"
+    (tmp_path / "c.txt").write_text(SAMPLE_TEXT.upper())
+    prepare(tmp_path / "c.txt", CharTokenizer.train(SAMPLE_TEXT.upper()), other)
+    with pytest.raises(QuillError) as info:
+        train(replace(saved_config(out), data=str(other), max_steps=4), resume=True)
+    assert DataDir.open(data).tokenizer.fingerprint in str(info.value)
+    assert DataDir.open(other).tokenizer.fingerprint in str(info.value)
+
+
+def test_resume_without_a_run(tmp_path, data):
+    with pytest.raises(QuillError, match=r"no run to resume in '.*nothing' \(no config.json\)"):
+        saved_config(tmp_path / "nothing")
+    with pytest.raises(QuillError, match=r"no resume state at '.*nothing/last.state.pt'"):
+        train(config(data, tmp_path / "nothing"), resume=True)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    with pytest.raises(QuillError, match=r"config.json' is corrupt \(not JSON\)"):
+        saved_config(tmp_path / "broken")
+
+
+# --- divergence and memory ------------------------------------------------------------------------
+
+# An absurd lr: 1 (AdamW wants ~1e-3), with weight decay 100. The decoupled decay multiplies
+# every weight matrix by 1 - lr * wd = -99 each step, so the weights blow up exponentially
+# and the loss becomes NaN within a handful of steps, whatever the kernels' rounding.
+DIVERGE = dict(lr=1.0, min_lr=1.0, warmup_steps=0, grad_clip=0.0, weight_decay=100.0, max_steps=30, eval_steps=1)
+BAD = r"the (validation loss|loss) became (nan|inf|-inf) at step (\d+); stopped without saving it"
+
+
+def test_a_diverging_run_stops_with_the_last_good_checkpoint_kept(data, tmp_path):
+    """DIVERGE blows the weights up within a few steps; the step is found by the first run."""
+    # Evaluating every step: the first bad weights show in the validation loss.
+    out = tmp_path / "every"
+    with pytest.raises(QuillError) as info:
+        train(config(data, out, eval_interval=1, **DIVERGE))
+    what, _, bad = re.search(BAD, info.value.message).groups()
+    bad = int(bad)
+    assert what == "validation loss"
+    assert f"the last good checkpoint (step {bad - 1}) is in {out}" in info.value.hint
+    assert "--lr" in info.value.hint
+    kept = load_checkpoint(out / "last.safetensors")
+    assert kept.step == bad - 1 and math.isfinite(kept.val_loss)
+    assert all(torch.isfinite(p).all() for p in kept.model.parameters())
+    assert load_resume_state(out / "last.state.pt")["step"] == bad - 1
+    assert log_of(out)[-1]["step"] == bad - 1
+    assert bad >= 3, "DIVERGE diverges too fast for the second half of this test; make it milder"
+
+    # Evaluating less often: the bad weights of step `bad` then first show in the next training loss.
+    out = tmp_path / "sparse"
+    with pytest.raises(QuillError) as info:
+        train(config(data, out, eval_interval=bad - 1, **DIVERGE))
+    what, _, step = re.search(BAD, info.value.message).groups()
+    assert (what, int(step)) == ("loss", bad + 1)
+    assert f"the last good checkpoint (step {bad - 1})" in info.value.hint
+    assert load_checkpoint(out / "last.safetensors").step == bad - 1
+
+
+def test_running_out_of_memory_names_the_remedies(data, tmp_path, monkeypatch):
+    real_forward = GPT.forward
+    calls = []
+
+    def forward(self, idx, targets=None):
+        calls.append(1)
+        if len(calls) == 3:
+            torch.empty(1 << 50, dtype=torch.uint8)  # a real allocation failure: 1 PiB
+        return real_forward(self, idx, targets)
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    with pytest.raises(QuillError, match="ran out of memory at batch size 4, block size 16") as info:
+        train(config(data, tmp_path / "run"))
+    assert "--batch-size" in info.value.hint and "--gradient-checkpointing" in info.value.hint
+    assert "--grad-accum" in info.value.hint
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(data, tmp_path, monkeypatch):
+    def forward(self, idx, targets=None):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        train(config(data, tmp_path / "run"))
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+def test_unknown_toml_key_names_it_and_the_closest(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('n_layers = 4\nlr = 3e-4\n')
+    with pytest.raises(QuillError, match=r"run.toml.*unknown key 'n_layers'") as info:
+        TrainConfig.from_dict(load_toml(path), f"config file {str(path)!r}")
+    assert info.value.hint == "did you mean 'n_layer'?"
+    with pytest.raises(QuillError, match="unknown key 'zzz'") as info:
+        TrainConfig.from_dict({"zzz": 1})
+    assert "known keys:" in info.value.hint and "n_layer" in info.value.hint
+
+
+def test_toml_values_are_read(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('n_layer = 4\nlr = 3e-4\ndropout = 0\ngradient_checkpointing = true\nposition = "rope"\n')
+    cfg = TrainConfig.from_dict(load_toml(path))
+    assert (cfg.n_layer, cfg.lr, cfg.dropout, cfg.gradient_checkpointing, cfg.position) == (4, 3e-4, 0, True, "rope")
+    assert cfg.n_embd == TrainConfig().n_embd  # the rest keeps its default
+
+
+@pytest.mark.parametrize("line,message", [
+    ('n_layer = "4"', "n_layer should be int, not '4'"),
+    ("n_layer = 4.0", "n_layer should be int, not 4.0"),
+    ("n_layer = true", "n_layer should be int, not True"),
+    ('lr = "fast"', "lr should be float, not 'fast'"),
+    ("compile = 1", "compile should be bool, not 1"),
+    ("position = 1", "position should be str, not 1"),
+])
+def test_toml_type_errors(tmp_path, line, message):
+    path = tmp_path / "run.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(QuillError, match=re.escape(message)):
+        TrainConfig.from_dict(load_toml(path), str(path))
+
+
+def test_invalid_toml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("n_layer = 4\nlr = = 3\n")
+    with pytest.raises(QuillError, match=r"config file '.*run.toml' is not valid TOML: .*line 2"):
+        load_toml(path)
+    with pytest.raises(QuillError, match=r"config file '.*missing.toml' does not exist"):
+        load_toml(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("batch_size", 0, "batch_size must be at least 1, not 0"),
+    ("max_steps", 0, "max_steps must be at least 1"),
+    ("eval_steps", -1, "eval_steps must be at least 1"),
+    ("lr", -1.0, "lr must not be negative, not -1.0"),
+    ("warmup_steps", -5, "warmup_steps must not be negative"),
+    ("data", "", "no data directory given"),
+    ("min_lr", 1.0, "min_lr (1.0) is above lr"),
+])
+def test_impossible_settings(data, tmp_path, field, value, message):
+    with pytest.raises(QuillError, match=re.escape(message)):
+        train(replace(config(data, tmp_path / "run"), **{field: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_settings_are_checked(data, tmp_path):
+    with pytest.raises(QuillError, match=r"n_embd \(30\) must be a multiple of n_head \(4\)"):
+        train(config(data, tmp_path / "run", n_embd=30, n_head=4))
+    with pytest.raises(QuillError, match="the split has .* tokens, not enough for one block of 100000"):
+        train(config(data, tmp_path / "run2", block_size=100_000))
+
+
+# --- two processes ------------------------------------------------------------------------------
+
+def test_two_process_ddp_matches_one_process_with_the_double_batch(data, tmp_path):
+    steps = 4
+    common = ["--data", str(data), "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+              "--max-steps", str(steps), "--warmup-steps", "1", "--eval-interval", "2", "--eval-steps", "2",
+              "--log-interval", "1", "--device", "cpu", "--dtype", "float32"]
+    out = run_quill("train", *common, "--out", str(tmp_path / "ddp"), "--batch-size", "3", "--nproc", "2",
+                    env={"OMP_NUM_THREADS": "1"})
+    err = out.stderr.decode("utf-8", "replace")
+    assert out.returncode == 0, err[-3000:]
+    assert "2 processes" in err
+    single = train(config(data, tmp_path / "single", batch_size=6, max_steps=steps, warmup_steps=1, eval_interval=2, eval_steps=2))
+    ddp = log_of(tmp_path / "ddp")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single.history] == list(range(1, steps + 1))
+    for rd, rs in zip(ddp, single.history):
+        assert rd["loss"] == pytest.approx(rs["loss"], abs=1e-4)
+        assert rd.get("val_loss", 0.0) == pytest.approx(rs.get("val_loss", 0.0), abs=1e-4)
+    # only rank 0 wrote, and it wrote one checkpoint set and one log
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        "best.safetensors", "config.json", "last.safetensors", "last.state.pt", "log.jsonl"]
+    assert load_checkpoint(tmp_path / "ddp").step == steps
+
+
+# --- backends -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_hardware(monkeypatch):
+    def set(cuda: bool, mps: bool) -> None:
+        monkeypatch.setattr(backends.CudaBackend, "is_available", lambda self: cuda)
+        monkeypatch.setattr(backends.MpsBackend, "is_available", lambda self: mps)
+    return set
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_picks_cuda_then_mps_then_cpu(fake_hardware, cuda, mps, expected):
+    fake_hardware(cuda, mps)
+    backend = get_backend("auto")
+    assert backend.name == expected and isinstance(backend, Backend)
+
+
+def test_asking_for_an_unavailable_backend_lists_the_available_ones(fake_hardware):
+    fake_hardware(cuda=False, mps=True)
+    with pytest.raises(QuillError, match="backend 'cuda' is not available on this machine") as info:
+        get_backend("cuda")
+    assert info.value.hint == "available: cpu, mps"
+    fake_hardware(cuda=True, mps=False)
+    assert get_backend("cuda").name == "cuda"
+    with pytest.raises(QuillError) as info:
+        get_backend("mps")
+    assert info.value.hint == "available: cpu, cuda"
+
+
+def test_an_unknown_backend_name(fake_hardware):
+    fake_hardware(cuda=False, mps=False)
+    with pytest.raises(QuillError, match="no backend named 'cdua'") as info:
+        get_backend("cdua")
+    assert info.value.hint == "did you mean 'cuda'?"
+
+
+def test_resolve_dtype(monkeypatch):
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)
+    cpu, cuda = backends.CpuBackend(), backends.CudaBackend()
+    assert resolve_dtype(cpu, "auto") is torch.float32
+    for name, dtype in [("float32", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16), ("bfloat16", torch.bfloat16)]:
+        assert resolve_dtype(cpu, name) is dtype
+    assert resolve_dtype(cuda, "fp16") is torch.float16
+    with pytest.raises(QuillError, match="backend 'cpu' does not support float16") as info:
+        resolve_dtype(cpu, "float16")
+    assert info.value.hint == "it supports float32, bfloat16"
+    with pytest.raises(QuillError, match="unknown dtype 'float8'") as info:
+        resolve_dtype(cpu, "float8")
+    assert "bfloat16" in info.value.hint
+    monkeypatch.setattr(backends, "cpu_has_bf16", lambda: True)
+    assert resolve_dtype(cpu, "auto") is torch.bfloat16
+
+
+@pytest.fixture
+def cpuinfo(tmp_path, monkeypatch):
+    """Point cpu_has_bf16 at a fake /proc/cpuinfo (a module-level `open` shadows the builtin there)."""
+    import builtins
+
+    fake = tmp_path / "cpuinfo"
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/cpuinfo":
+            if not fake.exists():
+                raise FileNotFoundError(path)
+            path = fake
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "open", fake_open, raising=False)
+    monkeypatch.setattr(backends, "sys", type("FakeSys", (), {"platform": "linux"}))
+    backends.cpu_has_bf16.cache_clear()
+    yield fake
+    backends.cpu_has_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ("fpu sse avx2 avx512f avx512_bf16 amx_tile", True),
+    ("fpu sse avx2 amx_bf16 amx_tile", True),
+    ("fpu sse avx2 avx512f avx512_vnni", False),
+    ("fpu sse avx512_bf16x", False),  # a longer flag name is not the flag
+])
+def test_cpu_has_bf16_reads_the_flags(cpuinfo, flags, expected):
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Fake CPU\nflags\t\t: {flags}\nbugs\t\t: none\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert backends.cpu_has_bf16() is expected
+    assert backends.CpuBackend().preferred_dtype() is (torch.bfloat16 if expected else torch.float32)
+
+
+def test_cpu_has_bf16_without_flags_or_file_or_linux(cpuinfo, monkeypatch):
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")  # an ARM-style file: no 'flags' line
+    assert backends.cpu_has_bf16() is False
+    backends.cpu_has_bf16.cache_clear()
+    cpuinfo.unlink()
+    assert backends.cpu_has_bf16() is False
+    backends.cpu_has_bf16.cache_clear()
+    cpuinfo.write_text("flags\t\t: avx512_bf16\n")
+    monkeypatch.setattr(backends, "sys", type("FakeSys", (), {"platform": "darwin"}))
+    assert backends.cpu_has_bf16() is False
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+def test_evaluate_tokens_is_the_cross_entropy_of_every_token(tmp_path):
+    tok = CharTokenizer(list("ab é😀\n"))
+    text = "ab é😀\nba 😀é\n" * 3
+    tokens = torch.tensor(tok.encode(text))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    result = evaluate_tokens(model, tokens, tok, batch_size=2)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, 8):  # non-overlapping windows, each target once
+            window = tokens[start:start + 9]
+            logits, _ = model(window[:-1].unsqueeze(0))
+            total += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+            n += len(window) - 1
+    assert result.tokens == n == len(tokens) - 1
+    assert result.loss == pytest.approx(total / n, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(total / n), rel=1e-5)
+    n_bytes = len(text[1:].encode("utf-8"))  # the bytes of every predicted character
+    assert result.bytes == n_bytes > result.tokens
+    assert result.bits_per_byte == pytest.approx(total / math.log(2) / n_bytes, rel=1e-5)
+
+
+def test_evaluate_a_text_file_and_a_data_dir(data, tmp_path):
+    train(config(data, tmp_path / "run", max_steps=2, eval_interval=2))
+    meta = DataDir.open(data).meta
+    on_dir = evaluate(tmp_path / "run", data, split="val", device="cpu")
+    assert on_dir.tokens == meta["val_tokens"] - 1
+    val_text = SAMPLE_TEXT.encode()[meta["train_bytes"]:].decode()
+    (tmp_path / "val.txt").write_text(val_text)
+    on_file = evaluate(tmp_path / "run", tmp_path / "val.txt", device="cpu")
+    assert on_file.loss == pytest.approx(on_dir.loss, rel=1e-6) and on_file.tokens == on_dir.tokens
+    with pytest.raises(QuillError, match="unknown split 'test'"):
+        evaluate(tmp_path / "run", data, split="test", device="cpu")
+
+
+def test_a_run_that_diverges_before_any_checkpoint_says_so(data, tmp_path):
+    with pytest.raises(QuillError, match=BAD) as info:
+        train(config(data, tmp_path / "run", eval_interval=100, **{**DIVERGE, "lr": 1e8}))
+    assert info.value.hint.startswith("no checkpoint was saved yet; try a lower --lr")
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_bf16_autocast_trains(data, tmp_path):
+    a = train(config(data, tmp_path / "fp32", max_steps=3, eval_interval=3))
+    b = train(config(data, tmp_path / "bf16", max_steps=3, eval_interval=3, dtype="bfloat16"))
+    assert load_checkpoint(tmp_path / "bf16").train_args["dtype"] == "bfloat16"
+    for ra, rb in zip(a.history, b.history, strict=True):
+        assert math.isfinite(rb["loss"]) and rb["loss"] == pytest.approx(ra["loss"], abs=0.05)  # bf16 keeps ~3 digits
+    assert b.history[0]["loss"] != a.history[0]["loss"]  # it did compute in bf16
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gen_model():
+    tok = CharTokenizer.train(SAMPLE_TEXT)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    return model, tok
+
+
+def test_greedy_follows_the_argmax(gen_model):
+    model, tok = gen_model
+    ids = tok.encode("All:\nSpeak, speak")  # longer than the block: the context is cropped
+    out = list(sample_tokens(model, tok, ids, 12, temperature=0))
+    banned = [tok.special_tokens[n] for n in ("<pad>", "<unk>", "<bos>")]
+    context = list(ids)
+    for token in out:
+        with torch.no_grad():
+            logits = model(torch.tensor([context[-8:]]))[0][0, -1]
+        logits[banned] = float("-inf")
+        assert token == int(logits.argmax())
+        context.append(token)
+    assert len(out) == 12 or tok.special_tokens["<eos>"] not in out
+    assert out == list(sample_tokens(model, tok, ids, 12, temperature=1.0, top_k=1))  # top-k 1 is greedy too
+
+
+def test_sampling_is_reproducible_with_a_generator(gen_model):
+    model, tok = gen_model
+    ids = prompt_ids(tok, "")
+    assert ids == [tok.special_tokens["<bos>"]]  # an empty prompt starts from <bos>
+    runs = [list(sample_tokens(model, tok, ids, 20, temperature=1.5, top_k=10, generator=torch.Generator().manual_seed(s)))
+            for s in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose next-token logits are always `logits`."""
+
+    def __init__(self, logits: torch.Tensor, block_size: int = 8) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+        self.config = GPTConfig(vocab_size=len(logits), block_size=block_size, n_layer=0, n_head=1, n_embd=1)
+
+    def forward(self, idx, targets=None):
+        return self.logits.expand(idx.size(0), idx.size(1), -1), None
+
+
+def test_special_tokens_are_never_sampled_and_eos_ends(gen_model):
+    _, tok = gen_model
+    specials = tok.special_tokens
+    logits = torch.zeros(tok.vocab_size)
+    for name in ("<pad>", "<unk>", "<bos>"):  # by far the likeliest, yet never to be produced
+        logits[specials[name]] = 50.0
+    logits[specials["<eos>"]] = -50.0
+    out = list(sample_tokens(FixedLogits(logits), tok, [5, 6], 200, temperature=1.0, generator=torch.Generator().manual_seed(0)))
+    assert len(out) == 200 and not set(out) & set(specials.values())
+    assert len(set(out)) > tok.vocab_size // 2  # the rest are equally likely: sampling reaches most of them
+    logits[specials["<eos>"]] = 10.0  # the likeliest token that may be produced: it ends the sample at once
+    assert list(sample_tokens(FixedLogits(logits), tok, [5, 6], 30, temperature=0)) == []
+    g = torch.Generator().manual_seed(0)
+    assert list(sample_tokens(FixedLogits(logits), tok, [5, 6], 30, temperature=1.0, top_k=1, generator=g)) == []
+
+
+def test_bad_sampling_settings(gen_model):
+    model, tok = gen_model
+    with pytest.raises(QuillError, match="temperature must be 0 or more, not -1"):
+        list(sample_tokens(model, tok, [5], 3, temperature=-1))
+    with pytest.raises(QuillError, match="top-k must be at least 1, not 0"):
+        list(sample_tokens(model, tok, [5], 3, top_k=0))
+
+
+def test_stream_text_waits_for_whole_characters():
+    from plugins.bpe_tokenizer import BPETokenizer
+
+    tok = BPETokenizer([])  # bytes only: every multi-byte character spans several tokens
+    text = "é😀 ok"
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode())
+    pieces = list(stream_text(tok, iter(ids)))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(stream_text(tok, iter(ids[:2]))) == "é"
+    assert "".join(stream_text(tok, iter(ids[:3]))) == "é\ufffd"  # a cut character at the very end is replaced
+
+
+def test_training_into_an_existing_run_is_refused_and_moved_runs_resume(data, tmp_path):
+    cfg = config(data, tmp_path / "run", max_steps=4, eval_interval=2)
+    train(cfg)
+    before = (tmp_path / "run" / "log.jsonl").read_text()
+    with pytest.raises(QuillError, match="already holds a run"):
+        train(cfg)
+    assert (tmp_path / "run" / "log.jsonl").read_text() == before  # nothing overwritten
+    (tmp_path / "run").rename(tmp_path / "moved")
+    moved = saved_config(tmp_path / "moved")
+    assert moved.out == str(tmp_path / "moved")
+    result = train(replace(moved, max_steps=6), resume=True)
+    assert result.step == 6 and result.out == tmp_path / "moved"
