@@ -12,11 +12,13 @@ head: a bigram model, the baseline that shows what attention buys.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .errors import QuillError, did_you_mean
@@ -81,21 +83,31 @@ def make_norm(config: GPTConfig) -> nn.Module:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding: rotates query and key pairs by position."""
+    """Rotary position embedding: rotates pairs of query and key dimensions by
+    an angle proportional to the position. Dimension i pairs with i + hs/2."""
 
     def __init__(self, head_size: int, block_size: int, base: float = 10000.0) -> None:
         super().__init__()
         inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)
         angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (T, hs/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (T, hs): both halves of each pair
         # Derived from the config, so not saved in checkpoints.
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, nh, T, hs)
-        T = x.size(-2)
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        T, half = x.size(-2), x.size(-1) // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * self.cos[:T].to(x.dtype) + rotated * self.sin[:T].to(x.dtype)
+
+
+def _attention_kernel(device: torch.device, head_size: int):
+    # On CPUs, PyTorch's flash-attention kernel trains small heads slowly: at head
+    # size 32 the plain math kernel makes whole training steps 20-40% faster, while
+    # at 64 flash is about 5% ahead (measured here; see the README). Same results.
+    if device.type == "cpu" and head_size < 64:
+        return sdpa_kernel([SDPBackend.MATH])
+    return nullcontext()
 
 
 class Attention(nn.Module):
@@ -116,7 +128,8 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        with _attention_kernel(x.device, C // self.n_head):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 

@@ -8,7 +8,6 @@ this project is developed on, only their selection logic is tested.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from functools import cache
 
@@ -38,15 +37,6 @@ class CpuBackend(Backend):
         import torch
 
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
-
-    def autocast(self, dtype):
-        """Mixed precision, plus the attention kernel that is fastest on CPUs.
-
-        PyTorch's CPU flash-attention kernel is slower than the plain math kernel
-        at the sizes Quill trains (measured: about 1.7x in training steps at block
-        256, in float32 and bfloat16 alike), so forward passes ask for the math one.
-        """
-        return _CpuCompute(super().autocast(dtype))
 
 
 class CudaBackend(Backend):
@@ -99,23 +89,6 @@ class MpsBackend(Backend):
         import torch
 
         torch.mps.synchronize()
-
-
-class _CpuCompute:
-    """A reusable context: the math attention kernel, then mixed precision."""
-
-    def __init__(self, autocast) -> None:
-        self.autocast = autocast
-
-    def __enter__(self) -> None:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        self.stack = contextlib.ExitStack()
-        self.stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
-        self.stack.enter_context(self.autocast)
-
-    def __exit__(self, *exc) -> bool:
-        return self.stack.__exit__(*exc)
 
 
 @hookimpl

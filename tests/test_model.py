@@ -286,3 +286,18 @@ def test_a_bigram_model_cannot_beat_the_bigram_entropy():
     loss, bigram_entropy = _train_on_periodic(n_layer=0, steps=150)
     assert loss >= bigram_entropy - 1e-3
     assert loss < bigram_entropy + 0.15  # but it does learn the bigram statistics
+
+
+@pytest.mark.parametrize("head_size", [16, 64])
+def test_attention_kernel_choice_does_not_change_results(head_size):
+    # Small heads take the math kernel on CPU, larger ones the default (flash): same maths.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=2 * head_size)).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        with sdpa_kernel([SDPBackend.MATH]):
+            reference, _ = model(idx)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)

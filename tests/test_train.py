@@ -618,3 +618,11 @@ def test_training_into_an_existing_run_is_refused_and_moved_runs_resume(data, tm
     assert moved.out == str(tmp_path / "moved")
     result = train(replace(moved, max_steps=6), resume=True)
     assert result.step == 6 and result.out == tmp_path / "moved"
+
+
+def test_example_config_is_valid():
+    # The README points users at this file; it must parse and describe a valid run.
+    path = Path(__file__).resolve().parents[1] / "examples" / "shakespeare_char.toml"
+    cfg = TrainConfig.from_dict(load_toml(path), str(path))
+    cfg.validate()
+    cfg.model_config(vocab_size=65)  # raises if the architecture is impossible
