@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import QuillError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, decode_corpus
 from .tokenizer import Tokenizer, load_tokenizer
 
 META_VERSION = 1
@@ -101,14 +101,7 @@ def _encode_region(f, start: int, end: int, tok: Tokenizer, out, typecode: str, 
             data, carry = data[:cut], data[cut:]
         else:
             carry = b""
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise QuillError(
-                f"corpus {path!r} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {block_start + exc.start})",
-                hint="convert it first, e.g. `iconv -f latin1 -t utf-8`",
-            ) from None
-        ids = array(typecode, tok.encode(text))
+        ids = array(typecode, tok.encode(decode_corpus(data, path, block_start)))
         ids.tofile(out)
         n_tokens += len(ids)
         block_start += len(data)

@@ -62,18 +62,23 @@ def read_user_file(path: str | os.PathLike, what: str = "file") -> bytes:
         raise QuillError(f"{what} {str(path)!r} cannot be read: {exc.strerror or exc}") from None
 
 
+def decode_corpus(data: bytes, path: str | os.PathLike, offset: int = 0) -> str:
+    """UTF-8 bytes of a corpus (starting at byte `offset` of the file) to text."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise QuillError(
+            f"corpus {str(path)!r} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {offset + exc.start})",
+            hint="convert it first, e.g. `iconv -f latin1 -t utf-8`",
+        ) from None
+
+
 def read_corpus(path: str | os.PathLike) -> str:
     """Read a UTF-8 text corpus; empty, binary or non-UTF-8 files are clear errors."""
     data = read_user_file(path, "corpus")
     if not data:
         raise QuillError(f"corpus {str(path)!r} is empty", hint="give it some text to learn from")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise QuillError(
-            f"corpus {str(path)!r} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start})",
-            hint="convert it first, e.g. `iconv -f latin1 -t utf-8`",
-        ) from None
+    text = decode_corpus(data, path)
     if text.startswith("\ufeff"):
         text = text[1:]  # a byte-order mark is not part of the text
     if not text:

@@ -29,3 +29,14 @@ def _fresh_plugin_host(monkeypatch):
     get_plugin_host.cache_clear()
 
 
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest (and steadiest on a busy 2-core machine) on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

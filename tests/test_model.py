@@ -16,13 +16,7 @@ from gpt_runtime.model import GPT, GPTConfig
 VOCAB = 23
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and steadiest on a busy 2-core machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 COMBOS = list(itertools.product(("learned", "rope"), ("layernorm", "rmsnorm"), ("gelu", "swiglu", "relu2"), (True, False)))
 

@@ -29,12 +29,7 @@ from helpers import SAMPLE_TEXT, run_quill
 from plugins.char_tokenizer import CharTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 REAL_PEAK = {"test_log_checkpoints_and_events", "test_an_interrupted_run_resumes_exactly"}
