@@ -353,7 +353,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                    "-m", "gpt_runtime.train", *_train_command_line(args.argv[1:])]
-        return subprocess.call(command, env=env)
+        # Ctrl-C reaches torchrun and its workers through the terminal; they save and
+        # stop, so the parent only waits. A SIGTERM sent to us is passed on.
+        import signal
+
+        child = subprocess.Popen(command, env=env)
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
+        try:
+            return child.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous_int)
+            signal.signal(signal.SIGTERM, previous_term)
     from .progress import train_display
     from .train import train
 
@@ -375,6 +386,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
     from .progress import progress_bar
 
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
     with progress_bar("evaluating", unit="batches") as progress:
         result = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device, progress=progress)
     if args.json:

@@ -7,6 +7,7 @@ the defaults. This module imports no torch, so the CLI can build its flags fast.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -74,9 +75,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_steps", "log_interval"):
             if getattr(self, name) < 1:
                 raise QuillError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "max_seconds"):
-            if getattr(self, name) < 0:
-                raise QuillError(f"{name} must not be negative, not {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "max_seconds", "dropout", "beta1", "beta2"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise QuillError(f"{name} must be a finite number, 0 or more, not {value}")
         if self.min_lr > self.lr:
             raise QuillError(f"min_lr ({self.min_lr}) is above lr ({self.lr})", hint="the schedule decays from lr down to min_lr")
         if not self.data:
@@ -110,6 +112,7 @@ def saved_config(run_dir: str | os.PathLike) -> TrainConfig:
         raise QuillError(f"{str(path)!r} is corrupt (not JSON)") from None
     cfg = TrainConfig.from_dict(values, str(path))
     cfg.out = str(run_dir)  # the run may have moved since
+    cfg.max_seconds = 0.0  # a time budget is for one invocation, not the whole run
     return cfg
 
 

@@ -39,6 +39,8 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_tokens(model: GPT, tokens: torch.Tensor, tokenizer: Tokenizer, batch_size: int = 8, autocast=None, progress=None) -> EvalResult:
     """Evaluate `model` on every token of `tokens` (each predicted once)."""
+    if batch_size < 1:
+        raise QuillError(f"batch size must be at least 1, not {batch_size}")
     if len(tokens) < 2:
         raise QuillError("need at least two tokens to evaluate")
     device = next(model.parameters()).device

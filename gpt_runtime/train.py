@@ -40,6 +40,7 @@ from .backend import Backend, dtype_name, get_backend, resolve_dtype
 from .checkpoint import check_tokenizer_match, load_resume_state, save_checkpoint, save_resume_state
 from .config import TrainConfig
 from .data import BatchSampler, DataDir
+from .fileio import atomic_write_bytes
 from .errors import QuillError
 from .model import GPT
 
@@ -172,9 +173,13 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
     rank, world = _distributed()
     emit = on_event if (on_event and rank == 0) else (lambda event: None)
 
+    if state is not None and cfg.max_steps <= state["step"]:
+        raise QuillError(f"the run in {str(out)!r} is already at step {state['step']}", hint=f"pass --max-steps above {state['step']} to train further")
     backend = get_backend(cfg.device)
     device = backend.device
     dtype = resolve_dtype(backend, cfg.dtype)
+    if dtype == torch.float16:
+        raise QuillError("training in float16 needs a gradient scaler, which Quill does not have", hint="use --dtype bfloat16 or float32")
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend.distributed_backend())
         if device.type == "cuda":
@@ -204,7 +209,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
     first_step = step
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        atomic_write_bytes(out / "config.json", (json.dumps(asdict(cfg), indent=1) + "\n").encode())
         _trim_log(out / "log.jsonl", step)
 
     runner = model
@@ -358,7 +363,7 @@ def _trim_log(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError):
             continue
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
 def main() -> None:

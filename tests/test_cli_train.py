@@ -254,3 +254,8 @@ def test_help_shows_examples(command):
     out = run_quill(command, "--help")
     text = ok(out)
     assert "examples:" in text and f"quill {command}" in text.split("examples:")[1]
+
+
+def test_eval_batch_size_must_be_positive(w):
+    out = run_quill("eval", str(w["run"]), "--data", str(w["data"]), "--batch-size", "0", env=ENV)
+    assert "--batch-size must be at least 1, not 0" in fails(out, code=2)

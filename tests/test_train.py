@@ -323,8 +323,10 @@ def test_invalid_toml_names_the_file_and_line(tmp_path):
     ("batch_size", 0, "batch_size must be at least 1, not 0"),
     ("max_steps", 0, "max_steps must be at least 1"),
     ("eval_steps", -1, "eval_steps must be at least 1"),
-    ("lr", -1.0, "lr must not be negative, not -1.0"),
-    ("warmup_steps", -5, "warmup_steps must not be negative"),
+    ("lr", -1.0, "lr must be a finite number, 0 or more, not -1.0"),
+    ("lr", float("nan"), "lr must be a finite number, 0 or more, not nan"),
+    ("grad_clip", float("inf"), "grad_clip must be a finite number, 0 or more, not inf"),
+    ("warmup_steps", -5, "warmup_steps must be a finite number, 0 or more"),
     ("data", "", "no data directory given"),
     ("min_lr", 1.0, "min_lr (1.0) is above lr"),
 ])
@@ -621,3 +623,20 @@ def test_example_config_is_valid():
     cfg = TrainConfig.from_dict(load_toml(path), str(path))
     cfg.validate()
     cfg.model_config(vocab_size=65)  # raises if the architecture is impossible
+
+
+def test_resume_needs_steps_left_and_forgets_the_time_budget(data, tmp_path):
+    out = tmp_path / "run"
+    train(config(data, out, max_steps=4, eval_interval=2, max_seconds=1000.0))
+    saved = saved_config(out)
+    assert saved.max_seconds == 0.0  # a time budget belongs to one invocation
+    with pytest.raises(QuillError, match="already at step 4"):
+        train(replace(saved, max_steps=4), resume=True)
+
+
+def test_float16_training_is_refused_plainly(data, tmp_path, monkeypatch):
+    import plugins.backends as backends
+
+    monkeypatch.setattr(backends.CpuBackend, "supported_dtypes", lambda self: (torch.float32, torch.float16))
+    with pytest.raises(QuillError, match="float16 needs a gradient scaler"):
+        train(config(data, tmp_path / "run", dtype="float16"))
