@@ -12,9 +12,11 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import fields, replace
 from typing import NoReturn
 
 from . import __version__
+from .config import TrainConfig  # no torch: only the settings' names, types and help
 from .errors import QuillError, QuillWarning, UsageError
 
 PROG = "quill"
@@ -127,9 +129,6 @@ def build_parser() -> Parser:
     p.add_argument("--config", help="TOML file with any of the settings below, in snake_case")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--nproc", type=int, default=1, help="processes for data-parallel training (launches torchrun)")
-    from .config import TrainConfig
-    from dataclasses import MISSING, fields
-
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help = f"{f.metadata['help']} (default: {f.default})"
@@ -333,9 +332,7 @@ def _train_command_line(argv: list[str]) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dataclasses import fields, replace
-
-    from .config import TrainConfig, load_toml, saved_config
+    from .config import load_toml, saved_config
 
     if args.resume:
         if args.config:

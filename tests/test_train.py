@@ -141,7 +141,7 @@ def test_an_interrupted_run_resumes_exactly(data, tmp_path):
     Dropout is on, so the torch RNG state must be restored exactly too.
     """
     settings = dict(max_steps=12, eval_interval=5, dropout=0.1)
-    a = train(config(data, tmp_path / "A", **settings))
+    train(config(data, tmp_path / "A", **settings))
 
     def interrupt(event):
         if event["event"] == "step" and event["step"] == 6:
