@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from .checkpoint import check_tokenizer_match, load_resume_state, save_checkpoin
 from .config import TrainConfig
 from .data import BatchSampler, DataDir
 from .fileio import atomic_write_bytes
-from .errors import QuillError
+from .errors import QuillError, QuillWarning
 from .model import GPT
 
 
@@ -58,7 +59,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (not on biases and norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -190,15 +191,21 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
     if state is not None:
         check_tokenizer_match(state["tokenizer_fingerprint"], data.tokenizer, f"run {str(out)!r}", f"data directory {cfg.data!r}")
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
-    if len(val_tokens) <= cfg.block_size:
-        val_tokens = train_tokens  # no usable validation split: evaluate on training data
     train_batches = BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, rank, world)
+    if len(val_tokens) <= cfg.block_size:
+        warnings.warn(
+            f"the validation split of {cfg.data!r} has {len(val_tokens)} tokens, less than one block; "
+            "validation losses are measured on training data",
+            QuillWarning,
+            stacklevel=2,
+        )
+        val_tokens = train_tokens
 
     torch.manual_seed(cfg.seed + rank)
     model_cfg = cfg.model_config(data.tokenizer.vocab_size)
     model = GPT(model_cfg).to(device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg)
     step, best_val, last_val = 0, None, None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -221,7 +228,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = backend.autocast(dtype)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
-    flops_per_step = model.flops_per_token() * tokens_per_step
+    flops_per_token = model.flops_per_token()
     peak = _machine_peak_flops(backend, dtype) * (world if device.type == "cpu" else 1) if rank == 0 else 0.0
     emit({"event": "start", "step": step, "max_steps": cfg.max_steps, "params": model.num_params(),
           "device": str(device), "dtype": dtype_name(dtype), "world_size": world, "tokens_per_step": tokens_per_step})
@@ -284,7 +291,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
                 if step % cfg.log_interval == 0 or step == cfg.max_steps:
                     tps = window_tokens / (now - window_start)
                     record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": round(tps, 1),
-                              "mfu": round(flops_per_step / tokens_per_step * tps / peak, 4) if peak else None,
+                              "mfu": round(flops_per_token * tps / peak, 4) if peak else None,
                               "elapsed_s": round(train_seconds, 2)}
                     window_start, window_tokens = now, 0
                 stopping = _should_stop(stop, cfg, train_seconds, world, device)

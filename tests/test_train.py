@@ -640,3 +640,13 @@ def test_float16_training_is_refused_plainly(data, tmp_path, monkeypatch):
     monkeypatch.setattr(backends.CpuBackend, "supported_dtypes", lambda self: (torch.float32, torch.float16))
     with pytest.raises(QuillError, match="float16 needs a gradient scaler"):
         train(config(data, tmp_path / "run", dtype="float16"))
+
+
+def test_without_a_validation_split_training_says_it_validates_on_training_data(tmp_path):
+    (tmp_path / "corpus.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    prepare(tmp_path / "corpus.txt", CharTokenizer.train(SAMPLE_TEXT), tmp_path / "d", val_fraction=0.0)
+    from gpt_runtime.errors import QuillWarning
+
+    with pytest.warns(QuillWarning, match="validation losses are measured on training data"):
+        result = train(config(tmp_path / "d", tmp_path / "run", max_steps=3))
+    assert result.best_val_loss is not None
