@@ -32,10 +32,12 @@ def quill_register_tokenizers(register) -> None:
 
 @hookspec
 def quill_register_samplers(register) -> None:
-    """Register samplers: ``register(name, factory)``.
+    """Register samplers: ``register(name, cls)``.
 
-    `factory(**options)` returns a sampler. The generation engine that calls
-    samplers, and the protocol they follow, arrive with `gpt_runtime.sampling`.
+    `cls` is a subclass of `gpt_runtime.sampling.Sampler` (its docstring is the
+    whole protocol): ``cls(**options)`` makes a fresh sampler for each
+    generation, and its `options` are listed by ``quill samplers``. Check it with
+    `gpt_runtime.testing.check_sampler`.
     """
 
 
@@ -43,8 +45,8 @@ def quill_register_samplers(register) -> None:
 def quill_register_backends(register) -> None:
     """Register hardware backends: ``register(name, factory)``.
 
-    `factory()` returns a backend object (device, dtypes, availability). The
-    training and generation code that uses backends defines their protocol.
+    `factory()` returns a `gpt_runtime.backend.Backend` (device, dtypes,
+    availability, autocast, memory, synchronisation); ``--device NAME`` picks it.
     """
 
 

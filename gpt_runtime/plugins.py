@@ -34,6 +34,7 @@ BUILTINS: tuple[tuple[str, str], ...] = (
     ("char", "plugins.char_tokenizer"),
     ("bpe", "plugins.bpe_tokenizer"),
     ("backends", "plugins.backends"),
+    ("samplers", "plugins.samplers"),
 )
 
 HOOK_NAMES = tuple(f"quill_register_{kind}" for kind in KINDS)

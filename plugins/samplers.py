@@ -1,0 +1,303 @@
+"""Built-in plugin `samplers`: the logits filters and penalties Quill ships with.
+
+The protocol is `gpt_runtime.sampling.Sampler`. Every `apply` here works on the
+whole (batch, vocab) tensor at once and runs once per generated token, so each
+one takes the cheapest route it can: a no-op setting returns at once, and the
+nucleus-style filters look at a partial top-k before falling back to the whole
+vocabulary. Tokens already at ``-inf`` are never brought back.
+
+torch is imported inside functions only: this module is loaded for every
+`quill` command, including the tokenizer commands that must not pay for torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from gpt_runtime.errors import QuillError
+from gpt_runtime.hookspecs import hookimpl
+from gpt_runtime.sampling import BeamSearch, Greedy, Option, Sampler, SamplerState
+
+if TYPE_CHECKING:
+    import torch
+
+NEG_INF = float("-inf")
+# Float32 sums of probabilities are off by a few ulps; a prefix this close to p
+# counts as reaching it, so that p=0.8 over [0.5, 0.3, ...] keeps two tokens.
+_MASS_TOLERANCE = 1e-6
+# How many candidates the nucleus filters look at first; most distributions put
+# p of their mass in far fewer tokens than the vocabulary holds.
+_FIRST_LOOK = 64
+
+
+def keep_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Remove every token but the most likely one of each row (the first, on ties)."""
+    best = logits.argmax(dim=-1, keepdim=True)
+    kept = logits.gather(1, best)
+    return logits.fill_(NEG_INF).scatter_(1, best, kept)
+
+
+def keep_smallest_mass(logits: torch.Tensor, probs: torch.Tensor, order: torch.Tensor,
+                       p: float, min_keep: int = 1) -> torch.Tensor:
+    """Keep the fewest tokens, taken by descending `order`, whose `probs` sum reaches `p`.
+
+    At least `min_keep` tokens stay (unless fewer were left to begin with: a
+    token already at -inf stays there).
+    """
+    import torch
+
+    vocab = logits.shape[-1]
+    k = min(vocab, max(min_keep, _FIRST_LOOK))
+    while True:
+        idx = order.topk(k, dim=-1).indices  # sorted, so a prefix of a full sort
+        mass = probs.gather(1, idx).cumsum(dim=-1)
+        if k == vocab or bool((mass[:, -1] >= p - _MASS_TOLERANCE).all()):
+            break
+        k = min(vocab, k * 16)
+    before = torch.cat([mass.new_zeros(mass.shape[0], 1), mass[:, :-1]], dim=-1)
+    keep = before < p - _MASS_TOLERANCE
+    keep[:, :min_keep] = True
+    remove = torch.ones_like(logits, dtype=torch.bool).scatter_(1, idx, ~keep)
+    return logits.masked_fill_(remove, NEG_INF)
+
+
+def recent_context(logits: torch.Tensor, state: SamplerState, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `window` context tokens (0: all) as (batch, W) ids, and which of them count.
+
+    Special tokens (padding, <bos>, ...) do not count: they are structure, not
+    repeated text, and padding would otherwise penalise itself. The penalties
+    work on these W positions only, never on the whole vocabulary.
+    """
+    import torch
+
+    context = state.tokens if window == 0 else state.tokens[:, -window:]
+    context = context.to(device=logits.device, dtype=torch.long)
+    counts = torch.ones_like(context, dtype=torch.bool)
+    for special in state.special_ids:
+        counts &= context != special
+    return context, counts
+
+
+class Temperature(Sampler):
+    """Sharpen (t < 1) or flatten (t > 1) the distribution by dividing the logits by t.
+
+    t = 0 keeps only the most likely token, as greedy decoding does.
+    """
+
+    name = "temperature"
+    options = {"t": Option(0.8, "the divisor; 0 means always the most likely token", low=0)}
+
+    def apply(self, logits, state):
+        import torch
+
+        if self.t == 0:
+            return keep_argmax(logits)
+        if self.t == 1:
+            return logits
+        out = logits / self.t
+        if self.t < 1:
+            # A tiny t can overflow finite logits to +inf (or a whole row to
+            # -inf); such a row was meant to be greedy, so make it exactly that.
+            broken = ~torch.isfinite(out.amax(dim=-1, keepdim=True))
+            if bool(broken.any()):
+                out = torch.where(broken, keep_argmax(logits), out)
+        return out
+
+
+class TopK(Sampler):
+    """Keep only the k most likely tokens (exactly k, even when several tie at the k-th)."""
+
+    name = "top_k"
+    options = {"k": Option(40, "how many tokens to keep", low=1)}
+
+    def apply(self, logits, state):
+        if self.k >= logits.shape[-1]:
+            return logits
+        top = logits.topk(self.k, dim=-1)
+        return logits.fill_(NEG_INF).scatter_(1, top.indices, top.values)
+
+
+class TopP(Sampler):
+    """Nucleus sampling: keep the fewest most likely tokens whose probabilities sum to at least p."""
+
+    name = "top_p"
+    options = {
+        "p": Option(0.95, "the probability mass to keep", low=0, low_open=True, high=1),
+        "min_keep": Option(1, "keep at least this many tokens", low=1),
+    }
+
+    def apply(self, logits, state):
+        if self.p >= 1:
+            return logits
+        probs = logits.softmax(dim=-1)
+        return keep_smallest_mass(logits, probs, probs, self.p, self.min_keep)
+
+
+class MinP(Sampler):
+    """Remove tokens less than p times as likely as the most likely token."""
+
+    name = "min_p"
+    options = {"p": Option(0.05, "the fraction of the top probability a token needs", low=0, high=1)}
+
+    def apply(self, logits, state):
+        if self.p == 0:
+            return logits
+        # prob_i < p * prob_max  <=>  logit_i < logit_max + log(p): no softmax needed.
+        floor = logits.amax(dim=-1, keepdim=True) + math.log(self.p)
+        return logits.masked_fill_(logits < floor, NEG_INF)
+
+
+class Typical(Sampler):
+    """Locally typical sampling (Meister et al., 2022): keep the tokens whose surprise is closest to the entropy.
+
+    Tokens are ranked by |-log p - H|, and the fewest of them whose
+    probabilities sum to at least p are kept.
+    """
+
+    name = "typical"
+    options = {"p": Option(0.95, "the probability mass to keep", low=0, low_open=True, high=1)}
+
+    def apply(self, logits, state):
+        if self.p >= 1:
+            return logits
+        logp = logits.log_softmax(dim=-1)
+        probs = logp.exp()
+        entropy = -(probs * logp).nansum(dim=-1, keepdim=True)  # 0 * -inf is NaN: removed tokens add nothing
+        # Ranked by closeness to typical; removed tokens get -inf and come last.
+        order = -(entropy + logp).abs()
+        return keep_smallest_mass(logits, probs, order, self.p)
+
+
+class RepetitionPenalty(Sampler):
+    """Make tokens from the recent context less likely (CTRL, Keskar et al., 2019).
+
+    Positive logits of those tokens are divided by the penalty, negative ones
+    multiplied by it; a penalty below 1 encourages repetition instead.
+    """
+
+    name = "repetition_penalty"
+    options = {
+        "penalty": Option(1.1, "how much to discourage repeated tokens; 1 is off", low=0, low_open=True),
+        "window": Option(64, "how many recent tokens count (prompt included); 0 is the whole context", low=0),
+    }
+
+    def apply(self, logits, state):
+        import torch
+
+        if self.penalty == 1:
+            return logits
+        context, counts = recent_context(logits, state, self.window)
+        seen = logits.gather(1, context)
+        penalised = torch.where(seen > 0, seen / self.penalty, seen * self.penalty)
+        # A token repeated in the window is written several times, always with the same value.
+        return logits.scatter_(1, context, torch.where(counts, penalised, seen))
+
+
+class FrequencyPenalty(Sampler):
+    """Subtract the penalty from a token's logit once for every time it occurs in the recent context."""
+
+    name = "frequency_penalty"
+    options = {
+        "penalty": Option(0.5, "subtracted per occurrence; negative encourages repetition"),
+        "window": Option(64, "how many recent tokens count (prompt included); 0 is the whole context", low=0),
+    }
+
+    def apply(self, logits, state):
+        if self.penalty == 0:
+            return logits
+        context, counts = recent_context(logits, state, self.window)
+        return logits.scatter_add_(1, context, counts.to(logits.dtype).mul_(-self.penalty))
+
+
+class PresencePenalty(Sampler):
+    """Subtract the penalty once from the logit of every token present in the recent context."""
+
+    name = "presence_penalty"
+    options = {
+        "penalty": Option(0.5, "subtracted once per token present; negative encourages repetition"),
+        "window": Option(64, "how many recent tokens count (prompt included); 0 is the whole context", low=0),
+    }
+
+    def apply(self, logits, state):
+        if self.penalty == 0:
+            return logits
+        context, counts = recent_context(logits, state, self.window)
+        seen = logits.gather(1, context)
+        return logits.scatter_(1, context, seen - counts.to(logits.dtype).mul_(self.penalty))
+
+
+BIAS_FORMAT = "ID:VALUE,ID:VALUE, e.g. 12:-5,40:+2.5 (-inf bans a token)"
+MAX_BIAS = 1e6  # far beyond any real logit, so enough to force a token, and safe from float32 overflow
+
+
+def parse_bias(text: str) -> dict[int, float]:
+    """Parse ``ID:VALUE,...`` into {token id: bias}; a QuillError for anything malformed."""
+    biases: dict[int, float] = {}
+    if not text.strip():
+        return biases
+    for entry in (part.strip() for part in text.split(",")):
+        token, sep, value = entry.partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            token_id, bias = int(token.strip()), float(value.strip())
+        except ValueError:
+            raise QuillError(f"logit_bias.bias: {entry!r} in {text!r} is not ID:VALUE", hint=f"write {BIAS_FORMAT}") from None
+        if token_id < 0:
+            raise QuillError(f"logit_bias.bias: token id {token_id} in {text!r} is negative", hint=f"write {BIAS_FORMAT}")
+        if bias != NEG_INF and not abs(bias) <= MAX_BIAS:  # also NaN; a huge bias would overflow float32 logits
+            raise QuillError(f"logit_bias.bias: {entry!r} in {text!r} has no usable value",
+                             hint=f"use a number from {-MAX_BIAS:g} to {MAX_BIAS:g}, or -inf to ban the token")
+        if token_id in biases:
+            raise QuillError(f"logit_bias.bias: token {token_id} appears twice in {text!r}")
+        biases[token_id] = bias
+    return biases
+
+
+class LogitBias(Sampler):
+    """Add a fixed amount to the logits of chosen tokens; -inf bans a token.
+
+    Written as ID:VALUE pairs, e.g. ``12:-5,40:+2.5,0:-inf``.
+    """
+
+    name = "logit_bias"
+    options = {"bias": Option("", f"token biases as {BIAS_FORMAT}")}
+
+    def __init__(self, **values) -> None:
+        super().__init__(**values)
+        self.biases = parse_bias(self.bias)
+        self.bans = any(v == NEG_INF for v in self.biases.values())
+        self.largest_id = max(self.biases, default=-1)
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def apply(self, logits, state):
+        import torch
+
+        if not self.biases:
+            return logits
+        vocab = logits.shape[-1]
+        if self.largest_id >= vocab:
+            raise QuillError(f"logit_bias names token {self.largest_id}, but the vocabulary has {vocab} tokens (ids 0 to {vocab - 1})")
+        if self._tensors is None or self._tensors[0].device != logits.device:
+            ids = torch.tensor(list(self.biases), dtype=torch.long, device=logits.device)
+            values = torch.tensor(list(self.biases.values()), dtype=logits.dtype, device=logits.device)
+            self._tensors = ids, values
+        ids, values = self._tensors
+        logits[:, ids] += values  # ids are unique, so no update is lost
+        if self.bans and bool(torch.isneginf(logits).all(dim=-1).any()):
+            raise QuillError(f"logit_bias {self.bias!r} bans every token still allowed", hint="ban fewer tokens, or put logit_bias earlier in the chain")
+        return logits
+
+
+SAMPLERS: tuple[type[Sampler], ...] = (
+    Temperature, TopK, TopP, MinP, Typical,
+    RepetitionPenalty, FrequencyPenalty, PresencePenalty, LogitBias,
+    Greedy, BeamSearch,
+)
+
+
+@hookimpl
+def quill_register_samplers(register) -> None:
+    for cls in SAMPLERS:
+        register(cls.name, cls)
