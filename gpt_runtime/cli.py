@@ -164,16 +164,38 @@ def build_parser() -> Parser:
     # quill generate
     p = _sub(commands, "generate", "generate text from a checkpoint, streamed as it comes", (
         "quill generate runs/small --prompt 'ROMEO:'",
-        "quill generate runs/small/best.safetensors --prompt 'To be' --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 1",
-    ))
+        "quill generate runs/small --prompt 'To be' --sampler top_k,top_p,temperature --set temperature=0.7 --seed 1",
+        "quill generate runs/small --prompt 'To be' --sampler repetition_penalty,min_p,temperature --set min_p.p=0.1",
+        "quill generate runs/small --prompt 'KING' --sampler greedy --show-probs",
+        "quill generate runs/small --prompt 'KING' --num-beams 4 --stop '\\n\\n'",
+    ), description="Generate text from a checkpoint. The next token is chosen by a sampler chain "
+                   "(list them with `quill samplers`); --set changes a sampler's option.")
     p.add_argument("checkpoint", help="checkpoint file, or a run directory")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start from <bos>)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default: 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, help="sample only from the K most likely tokens")
+    p.add_argument("--prompt", default="", help="text to continue; '-' reads standard input (default: empty, start from <bos>)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    p.add_argument("--sampler", default=None, metavar="CHAIN",
+                   help="comma-separated sampler chain, applied in order (default: top_k,top_p,temperature)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME.OPTION=VALUE", dest="settings",
+                   help="set a sampler option, e.g. top_p.p=0.9 or temperature=0.7 (repeatable)")
     p.add_argument("--seed", type=int, help="random seed, for reproducible output")
-    p.add_argument("--device", default="auto", help="backend (default: auto)")
+    p.add_argument("--num-beams", type=int, help="beam search with N beams (adds `beam` to the chain)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop before this text (repeatable; \\n and \\t are understood)")
+    p.add_argument("--show-probs", type=int, nargs="?", const=3, default=0, metavar="N",
+                   help="print each token with its probability and the N most likely alternatives (default N: 3)")
+    p.add_argument("--device", default="auto", help="backend: auto, cpu, cuda, mps (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (default: auto, the fastest for the model)")
+    p.add_argument("--quantize", default="none", choices=("none", "int8"),
+                   help="int8: weights in 8 bits, faster on the CPU, slightly less accurate (default: none)")
     p.set_defaults(run=cmd_generate)
+
+    # quill samplers
+    p = _sub(commands, "samplers", "list samplers with their options and the plugin each came from", (
+        "quill samplers",
+        "quill samplers --json",
+    ))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_samplers)
 
     # quill plugins
     p = _sub(commands, "plugins", "list plugins: what each registered, and any error", (
@@ -432,27 +454,84 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if info.get("tokenizer_matches", True) else 1
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    import torch
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
-    from .backend import get_backend
-    from .checkpoint import load_checkpoint
-    from .generate import prompt_ids, sample_tokens, stream_text
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .sampling import DEFAULT_CHAIN, build_chain, settings_from_strings
 
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be 0 or more, not {args.max_new_tokens}")
+    if args.show_probs < 0:
+        raise UsageError(f"--show-probs must be 0 or more, not {args.show_probs}")
+    spec = args.sampler if args.sampler is not None else DEFAULT_CHAIN
+    if args.num_beams is not None and args.num_beams < 1:
+        raise UsageError(f"--num-beams must be at least 1, not {args.num_beams}")
+    try:  # checked before the (slower) checkpoint load; a bad option is a usage error
+        settings = settings_from_strings(args.settings)
+        if args.num_beams is not None:
+            if "beam" not in [part.strip() for part in spec.split(",")]:
+                spec += ",beam"
+            settings.setdefault("beam", {})["num_beams"] = args.num_beams
+        chain = build_chain(spec, settings)
+    except QuillError as exc:
+        raise UsageError(exc.message, hint=exc.hint) from None
+    if args.show_probs and chain.beam is not None:
+        raise UsageError("--show-probs does not work with beam search", hint="drop --show-probs, or --num-beams and beam")
+    # torch loads only now, so a usage error above is reported at once
+    from .backend import get_backend
+    from .checkpoint import load_checkpoint
+    from .generate import Token, generate
+    from .inference import generation_dtype, prepare_model
+
+    prompt = _read_arg(args.prompt, "the prompt")
     backend = get_backend(args.device)
     ckpt = load_checkpoint(args.checkpoint, device=backend.device)
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    ids = prompt_ids(ckpt.tokenizer, args.prompt)
-    if len(ids) > ckpt.config.block_size:
-        print(f"{PROG}: note: the prompt has {len(ids)} tokens; only its last {ckpt.config.block_size} fit the context", file=sys.stderr)
+    dtype = generation_dtype(backend, ckpt.model, args.dtype)
+    model = prepare_model(ckpt.model, backend, dtype, args.quantize)
     out = sys.stdout
-    for text in stream_text(ckpt.tokenizer, sample_tokens(ckpt.model, ckpt.tokenizer, ids, args.max_new_tokens, args.temperature, args.top_k, generator)):
-        out.write(text)
+    events = generate(model, ckpt.tokenizer, prompt, chain=chain, max_new_tokens=args.max_new_tokens,
+                      stop=[_unescape(s) for s in args.stop], seed=args.seed, probs=args.show_probs)
+    for event in events:
+        if args.show_probs and isinstance(event, Token):
+            alternatives = ", ".join(f"{text!r} {p:.1%}" for _, text, p in event.top)
+            piece = ckpt.tokenizer.pieces[event.id].decode("utf-8", "replace")
+            out.write(f"{piece!r:<14} {event.prob:7.2%}   {alternatives}\n")
+        elif not args.show_probs:
+            out.write(event.text)
         out.flush()
-    if out.isatty():
+    if not args.show_probs and out.isatty():
         out.write("\n")
+    if sys.stderr.isatty():
+        print(f"[{event.reason}: {event.new_tokens} tokens, {event.tokens_per_second:.0f} tokens/s, seed {event.seed}]",
+              file=sys.stderr)
+
+
+def cmd_samplers(args: argparse.Namespace) -> None:
+    from .plugins import get_registry
+
+    rows = []
+    for entry in get_registry().entries("samplers"):
+        options = getattr(entry.obj, "options", {})
+        doc = (entry.obj.__doc__ or "").strip().splitlines()
+        rows.append({
+            "name": entry.name,
+            "plugin": entry.plugin,
+            "description": doc[0] if doc else "",
+            "options": {
+                name: {"type": option.type.__name__, "default": option.default, "range": option.describe_range(), "help": option.help}
+                for name, option in options.items()
+            },
+        })
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    for row in rows:
+        print(f"{row['name']}  [plugin {row['plugin']}]  {row['description']}")
+        for name, option in row["options"].items():
+            limits = f", {option['range'].replace('value', name)}" if option["range"] else ""
+            print(f"    {row['name']}.{name} = {option['default']!r}  ({option['type']}{limits})  {option['help']}")
 
 
 def cmd_plugins(args: argparse.Namespace) -> None:

@@ -1,80 +1,80 @@
-"""Text generation: sample tokens one at a time and stream them as text.
+"""The generation engine: prefill once, decode against a KV cache, stream events.
 
-This first engine recomputes the whole (cropped) context for every token; the
-sampler chain and KV cache come with the generation engine proper.
+    events = generate(model, tokenizer, "ROMEO:", chain=build_chain("top_k,temperature"), seed=1)
+    for event in events:
+        if isinstance(event, Token): print(event.text, end="")
+        else: print(f"\\n[{event.reason}, {event.tokens_per_second:.0f} tokens/s]")
+
+`generate` yields one `Token` per new token, then one `Done`. A token's `text`
+is what it makes printable: it can be empty while a multi-byte character is
+incomplete or while the text might be the start of a stop string; `Done.text`
+releases whatever was still held back. Generation ends on `max_new_tokens`, on
+a stop string (never emitted), on <eos>, or when `cancel` is set from another
+thread (checked before every token). When the context window fills, the oldest
+quarter of it is dropped and the cache is rebuilt from the rest, so generation
+can go on past `block_size`.
+
+With ``beam`` in the chain, `generate` runs beam search instead and streams the
+best sequence once the search is over. `generate_batch` samples several
+continuations of one prompt together, one batch row each.
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator
+import secrets
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from .errors import QuillError
-from .model import GPT
+from .errors import QuillError, QuillWarning
+from .inference import cache_dtype
+from .model import GPT, KVCache
+from .sampling import DEFAULT_CHAIN, BeamSearch, Chain, SamplerState, build_chain
 from .tokenizer import Tokenizer
 
+# Never produced as text: padding, markers and the unknown-character token.
+BANNED_SPECIALS = ("<pad>", "<bos>", "<unk>")
 
-@torch.no_grad()
-def sample_tokens(
-    model: GPT,
-    tokenizer: Tokenizer,
-    ids: list[int],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-    autocast=None,
-) -> Iterator[int]:
-    """Yield new token ids one by one after the prompt `ids`, until <eos>.
 
-    `temperature` 0 is greedy. The context is cropped to the model's block size.
+@dataclass
+class Token:
+    """One generated token.
+
+    `text` is the text it releases (see the module docstring). With ``probs=N``,
+    `prob` is the model's probability of this token (before the sampler chain)
+    and `top` its N most likely tokens as (id, text, probability).
     """
-    if temperature < 0:
-        raise QuillError(f"temperature must be 0 or more, not {temperature}")
-    if top_k is not None and top_k < 1:
-        raise QuillError(f"top-k must be at least 1, not {top_k}")
-    device = next(model.parameters()).device
-    model.eval()
-    # Padding and markers are never text to produce; <eos> ends the sample.
-    banned = [i for name, i in tokenizer.special_tokens.items() if name in ("<pad>", "<bos>", "<unk>")]
-    eos = tokenizer.special_tokens.get("<eos>")
-    context = torch.tensor([ids], dtype=torch.int64, device=device)
-    block = model.config.block_size
-    for _ in range(max_new_tokens):
-        if autocast is None:
-            logits, _ = model(context[:, -block:])
-        else:
-            with autocast:
-                logits, _ = model(context[:, -block:])
-        logits = logits[0, -1].float()
-        logits[banned] = float("-inf")
-        if temperature == 0:
-            next_id = int(torch.argmax(logits))
-        else:
-            logits = logits / temperature
-            if top_k is not None and top_k < logits.numel():
-                kth = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
-            next_id = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        if next_id == eos:
-            return
-        yield next_id
-        context = torch.cat([context, torch.tensor([[next_id]], device=device)], dim=1)
+
+    id: int
+    text: str
+    prob: float | None = None
+    top: list[tuple[int, str, float]] | None = None
 
 
-def stream_text(tokenizer: Tokenizer, ids: Iterator[int]) -> Iterator[str]:
-    """Turn ids into text as it becomes complete (a character may span tokens)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token_id in ids:
-        text = decoder.decode(tokenizer.pieces[token_id])
-        if text:
-            yield text
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        yield tail
+@dataclass
+class Done:
+    """The end of a generation: why it stopped, the held-back text, and timings."""
+
+    reason: str  # "length", "stop", "eos" or "cancelled"
+    text: str  # text still held back at the end: append it like a token's text
+    seed: int  # the seed used (drawn at random when none was given): replays the run
+    prompt_tokens: int  # prompt tokens the model saw
+    new_tokens: int
+    seconds: float  # from the start of the prefill to the end
+    first_token_seconds: float | None  # time to first token
+    prompt_dropped: int = 0  # tokens cut from the start of a prompt too long for the context
+    stop: str | None = None  # the stop string that ended it
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decoding speed after the first token."""
+        decode = self.seconds - (self.first_token_seconds or 0.0)
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -86,3 +86,361 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
         if name in tokenizer.special_tokens:
             return [tokenizer.special_tokens[name]]
     return [0]
+
+
+def fit_prompt(ids: Sequence[int], block_size: int) -> tuple[list[int], int]:
+    """Keep the end of a prompt that is longer than the context: (kept ids, dropped count)."""
+    dropped = max(0, len(ids) - block_size)
+    return list(ids[dropped:]), dropped
+
+
+class Window:
+    """The model's view of a batch of sequences: a KV cache over their last tokens.
+
+    `tokens` holds every token so far (prompt and generated), `logits` the
+    next-token logits for each row, float32 (batch, vocab). When the cache is
+    full, the oldest quarter of the window is dropped and the rest re-run.
+    """
+
+    def __init__(self, model: GPT, ids: Sequence[int], rows: int, capacity: int) -> None:
+        self.model = model
+        param = next(model.parameters())
+        self.block = model.config.block_size
+        self.tokens_buf = torch.empty(rows, len(ids) + capacity, dtype=torch.long, device=param.device)
+        self.tokens_buf[:, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.length = len(ids)
+        self.cache = KVCache(model.config, rows, param.device, cache_dtype(model))
+        self.logits = self._run(self.tokens_buf[:, : self.length])
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.tokens_buf[:, : self.length]
+
+    def _run(self, idx: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.model(idx, cache=self.cache)
+        return logits[:, -1].float()
+
+    def append(self, next_ids: torch.Tensor) -> None:
+        """Add one token per row (a (batch,) tensor) and compute the next logits."""
+        self.tokens_buf[:, self.length] = next_ids
+        self.length += 1
+        if self.cache.length < self.block:
+            self.logits = self._run(next_ids.view(-1, 1))
+        else:
+            keep = max(1, self.block - self.block // 4)
+            self.cache.length = 0
+            self.logits = self._run(self.tokens[:, -keep:])
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows `rows`, in that order (beam search following its beams)."""
+        self.tokens_buf = self.tokens_buf.index_select(0, rows)
+        self.cache.reorder(rows)
+
+
+class TextStream:
+    """Bytes of token pieces in, printable text out, with stop strings held back.
+
+    Text that could be the beginning of a stop string is held until it is clearly
+    not one, so a stop string split across tokens is still caught and never shown.
+    """
+
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        self.stop = [s for s in stop if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""
+        self.matched: str | None = None
+
+    def feed(self, piece: bytes) -> str:
+        """Add a token's bytes; returns the text now safe to show."""
+        self.pending += self.decoder.decode(piece)
+        hits = [(self.pending.find(s), s) for s in self.stop if s in self.pending]
+        if hits:
+            at, self.matched = min(hits)
+            out, self.pending = self.pending[:at], ""
+            return out
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = n
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        """Everything still held back (at the end of generation)."""
+        if self.matched is not None:
+            return ""
+        out = self.pending + self.decoder.decode(b"", final=True)
+        self.pending = ""
+        return out
+
+
+def _banned_ids(tokenizer: Tokenizer) -> list[int]:
+    return [i for name, i in tokenizer.special_tokens.items() if name in BANNED_SPECIALS]
+
+
+def _ban_mask(banned: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """A (vocab,) boolean mask of the banned ids: one cheap masked_fill per step."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[banned] = True
+    return mask
+
+
+def _choose(logits: torch.Tensor, chain: Chain, state: SamplerState) -> torch.Tensor:
+    """The next token of every row: (batch,)."""
+    if chain.greedy and len(chain.links) == 1:
+        return logits.argmax(dim=-1)  # the common fast path: nothing to filter
+    logits = chain.apply(logits, state)
+    if chain.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=state.generator).view(-1)
+
+
+def _top(tokenizer: Tokenizer, raw: torch.Tensor, chosen: int, n: int) -> tuple[float, list[tuple[int, str, float]]]:
+    probs = torch.softmax(raw, dim=-1)
+    values, ids = probs.topk(min(n, probs.numel()))
+    top = [(int(i), tokenizer.pieces[int(i)].decode("utf-8", "replace"), float(p)) for p, i in zip(values, ids)]
+    return float(probs[chosen]), top
+
+
+def _start(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], chain: Chain | None, seed: int | None):
+    # Samplers may keep state across steps: every generation gets its own.
+    chain = build_chain(DEFAULT_CHAIN) if chain is None else chain.fresh()
+    ids = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise QuillError("the prompt has no tokens")
+    if max(ids) >= model.config.vocab_size or min(ids) < 0:
+        raise QuillError(f"the prompt has token ids outside the model's vocabulary (0..{model.config.vocab_size - 1})")
+    ids, dropped = fit_prompt(ids, model.config.block_size)
+    if dropped:
+        warnings.warn(f"the prompt is {len(ids) + dropped} tokens, longer than the context window "
+                      f"({model.config.block_size}); its first {dropped} tokens were dropped", QuillWarning, stacklevel=3)
+    seed = secrets.randbits(63) if seed is None else seed
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    return chain, ids, dropped, seed, generator
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    *,
+    chain: Chain | None = None,
+    max_new_tokens: int = 256,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    cancel: threading.Event | None = None,
+    probs: int = 0,
+) -> Iterator[Token | Done]:
+    """Stream a continuation of `prompt` (text, or token ids) as events.
+
+    `chain` defaults to `DEFAULT_CHAIN` with default options. `probs=N` adds
+    each token's probability and its N most likely alternatives to the events.
+    Errors (a failing sampler plugin included) are raised as `QuillError`.
+    """
+    if max_new_tokens < 0:
+        raise QuillError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
+    if probs < 0:
+        raise QuillError(f"probs must be 0 or more, not {probs}")
+    chain, ids, dropped, seed, generator = _start(model, tokenizer, prompt, chain, seed)
+    if chain.beam is not None:
+        if probs:
+            raise QuillError("token probabilities (probs) are not available with beam search")
+        yield from _beam_events(model, tokenizer, ids, dropped, chain, chain.beam, max_new_tokens, stop, seed, generator, cancel)
+        return
+    t0 = time.perf_counter()
+    first = None
+    banned = _banned_ids(tokenizer)
+    eos = tokenizer.special_tokens.get("<eos>")
+    text = TextStream(stop)
+    window = Window(model, ids, 1, max_new_tokens)
+    ban = _ban_mask(banned, model.config.vocab_size, window.tokens_buf.device)
+    reason, n = "length", 0
+    for n in range(max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            reason = "cancelled"
+            break
+        raw = window.logits
+        logits = raw.clone() if probs else raw
+        logits.masked_fill_(ban, float("-inf"))
+        state = SamplerState(window.tokens, len(ids), n, generator, tuple(banned))
+        token = int(_choose(logits, chain, state))
+        if first is None:
+            first = time.perf_counter() - t0
+        if token == eos:
+            reason = "eos"
+            break
+        event = Token(token, text.feed(tokenizer.pieces[token]))
+        if probs:
+            event.prob, event.top = _top(tokenizer, raw[0], token, probs)
+        yield event
+        if text.matched is not None:
+            n, reason = n + 1, "stop"
+            break
+        if n + 1 < max_new_tokens:
+            window.append(torch.tensor([token], device=window.tokens_buf.device))
+    else:
+        n = max_new_tokens
+    yield Done(reason, text.flush(), seed, len(ids), n, time.perf_counter() - t0, first, dropped, text.matched)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    n: int,
+    *,
+    chain: Chain | None = None,
+    max_new_tokens: int = 256,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    cancel: threading.Event | None = None,
+) -> list[str]:
+    """Sample `n` continuations of one prompt together, in one batch; returns their texts.
+
+    Each row stops on its own at <eos> or a stop string; the batch ends when all
+    rows have (or at `max_new_tokens`, or on `cancel`).
+    """
+    if n < 1:
+        raise QuillError(f"the batch needs at least 1 sequence, not {n}")
+    chain, ids, _, seed, generator = _start(model, tokenizer, prompt, chain, seed)
+    banned = _banned_ids(tokenizer)
+    eos = tokenizer.special_tokens.get("<eos>")
+    streams = [TextStream(stop) for _ in range(n)]
+    outputs = [""] * n
+    running = [True] * n
+    window = Window(model, ids, n, max_new_tokens)
+    ban = _ban_mask(banned, model.config.vocab_size, window.tokens_buf.device)
+    for step in range(max_new_tokens):
+        if (cancel is not None and cancel.is_set()) or not any(running):
+            break
+        logits = window.logits
+        logits.masked_fill_(ban, float("-inf"))
+        chosen = _choose(logits, chain, SamplerState(window.tokens, len(ids), step, generator, tuple(banned)))
+        for row, token in enumerate(chosen.tolist()):
+            if not running[row]:
+                continue
+            if token == eos:
+                running[row] = False
+                continue
+            outputs[row] += streams[row].feed(tokenizer.pieces[token])
+            running[row] = streams[row].matched is None
+        if step + 1 < max_new_tokens:
+            window.append(chosen)
+    return [out + stream.flush() for out, stream in zip(outputs, streams)]
+
+
+@dataclass(order=True)
+class _Hypothesis:
+    score: float
+    tokens: list[int] = field(compare=False)
+    eos: bool = field(compare=False)
+
+
+def beam_search(
+    model: GPT,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    chain: Chain,
+    beam: BeamSearch,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    cancel: threading.Event | None = None,
+) -> tuple[list[int], bool, bool]:
+    """The best continuation of `ids` by beam search: (tokens, ended at <eos>, cancelled).
+
+    Each step extends every running beam by its best tokens and keeps the
+    `num_beams` highest cumulative log-probabilities. A sequence ends at <eos>;
+    finished and unfinished sequences compete on
+    ``sum(log p) / length ** length_penalty``. With `early_stopping` the search
+    ends as soon as `num_beams` sequences have finished; without it, once no
+    running beam can still beat the worst of them.
+    """
+    k = beam.num_beams
+    banned = _banned_ids(tokenizer)
+    eos = tokenizer.special_tokens.get("<eos>")
+    window = Window(model, ids, k, max_new_tokens)
+    device = window.tokens_buf.device
+    ban = _ban_mask(banned, model.config.vocab_size, device)
+    # Every row starts as the same prompt: only row 0 may expand at the first step.
+    scores = [0.0] + [float("-inf")] * (k - 1)
+    beams: list[list[int]] = [[] for _ in range(k)]
+    finished: list[_Hypothesis] = []  # the best k, kept sorted best first
+
+    def normalised(total: float, length: int) -> float:
+        return total / max(1, length) ** beam.length_penalty
+
+    def finish(hypothesis: _Hypothesis) -> None:
+        finished.append(hypothesis)
+        finished.sort(reverse=True)
+        del finished[k:]
+
+    for step in range(max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            return beams[max(range(k), key=scores.__getitem__)], False, True
+        logits = window.logits
+        logits.masked_fill_(ban, float("-inf"))
+        logits = chain.apply(logits, SamplerState(window.tokens, len(ids), step, generator, tuple(banned)))
+        total = torch.tensor(scores, device=device)[:, None] + torch.log_softmax(logits, dim=-1)
+        values, flat = total.view(-1).topk(min(2 * k, total.numel()))
+        rows, new_scores, new_tokens = [], [], []
+        for value, index in zip(values.tolist(), flat.tolist()):
+            if value == float("-inf"):
+                break
+            row, token = divmod(index, logits.size(-1))
+            if token == eos:
+                finish(_Hypothesis(normalised(value, step + 1), beams[row][:], True))
+            else:
+                rows.append(row)
+                new_scores.append(value)
+                new_tokens.append(token)
+                if len(rows) == k:
+                    break
+        if not rows or (len(finished) == k and (
+                beam.early_stopping or normalised(new_scores[0], step + 1) <= finished[-1].score)):
+            return finished[0].tokens, finished[0].eos, False
+        while len(rows) < k:  # fewer live candidates than beams: pad with dead copies
+            rows.append(rows[0])
+            new_scores.append(float("-inf"))
+            new_tokens.append(new_tokens[0])
+        beams = [beams[r] + [t] for r, t in zip(rows, new_tokens)]
+        scores = new_scores
+        if step + 1 < max_new_tokens:
+            window.reorder(torch.tensor(rows, device=device))
+            window.append(torch.tensor(new_tokens, device=device))
+    # Out of new tokens: the running beams compete with those that finished.
+    for row in range(k):
+        if scores[row] > float("-inf"):
+            finish(_Hypothesis(normalised(scores[row], len(beams[row])), beams[row], False))
+    return finished[0].tokens, finished[0].eos, False
+
+
+def _beam_events(model, tokenizer, ids, dropped, chain, beam, max_new_tokens, stop, seed, generator, cancel):
+    t0 = time.perf_counter()
+    tokens, at_eos, cancelled = beam_search(model, tokenizer, ids, chain, beam, max_new_tokens, generator, cancel)
+    first = None  # the search must end before the first token is known: no separate first-token time
+    text = TextStream(stop)
+    reason = "cancelled" if cancelled else ("eos" if at_eos else "length")
+    n = 0
+    for token in tokens:
+        n += 1
+        yield Token(token, text.feed(tokenizer.pieces[token]))
+        if text.matched is not None:
+            reason = "stop"
+            break
+    yield Done(reason, text.flush(), seed, len(ids), n, time.perf_counter() - t0, first, dropped, text.matched)
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], **options) -> str:
+    """The whole continuation as one string (`generate` with the events joined)."""
+    parts = []
+    for event in generate(model, tokenizer, prompt, **options):
+        parts.append(event.text)
+    return "".join(parts)

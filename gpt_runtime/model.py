@@ -95,10 +95,11 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, nh, T, hs)
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x: (B, nh, T, hs)
         T, half = x.size(-2), x.size(-1) // 2
+        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * self.cos[:T].to(x.dtype) + rotated * self.sin[:T].to(x.dtype)
+        return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def _attention_kernel(device: torch.device, head_size: int):
@@ -122,15 +123,34 @@ class Attention(nn.Module):
         self.resid_drop = nn.Dropout(config.dropout)
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size) if config.position == "rope" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """Attend over `x` (B, T, C); with `kv`, also over the cached past.
+
+        `kv` is this layer's cache, (2, B, nh, block_size, hs): the keys and values
+        of positions before `start` are read from it and those of `x` written to it.
+        """
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        hs = C // self.n_head
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        q, k, v = qkv.unbind(0)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
-        with _attention_kernel(x.device, C // self.n_head):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        mask, causal = None, T > 1
+        if kv is not None:
+            if self.rotary is None:
+                kv[:, :, :, start:start + T] = qkv[1:]  # keys and values in one copy
+            else:
+                kv[0, :, :, start:start + T] = k
+                kv[1, :, :, start:start + T] = v
+            k, v = kv[0, :, :, :start + T], kv[1, :, :, :start + T]
+            q = q.to(kv.dtype)  # the cache may be float32 under bf16 weights (see inference.cache_dtype)
+            if start > 0 and T > 1:  # new queries see all the past and their own prefix
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+                causal = False
+        with _attention_kernel(x.device, hs) if kv is None else nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)
         return self.resid_drop(self.proj(y))
 
 
@@ -168,8 +188,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), kv, start)
         return x + self.mlp(self.norm2(x))
 
 
@@ -205,23 +225,33 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: "KVCache | None" = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position of `idx` (B, T); with `targets`, the mean loss too.
 
-        Targets equal to -1 are ignored in the loss.
+        Targets equal to -1 are ignored in the loss. With a `cache`, `idx` continues
+        the sequence the cache holds, the cache is extended, and only the last
+        position's logits are computed (all that generation needs): (B, 1, vocab).
         """
         T = idx.size(1)
-        if T > self.config.block_size:
-            raise QuillError(f"sequence of {T} tokens is longer than the context window ({self.config.block_size})")
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise QuillError(f"sequence of {start + T} tokens is longer than the context window ({self.config.block_size})")
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe.weight[start:start + T]
         x = self.drop(x)
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, cache.kv[i], start)
+            elif self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        if cache is not None:
+            cache.length = start + T
+            x = x[:, -1:]
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
@@ -243,3 +273,21 @@ class GPT(nn.Module):
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+
+class KVCache:
+    """The keys and values of every layer for the positions seen so far.
+
+    Generation feeds the prompt once, then one token at a time; each step reads
+    the past from here instead of recomputing it. Memory is allocated once for
+    the whole context window: (n_layer, 2, batch, n_head, block_size, head_size).
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        hs = config.n_embd // config.n_head
+        self.kv = torch.zeros(config.n_layer, 2, batch_size, config.n_head, config.block_size, hs, device=device, dtype=dtype)
+        self.length = 0  # positions filled
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (in that order): beam search follows its best beams."""
+        self.kv = self.kv.index_select(2, rows)

@@ -102,7 +102,7 @@ def w(tmp_path_factory) -> dict:
         "gen_a": ["generate", run, "--prompt", "All:", "--max-new-tokens", "40", "--seed", "7", "--device", "cpu"],
         "gen_b": ["generate", run, "--prompt", "All:", "--max-new-tokens", "40", "--seed", "7", "--device", "cpu"],
         "gen_c": ["generate", run, "--prompt", "All:", "--max-new-tokens", "40", "--seed", "8", "--device", "cpu"],
-        "gen_greedy": ["generate", run, "--prompt", "", "--max-new-tokens", "25", "--temperature", "0", "--device", "cpu"],
+        "gen_greedy": ["generate", run, "--prompt", "", "--max-new-tokens", "25", "--sampler", "greedy", "--device", "cpu"],
         "err_prepare": ["prepare", str(d / "latin1.txt"), "--tokenizer", tok, "--out", str(d / "bad_data")],
     }))
     w["out"] = steps

@@ -22,7 +22,6 @@ from gpt_runtime.config import TrainConfig, load_toml, saved_config
 from gpt_runtime.data import DataDir, prepare
 from gpt_runtime.errors import QuillError
 from gpt_runtime.evaluate import evaluate, evaluate_tokens
-from gpt_runtime.generate import prompt_ids, sample_tokens, stream_text
 from gpt_runtime.model import GPT, GPTConfig
 from gpt_runtime.train import lr_at, train
 from helpers import SAMPLE_TEXT, run_quill
@@ -516,91 +515,6 @@ def test_bf16_autocast_trains(data, tmp_path):
     for ra, rb in zip(a.history, b.history, strict=True):
         assert math.isfinite(rb["loss"]) and rb["loss"] == pytest.approx(ra["loss"], abs=0.05)  # bf16 keeps ~3 digits
     assert b.history[0]["loss"] != a.history[0]["loss"]  # it did compute in bf16
-
-
-# --- generation ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gen_model():
-    tok = CharTokenizer.train(SAMPLE_TEXT)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
-    return model, tok
-
-
-def test_greedy_follows_the_argmax(gen_model):
-    model, tok = gen_model
-    ids = tok.encode("All:\nSpeak, speak")  # longer than the block: the context is cropped
-    out = list(sample_tokens(model, tok, ids, 12, temperature=0))
-    banned = [tok.special_tokens[n] for n in ("<pad>", "<unk>", "<bos>")]
-    context = list(ids)
-    for token in out:
-        with torch.no_grad():
-            logits = model(torch.tensor([context[-8:]]))[0][0, -1]
-        logits[banned] = float("-inf")
-        assert token == int(logits.argmax())
-        context.append(token)
-    assert len(out) == 12 or tok.special_tokens["<eos>"] not in out
-    assert out == list(sample_tokens(model, tok, ids, 12, temperature=1.0, top_k=1))  # top-k 1 is greedy too
-
-
-def test_sampling_is_reproducible_with_a_generator(gen_model):
-    model, tok = gen_model
-    ids = prompt_ids(tok, "")
-    assert ids == [tok.special_tokens["<bos>"]]  # an empty prompt starts from <bos>
-    runs = [list(sample_tokens(model, tok, ids, 20, temperature=1.5, top_k=10, generator=torch.Generator().manual_seed(s)))
-            for s in (1, 1, 2)]
-    assert runs[0] == runs[1] != runs[2]
-
-
-class FixedLogits(torch.nn.Module):
-    """A stand-in model whose next-token logits are always `logits`."""
-
-    def __init__(self, logits: torch.Tensor, block_size: int = 8) -> None:
-        super().__init__()
-        self.logits = torch.nn.Parameter(logits.clone())
-        self.config = GPTConfig(vocab_size=len(logits), block_size=block_size, n_layer=0, n_head=1, n_embd=1)
-
-    def forward(self, idx, targets=None):
-        return self.logits.expand(idx.size(0), idx.size(1), -1), None
-
-
-def test_special_tokens_are_never_sampled_and_eos_ends(gen_model):
-    _, tok = gen_model
-    specials = tok.special_tokens
-    logits = torch.zeros(tok.vocab_size)
-    for name in ("<pad>", "<unk>", "<bos>"):  # by far the likeliest, yet never to be produced
-        logits[specials[name]] = 50.0
-    logits[specials["<eos>"]] = -50.0
-    out = list(sample_tokens(FixedLogits(logits), tok, [5, 6], 200, temperature=1.0, generator=torch.Generator().manual_seed(0)))
-    assert len(out) == 200 and not set(out) & set(specials.values())
-    assert len(set(out)) > tok.vocab_size // 2  # the rest are equally likely: sampling reaches most of them
-    logits[specials["<eos>"]] = 10.0  # the likeliest token that may be produced: it ends the sample at once
-    assert list(sample_tokens(FixedLogits(logits), tok, [5, 6], 30, temperature=0)) == []
-    g = torch.Generator().manual_seed(0)
-    assert list(sample_tokens(FixedLogits(logits), tok, [5, 6], 30, temperature=1.0, top_k=1, generator=g)) == []
-
-
-def test_bad_sampling_settings(gen_model):
-    model, tok = gen_model
-    with pytest.raises(QuillError, match="temperature must be 0 or more, not -1"):
-        list(sample_tokens(model, tok, [5], 3, temperature=-1))
-    with pytest.raises(QuillError, match="top-k must be at least 1, not 0"):
-        list(sample_tokens(model, tok, [5], 3, top_k=0))
-
-
-def test_stream_text_waits_for_whole_characters():
-    from plugins.bpe_tokenizer import BPETokenizer
-
-    tok = BPETokenizer([])  # bytes only: every multi-byte character spans several tokens
-    text = "é😀 ok"
-    ids = tok.encode(text)
-    assert len(ids) == len(text.encode())
-    pieces = list(stream_text(tok, iter(ids)))
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
-    assert "".join(stream_text(tok, iter(ids[:2]))) == "é"
-    assert "".join(stream_text(tok, iter(ids[:3]))) == "é\ufffd"  # a cut character at the very end is replaced
 
 
 def test_training_into_an_existing_run_is_refused_and_moved_runs_resume(data, tmp_path):
