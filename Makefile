@@ -9,11 +9,16 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: chat test bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The example sampler plugin is installed as a real (non-editable) distribution, as a
+# user would install it; the tests check it through `quill`. Editing it reinstalls it.
+EXAMPLE_PLUGIN := examples/quill-xtc
+
+$(VENV)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml $(EXAMPLE_PLUGIN)/quill_xtc.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
 	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps --no-build-isolation ./$(EXAMPLE_PLUGIN)
 	@touch $@
 
 # Until the chat lands, `make chat` shows the most complete thing there is:
