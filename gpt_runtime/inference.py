@@ -65,8 +65,8 @@ def _can_pack() -> bool:
 def prepare_model(model: GPT, backend: Backend, dtype: torch.dtype, quantize: str = "none") -> GPT:
     """Move `model` to the backend's device in `dtype`, ready to generate (in place).
 
-    The output head stays a plain layer: with tied embeddings its weight is also
-    the token embedding table.
+    The swapped layers keep a reference to the original weight, so tied
+    input and output embeddings stay one tensor.
     """
     if quantize not in QUANTIZE:
         raise QuillError(f"unknown quantization {quantize!r}", hint=f"use one of: {', '.join(QUANTIZE)}")
@@ -81,11 +81,10 @@ def prepare_model(model: GPT, backend: Backend, dtype: torch.dtype, quantize: st
         swap = PackedLinear
     if swap is not None:
         with torch.no_grad():
-            for block in model.blocks:
-                for parent in (block.attn, block.mlp):
-                    for name, child in list(parent.named_children()):
-                        if isinstance(child, nn.Linear):
-                            setattr(parent, name, swap(child))
+            for parent in [model, *(m for block in model.blocks for m in (block.attn, block.mlp))]:
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(parent, name, swap(child))
     return model
 
 

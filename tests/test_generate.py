@@ -624,7 +624,7 @@ def test_bf16_on_the_cpu_packs_the_linears_and_stays_close_to_float32(mlp):
     expected = logits_of(reference, idx)
     model = prepare_model(copy.deepcopy(reference), backends.CpuBackend(), torch.bfloat16)
     assert all(isinstance(m, PackedLinear) for m in linears(model)) and len(linears(model)) == 2 * (4 if mlp == "gelu" else 5)
-    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.wte.weight  # still tied
+    assert isinstance(model.lm_head, PackedLinear) and model.lm_head.weight is model.wte.weight  # packed, still tied
     assert model.wte.weight.dtype == torch.bfloat16 and cache_dtype(model) == torch.float32
     got = logits_of(model, idx)
     scale = expected.abs().max()
