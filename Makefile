@@ -33,6 +33,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/tokenizer_bench.py
+	$(PY) benchmarks/generate_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -60,6 +60,14 @@ class Backend:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def generation_dtype(self, num_params: int) -> "torch.dtype":
+        """The dtype to generate in with a model of `num_params` parameters."""
+        return self.preferred_dtype()
+
+    def cache_dtype(self, dtype: "torch.dtype") -> "torch.dtype":
+        """The dtype of the KV cache when the weights are in `dtype`."""
+        return dtype
+
     def memory_in_use(self) -> int | None:
         """Bytes of device memory in use, if the backend can tell."""
         return None

@@ -178,7 +178,8 @@ def build_parser() -> Parser:
     p.add_argument("--set", action="append", default=[], metavar="NAME.OPTION=VALUE", dest="settings",
                    help="set a sampler option, e.g. top_p.p=0.9 or temperature=0.7 (repeatable)")
     p.add_argument("--seed", type=int, help="random seed, for reproducible output")
-    p.add_argument("--num-beams", type=int, help="beam search with N beams (adds `beam` to the chain)")
+    p.add_argument("--num-beams", type=int,
+                   help="beam search with N beams (adds `beam` to the chain; alone, the chain is just `beam`)")
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop before this text (repeatable; \\n and \\t are understood)")
     p.add_argument("--show-probs", type=int, nargs="?", const=3, default=0, metavar="N",
@@ -465,12 +466,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be 0 or more, not {args.max_new_tokens}")
     if args.show_probs < 0:
         raise UsageError(f"--show-probs must be 0 or more, not {args.show_probs}")
-    spec = args.sampler if args.sampler is not None else DEFAULT_CHAIN
+    if args.seed is not None and not 0 <= args.seed < 2**64:
+        raise UsageError(f"--seed must be from 0 to 2**64 - 1, not {args.seed}")
     if args.num_beams is not None and args.num_beams < 1:
         raise UsageError(f"--num-beams must be at least 1, not {args.num_beams}")
+    # Beam search alone scores by the model's own probabilities; the sampling
+    # default (top-k, top-p, temperature) would only distort them.
+    spec = args.sampler if args.sampler is not None else ("beam" if args.num_beams is not None else DEFAULT_CHAIN)
     try:  # checked before the (slower) checkpoint load; a bad option is a usage error
         settings = settings_from_strings(args.settings)
         if args.num_beams is not None:
+            if "num_beams" in settings.get("beam", {}):
+                raise UsageError("--num-beams and --set beam.num_beams both set the number of beams; give one")
             if "beam" not in [part.strip() for part in spec.split(",")]:
                 spec += ",beam"
             settings.setdefault("beam", {})["num_beams"] = args.num_beams

@@ -77,6 +77,14 @@ class Done:
         return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
 
 
+@dataclass
+class Batch:
+    """What `generate_batch` returns: one text per row, and the seed used."""
+
+    texts: list[str]
+    seed: int
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """Encode a prompt; an empty prompt starts from <bos> (or <eos>, or id 0)."""
     ids = tokenizer.encode(prompt)
@@ -102,11 +110,11 @@ class Window:
     full, the oldest quarter of the window is dropped and the rest re-run.
     """
 
-    def __init__(self, model: GPT, ids: Sequence[int], rows: int, capacity: int) -> None:
+    def __init__(self, model: GPT, ids: Sequence[int], rows: int) -> None:
         self.model = model
         param = next(model.parameters())
         self.block = model.config.block_size
-        self.tokens_buf = torch.empty(rows, len(ids) + capacity, dtype=torch.long, device=param.device)
+        self.tokens_buf = torch.empty(rows, 2 * len(ids) + 64, dtype=torch.long, device=param.device)
         self.tokens_buf[:, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         self.length = len(ids)
         self.cache = KVCache(model.config, rows, param.device, cache_dtype(model))
@@ -122,6 +130,8 @@ class Window:
 
     def append(self, next_ids: torch.Tensor) -> None:
         """Add one token per row (a (batch,) tensor) and compute the next logits."""
+        if self.length == self.tokens_buf.size(1):  # grow by doubling: cheap, and no limit up front
+            self.tokens_buf = torch.cat([self.tokens_buf, torch.empty_like(self.tokens_buf)], dim=1)
         self.tokens_buf[:, self.length] = next_ids
         self.length += 1
         if self.cache.length < self.block:
@@ -133,7 +143,7 @@ class Window:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows `rows`, in that order (beam search following its beams)."""
-        self.tokens_buf = self.tokens_buf.index_select(0, rows)
+        self.tokens_buf[:, : self.length] = self.tokens_buf[:, : self.length].index_select(0, rows)
         self.cache.reorder(rows)
 
 
@@ -177,8 +187,11 @@ class TextStream:
         return out
 
 
-def _banned_ids(tokenizer: Tokenizer) -> list[int]:
-    return [i for name, i in tokenizer.special_tokens.items() if name in BANNED_SPECIALS]
+def _banned_ids(tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+    # Specials that are never text, and ids the tokenizer has no piece for (a
+    # model vocabulary padded beyond the tokenizer's, e.g. to a multiple of 64).
+    specials = [i for name, i in tokenizer.special_tokens.items() if name in BANNED_SPECIALS]
+    return specials + list(range(len(tokenizer.pieces), vocab_size))
 
 
 def _ban_mask(banned: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -199,14 +212,22 @@ def _choose(logits: torch.Tensor, chain: Chain, state: SamplerState) -> torch.Te
     return torch.multinomial(probs, 1, generator=state.generator).view(-1)
 
 
-def _top(tokenizer: Tokenizer, raw: torch.Tensor, chosen: int, n: int) -> tuple[float, list[tuple[int, str, float]]]:
-    probs = torch.softmax(raw, dim=-1)
+def _top(tokenizer: Tokenizer, logits: torch.Tensor, chosen: int, n: int) -> tuple[float, list[tuple[int, str, float]]]:
+    probs = torch.softmax(logits, dim=-1)
     values, ids = probs.topk(min(n, probs.numel()))
     top = [(int(i), tokenizer.pieces[int(i)].decode("utf-8", "replace"), float(p)) for p, i in zip(values, ids)]
     return float(probs[chosen]), top
 
 
-def _start(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], chain: Chain | None, seed: int | None):
+def _start(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], chain: Chain | None, seed: int | None,
+           max_new_tokens: int):
+    if max_new_tokens < 0:
+        raise QuillError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise QuillError(f"the seed must be a whole number from 0 to 2**64 - 1, not {seed}")
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise QuillError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than its tokenizer's "
+                         f"({tokenizer.vocab_size}): they do not belong together")
     # Samplers may keep state across steps: every generation gets its own.
     chain = build_chain(DEFAULT_CHAIN) if chain is None else chain.fresh()
     ids = prompt_ids(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
@@ -225,7 +246,6 @@ def _start(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], chain:
     return chain, ids, dropped, seed, generator
 
 
-@torch.inference_mode()
 def generate(
     model: GPT,
     tokenizer: Tokenizer,
@@ -240,35 +260,40 @@ def generate(
 ) -> Iterator[Token | Done]:
     """Stream a continuation of `prompt` (text, or token ids) as events.
 
-    `chain` defaults to `DEFAULT_CHAIN` with default options. `probs=N` adds
-    each token's probability and its N most likely alternatives to the events.
-    Errors (a failing sampler plugin included) are raised as `QuillError`.
+    `chain` defaults to `DEFAULT_CHAIN` with default options; `stop` is a string
+    or a list of them. `probs=N` adds each token's probability and its N most
+    likely alternatives to the events (the model's own, before the chain, with
+    the tokens that are never produced removed). The model is put in eval mode.
+    Bad arguments raise `QuillError` at once; errors while generating (a failing
+    sampler plugin included) are raised as `QuillError` from the iterator.
     """
-    if max_new_tokens < 0:
-        raise QuillError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
-    if probs < 0:
-        raise QuillError(f"probs must be 0 or more, not {probs}")
-    chain, ids, dropped, seed, generator = _start(model, tokenizer, prompt, chain, seed)
+    if isinstance(probs, bool) or not isinstance(probs, int) or probs < 0:
+        raise QuillError(f"probs must be a whole number, 0 or more, not {probs!r}")
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    chain, ids, dropped, seed, generator = _start(model, tokenizer, prompt, chain, seed, max_new_tokens)
     if chain.beam is not None:
         if probs:
             raise QuillError("token probabilities (probs) are not available with beam search")
-        yield from _beam_events(model, tokenizer, ids, dropped, chain, chain.beam, max_new_tokens, stop, seed, generator, cancel)
-        return
+        return _beam_events(model, tokenizer, ids, dropped, chain, chain.beam, max_new_tokens, stop, seed, generator, cancel)
+    return _sample_events(model, tokenizer, ids, dropped, chain, max_new_tokens, stop, seed, generator, cancel, probs)
+
+
+@torch.inference_mode()
+def _sample_events(model, tokenizer, ids, dropped, chain, max_new_tokens, stop, seed, generator, cancel, probs):
     t0 = time.perf_counter()
     first = None
-    banned = _banned_ids(tokenizer)
+    banned = _banned_ids(tokenizer, model.config.vocab_size)
     eos = tokenizer.special_tokens.get("<eos>")
     text = TextStream(stop)
-    window = Window(model, ids, 1, max_new_tokens)
+    window = Window(model, ids, 1)
     ban = _ban_mask(banned, model.config.vocab_size, window.tokens_buf.device)
     reason, n = "length", 0
     for n in range(max_new_tokens):
         if cancel is not None and cancel.is_set():
             reason = "cancelled"
             break
-        raw = window.logits
-        logits = raw.clone() if probs else raw
-        logits.masked_fill_(ban, float("-inf"))
+        logits = window.logits.masked_fill_(ban, float("-inf"))
+        before_chain = logits.clone() if probs else None  # samplers may change logits in place
         state = SamplerState(window.tokens, len(ids), n, generator, tuple(banned))
         token = int(_choose(logits, chain, state))
         if first is None:
@@ -278,7 +303,7 @@ def generate(
             break
         event = Token(token, text.feed(tokenizer.pieces[token]))
         if probs:
-            event.prob, event.top = _top(tokenizer, raw[0], token, probs)
+            event.prob, event.top = _top(tokenizer, before_chain[0], token, probs)
         yield event
         if text.matched is not None:
             n, reason = n + 1, "stop"
@@ -302,21 +327,25 @@ def generate_batch(
     stop: Sequence[str] = (),
     seed: int | None = None,
     cancel: threading.Event | None = None,
-) -> list[str]:
-    """Sample `n` continuations of one prompt together, in one batch; returns their texts.
+) -> Batch:
+    """Sample `n` continuations of one prompt together, in one batch.
 
     Each row stops on its own at <eos> or a stop string; the batch ends when all
-    rows have (or at `max_new_tokens`, or on `cancel`).
+    rows have (or at `max_new_tokens`, or on `cancel`). The seed used is
+    returned with the texts, so an unseeded batch can be replayed.
     """
     if n < 1:
         raise QuillError(f"the batch needs at least 1 sequence, not {n}")
-    chain, ids, _, seed, generator = _start(model, tokenizer, prompt, chain, seed)
-    banned = _banned_ids(tokenizer)
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    chain, ids, _, seed, generator = _start(model, tokenizer, prompt, chain, seed, max_new_tokens)
+    if chain.beam is not None:
+        raise QuillError("generate_batch samples; for beam search use generate with `beam` in the chain")
+    banned = _banned_ids(tokenizer, model.config.vocab_size)
     eos = tokenizer.special_tokens.get("<eos>")
     streams = [TextStream(stop) for _ in range(n)]
     outputs = [""] * n
     running = [True] * n
-    window = Window(model, ids, n, max_new_tokens)
+    window = Window(model, ids, n)
     ban = _ban_mask(banned, model.config.vocab_size, window.tokens_buf.device)
     for step in range(max_new_tokens):
         if (cancel is not None and cancel.is_set()) or not any(running):
@@ -334,7 +363,7 @@ def generate_batch(
             running[row] = streams[row].matched is None
         if step + 1 < max_new_tokens:
             window.append(chosen)
-    return [out + stream.flush() for out, stream in zip(outputs, streams)]
+    return Batch([out + stream.flush() for out, stream in zip(outputs, streams)], seed)
 
 
 @dataclass(order=True)
@@ -344,7 +373,7 @@ class _Hypothesis:
     eos: bool = field(compare=False)
 
 
-def beam_search(
+def _beam_search(
     model: GPT,
     tokenizer: Tokenizer,
     ids: list[int],
@@ -360,13 +389,14 @@ def beam_search(
     `num_beams` highest cumulative log-probabilities. A sequence ends at <eos>;
     finished and unfinished sequences compete on
     ``sum(log p) / length ** length_penalty``. With `early_stopping` the search
-    ends as soon as `num_beams` sequences have finished; without it, once no
-    running beam can still beat the worst of them.
+    ends as soon as `num_beams` sequences have finished; without it, once the
+    best running beam, scored at its current length, no longer beats the worst
+    of them (a heuristic: with length_penalty > 0 a longer beam might still).
     """
     k = beam.num_beams
-    banned = _banned_ids(tokenizer)
+    banned = _banned_ids(tokenizer, model.config.vocab_size)
     eos = tokenizer.special_tokens.get("<eos>")
-    window = Window(model, ids, k, max_new_tokens)
+    window = Window(model, ids, k)
     device = window.tokens_buf.device
     ban = _ban_mask(banned, model.config.vocab_size, device)
     # Every row starts as the same prompt: only row 0 may expand at the first step.
@@ -422,9 +452,10 @@ def beam_search(
     return finished[0].tokens, finished[0].eos, False
 
 
+@torch.inference_mode()
 def _beam_events(model, tokenizer, ids, dropped, chain, beam, max_new_tokens, stop, seed, generator, cancel):
     t0 = time.perf_counter()
-    tokens, at_eos, cancelled = beam_search(model, tokenizer, ids, chain, beam, max_new_tokens, generator, cancel)
+    tokens, at_eos, cancelled = _beam_search(model, tokenizer, ids, chain, beam, max_new_tokens, generator, cancel)
     first = None  # the search must end before the first token is known: no separate first-token time
     text = TextStream(stop)
     reason = "cancelled" if cancelled else ("eos" if at_eos else "length")

@@ -7,12 +7,13 @@ project's 2-core AVX512-BF16 machine (see the README), three things pay off:
 - bf16 weights halve the bytes per token; PyTorch's plain bf16 matrix-vector
   kernel is slow, but oneDNN's with weights packed once ahead of time is not;
 - attention over the KV cache is several times faster in float32 than in bf16
-  on the CPU, so the cache stays float32 there (`cache_dtype`);
+  on the CPU, so the cache stays float32 there (the backend's `cache_dtype`);
 - int8 weights with one scale per output row (``quantize="int8"``, opt-in)
   halve the bytes again, at a small cost in accuracy.
 
 None of this changes the model's code: `prepare_model` swaps `nn.Linear`
-layers for equivalents and leaves everything else alone.
+layers for equivalents and leaves everything else alone. It is the last step
+before generating: a prepared model is not moved or prepared again.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ QUANTIZE = ("none", "int8")
 
 
 class PackedLinear(nn.Module):
-    """A bf16 `nn.Linear` whose weight oneDNN has laid out for fast CPU products."""
+    """A bf16 `nn.Linear` whose weight oneDNN has laid out for fast CPU products.
+
+    Only the packed copy is kept (an opaque oneDNN tensor that cannot be moved),
+    so the weights take no more memory than before; a tied output head leaves
+    the embedding table where it was.
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.weight = linear.weight  # kept: other code may read it (and tied weights stay shared)
         self.bias = linear.bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
 
@@ -47,8 +52,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.qweight = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.scale = scale.to(linear.weight.dtype)
+        self.register_buffer("qweight", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8), persistent=False)
+        self.register_buffer("scale", scale.to(linear.weight.dtype), persistent=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,17 +64,21 @@ class Int8Linear(nn.Module):
 
 
 def _can_pack() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def prepare_model(model: GPT, backend: Backend, dtype: torch.dtype, quantize: str = "none") -> GPT:
     """Move `model` to the backend's device in `dtype`, ready to generate (in place).
 
-    The swapped layers keep a reference to the original weight, so tied
-    input and output embeddings stay one tensor.
+    On the CPU in bf16 the linear layers are packed for oneDNN; with
+    ``quantize="int8"`` they hold int8 weights instead. Tied input and output
+    embeddings stay tied: the embedding table itself is never replaced.
     """
     if quantize not in QUANTIZE:
         raise QuillError(f"unknown quantization {quantize!r}", hint=f"use one of: {', '.join(QUANTIZE)}")
+    if any(isinstance(m, (PackedLinear, Int8Linear)) for m in model.modules()):
+        raise QuillError("this model is already prepared for generation", hint="prepare a freshly loaded model")
     model = model.to(device=backend.device, dtype=dtype).eval()
     on_cpu = backend.device.type == "cpu"
     if quantize == "int8" and not (on_cpu and hasattr(torch, "_weight_int8pack_mm")):
@@ -89,21 +98,20 @@ def prepare_model(model: GPT, backend: Backend, dtype: torch.dtype, quantize: st
 
 
 def generation_dtype(backend: Backend, model: GPT, name: str = "auto") -> torch.dtype:
-    """The dtype to generate in: `name`, or for ``auto`` the fastest for this model.
-
-    On the CPU a model whose float32 weights fit in cache (about 1M parameters)
-    decodes fastest as it is; a larger one is faster in the backend's preferred
-    dtype (bf16 where the CPU has it), because fewer bytes stream per token.
-    """
+    """The dtype to generate in: `name`, or for ``auto`` the backend's choice for this model."""
     from .backend import resolve_dtype
 
-    dtype = resolve_dtype(backend, name)
-    if name == "auto" and backend.device.type == "cpu" and model.num_params(exclude_positions=False) < 2_000_000:
-        return torch.float32
-    return dtype
+    if name == "auto":
+        return backend.generation_dtype(model.num_params(exclude_positions=False))
+    return resolve_dtype(backend, name)
 
 
 def cache_dtype(model: GPT) -> torch.dtype:
-    """The dtype of the KV cache: float32 on the CPU (faster attention), else the model's."""
+    """The KV cache dtype for a prepared model: its backend's choice (float32 on the CPU)."""
+    from .plugins import get_registry
+
     param = next(model.parameters())
-    return torch.float32 if param.device.type == "cpu" else param.dtype
+    registry = get_registry()
+    if param.device.type in registry.names("backends"):
+        return registry.get("backends", param.device.type).obj().cache_dtype(param.dtype)
+    return param.dtype

@@ -15,6 +15,7 @@ scores.
 
 Writing a sampler (the whole protocol)::
 
+    from gpt_runtime.hookspecs import hookimpl
     from gpt_runtime.sampling import Option, Sampler
 
     class Exclude(Sampler):
@@ -32,6 +33,7 @@ Writing a sampler (the whole protocol)::
 
 A fresh sampler object is made for every generation, with its options as
 attributes, so it may keep state from one step to the next in attributes.
+The plugin host checks a registered class with `check_sampler_class`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_CHAIN = "top_k,top_p,temperature"
+# Samplers that belong at the end of a chain, by how late: a filter placed after
+# temperature changes less than intended, and nothing after greedy has any effect.
+_LATE = {"temperature": 1, "greedy": 2, "beam": 2}
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
@@ -84,6 +89,9 @@ class Option:
         `where` names the option in errors, e.g. ``top_p.p``.
         """
         kind = self.type
+        if kind not in _TYPE_NAMES:
+            raise QuillError(f"{where} has a default of unsupported type {kind.__name__} ({self.default!r})",
+                             hint="an option's default must be an int, float, bool or str; its type is the option's type")
         if isinstance(value, str) and kind is not str:
             text = value.strip()
             try:
@@ -109,8 +117,14 @@ class Option:
         return value
 
 
+_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
 def _type_name(kind: type) -> str:
-    return {int: "a whole number", float: "a number", bool: "true or false", str: "text"}[kind]
+    try:
+        return _TYPE_NAMES[kind]
+    except KeyError:
+        raise QuillError(f"options cannot be of type {kind.__name__}", hint="use int, float, bool or str") from None
 
 
 @dataclass
@@ -178,16 +192,54 @@ def _options_hint(cls: type[Sampler] | Sampler) -> str:
     return f"its options: {names}"
 
 
+def check_sampler_class(name: str, cls: Any) -> None:
+    """What the plugin host checks of a class registered as sampler `name`.
+
+    It must be a `Sampler` subclass with its own `apply`, whose `name` is the
+    registered one and whose `options` are `Option`s with valid defaults, so
+    that a mistake is reported when the plugin loads, not in the middle of a
+    generation.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Sampler)):
+        raise QuillError(f"sampler {name!r} must be a subclass of gpt_runtime.sampling.Sampler, not {cls!r}")
+    fix_name = f"set name = {name!r} on {cls.__name__}"
+    if not cls.name:
+        raise QuillError(f"sampler {name!r} is registered with a class that has no name", hint=fix_name)
+    if cls.name != name:
+        raise QuillError(f"sampler {name!r} is registered with a class whose name is {cls.name!r}", hint=fix_name)
+    if cls.apply is Sampler.apply:
+        raise QuillError(f"sampler {name!r}: {cls.__name__} does not define apply(logits, state)")
+    if not isinstance(cls.options, dict):
+        raise QuillError(f"sampler {name!r}: {cls.__name__}.options must be a dict of option names to "
+                         f"gpt_runtime.sampling.Option, not {type(cls.options).__name__}")
+    for key, option in cls.options.items():
+        if not (isinstance(key, str) and key.isidentifier()):
+            raise QuillError(f"sampler {name!r}: option name {key!r} is not a valid identifier")
+        if hasattr(Sampler, key):
+            raise QuillError(f"sampler {name!r}: option name {key!r} would hide Sampler.{key}", hint="rename the option")
+        if not isinstance(option, Option):
+            raise QuillError(f"sampler {name!r}: option {key!r} must be a gpt_runtime.sampling.Option, not {option!r}",
+                             hint=f"write {key!r}: Option(default, help)")
+        try:
+            option.convert(option.default, f"{name}.{key}")
+        except QuillError as exc:
+            raise QuillError(f"sampler {name!r}: the default of option {key!r} is invalid: {exc.message}", hint=exc.hint) from None
+
+
+def keep_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Remove every token but the most likely one of each row (the first, on ties), in place."""
+    best = logits.argmax(dim=-1, keepdim=True)
+    kept = logits.gather(1, best)
+    return logits.fill_(float("-inf")).scatter_(1, best, kept)
+
+
 class Greedy(Sampler):
     """Always the most likely token. Deterministic; later samplers have no effect."""
 
     name = "greedy"
 
     def apply(self, logits, state):
-        import torch
-
-        best = logits.argmax(dim=-1, keepdim=True)
-        return torch.full_like(logits, float("-inf")).scatter_(1, best, logits.gather(1, best))
+        return keep_argmax(logits)
 
 
 class BeamSearch(Sampler):
@@ -257,8 +309,8 @@ class Chain:
         for link in self.links:
             try:
                 out = link.sampler.apply(logits, state)
-            except QuillError:
-                raise
+            except QuillError as exc:  # a failure the sampler explains: keep its words, name the sampler
+                raise SamplerError(link, f"failed: {exc.message}", hint=exc.hint) from exc
             except Exception as exc:
                 raise SamplerError(link, f"raised {type(exc).__name__}: {exc}") from exc
             if not isinstance(out, torch.Tensor) or out.shape != logits.shape or out.dtype != logits.dtype:
@@ -280,12 +332,16 @@ class Chain:
 
 
 class SamplerError(QuillError):
-    """A sampler failed during generation; the message names it and its plugin."""
+    """A sampler failed during generation; the message names it and its plugin.
 
-    def __init__(self, link: ChainLink, what: str) -> None:
+    `hint` replaces the default hint (avoid the sampler, or report it), e.g. with
+    the hint of a `QuillError` the sampler raised itself.
+    """
+
+    def __init__(self, link: ChainLink, what: str, hint: str | None = None) -> None:
         super().__init__(
             f"sampler {link.name!r} (plugin {link.plugin!r}) {what}; generation stopped",
-            hint=f"use a chain without {link.name!r}, or report it to the plugin's author",
+            hint=hint or f"use a chain without {link.name!r}, or report it to the plugin's author",
         )
 
 
@@ -336,7 +392,7 @@ def build_chain(spec: str, settings: dict[str, dict[str, Any]] | None = None) ->
     for name in settings:
         if name not in names:
             raise UsageError(f"{name!r} is not in the sampler chain {','.join(names)}",
-                             hint=f"add it to the chain, e.g. --sampler {','.join(names)},{name}")
+                             hint=f"add it to the chain, e.g. --sampler {','.join(_insert(names, name))}")
     registry = get_registry()
     links = []
     for name in names:
@@ -349,6 +405,15 @@ def build_chain(spec: str, settings: dict[str, dict[str, Any]] | None = None) ->
             raise QuillError(f"sampler {name!r} (plugin {entry.plugin!r}) failed to start: {type(exc).__name__}: {exc}") from exc
         links.append(ChainLink(name, sampler, entry.plugin))
     return Chain(links)
+
+
+def _insert(names: list[str], name: str) -> list[str]:
+    """`names` with `name` added where it has an effect: before a trailing temperature, greedy or beam."""
+    rank = _LATE.get(name, 0)
+    at = len(names)
+    while at > 0 and _LATE.get(names[at - 1], 0) > rank:
+        at -= 1
+    return [*names[:at], name, *names[at:]]
 
 
 def settings_from_strings(items: list[str]) -> dict[str, dict[str, str]]:

@@ -6,7 +6,7 @@ Call `check_sampler` from your plugin's tests (it needs no pytest)::
     from my_plugin import Exclude
 
     def test_exclude_follows_the_rules():
-        check_sampler(Exclude, id=3)  # options go to Exclude(id=3)
+        check_sampler(Exclude, {"id": 3})  # options go to Exclude(id=3)
 
 It builds two samplers with ``factory(**options)`` and feeds each the same few
 steps of an engine-like loop: random float32 logits with some tokens already
@@ -44,8 +44,14 @@ def make_state(batch: int = 3, vocab_size: int = 50, prompt_length: int = PROMPT
     return SamplerState(tokens, prompt_length, step, torch.Generator().manual_seed(seed), tuple(special_ids))
 
 
-def check_sampler(factory: Callable[..., Any], vocab_size: int = 50, batch: int = 3, **options: Any) -> None:
-    """Raise AssertionError if the sampler made by ``factory(**options)`` breaks a rule (see the module doc)."""
+def check_sampler(factory: Callable[..., Any], options: dict[str, Any] | None = None, *,
+                  vocab_size: int = 50, batch: int = 3) -> None:
+    """Raise AssertionError if the sampler made by ``factory(**options)`` breaks a rule (see the module doc).
+
+    `options` is a dict, so a sampler option may have any name (even ``vocab_size``
+    or ``batch``); `vocab_size` and `batch` set the size of the test logits.
+    """
+    options = dict(options or {})
     first, second = factory(**options), factory(**options)
     label = f"sampler {getattr(first, 'name', '') or factory!r}"
     assert first is not second, f"{label}: the factory returned the same object twice; make a fresh sampler per call"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from gpt_runtime.errors import QuillError
 from gpt_runtime.hookspecs import hookimpl
-from gpt_runtime.sampling import BeamSearch, Greedy, Option, Sampler, SamplerState
+from gpt_runtime.sampling import BeamSearch, Greedy, Option, Sampler, SamplerState, keep_argmax
 
 if TYPE_CHECKING:
     import torch
@@ -29,13 +29,6 @@ _MASS_TOLERANCE = 1e-6
 # How many candidates the nucleus filters look at first; most distributions put
 # p of their mass in far fewer tokens than the vocabulary holds.
 _FIRST_LOOK = 64
-
-
-def keep_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Remove every token but the most likely one of each row (the first, on ties)."""
-    best = logits.argmax(dim=-1, keepdim=True)
-    kept = logits.gather(1, best)
-    return logits.fill_(NEG_INF).scatter_(1, best, kept)
 
 
 def keep_smallest_mass(logits: torch.Tensor, probs: torch.Tensor, order: torch.Tensor,
@@ -278,7 +271,8 @@ class LogitBias(Sampler):
             return logits
         vocab = logits.shape[-1]
         if self.largest_id >= vocab:
-            raise QuillError(f"logit_bias names token {self.largest_id}, but the vocabulary has {vocab} tokens (ids 0 to {vocab - 1})")
+            raise QuillError(f"token id {self.largest_id} in logit_bias.bias is outside the model's vocabulary (ids 0 to {vocab - 1})",
+                             hint=f"drop {self.largest_id} from logit_bias.bias; `quill tokenizer encode` shows a text's token ids")
         if self._tensors is None or self._tensors[0].device != logits.device:
             ids = torch.tensor(list(self.biases), dtype=torch.long, device=logits.device)
             values = torch.tensor(list(self.biases.values()), dtype=logits.dtype, device=logits.device)
@@ -286,7 +280,7 @@ class LogitBias(Sampler):
         ids, values = self._tensors
         logits[:, ids] += values  # ids are unique, so no update is lost
         if self.bans and bool(torch.isneginf(logits).all(dim=-1).any()):
-            raise QuillError(f"logit_bias {self.bias!r} bans every token still allowed", hint="ban fewer tokens, or put logit_bias earlier in the chain")
+            raise QuillError(f"logit_bias.bias {self.bias!r} bans every token still allowed", hint="ban fewer tokens, or put logit_bias earlier in the chain")
         return logits
 
 

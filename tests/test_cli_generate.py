@@ -101,7 +101,7 @@ def w(tmp_path_factory, one_torch_thread) -> dict:
             "greedy": greedy,
             "stop": greedy[:greedy.find(stop)],
             "chain": text("All:", LONG_CHAIN, LONG_SETTINGS, max_new_tokens=40, seed=11),
-            "beams": text("First", f"{DEFAULT_CHAIN},beam", ["beam.num_beams=3"], max_new_tokens=12),
+            "beams": text("First", "beam", ["beam.num_beams=3"], max_new_tokens=12),  # --num-beams alone: just beam
             "probs": list(generate(model, tok, "First", chain=build_chain("greedy"), max_new_tokens=5, probs=2))[:-1],
             "unknown": text(UNKNOWN_PROMPT, "greedy", max_new_tokens=10),
             "long": text(LONG_PROMPT, "greedy", max_new_tokens=10),
@@ -144,6 +144,9 @@ def w(tmp_path_factory, one_torch_thread) -> dict:
         "max_new_tokens_-1": gen("--max-new-tokens", "-1"),
         "show_probs_-1": gen("--show-probs", "-1"),
         "show_probs_with_beams": gen("--num-beams", "2", "--show-probs"),
+        "beams_twice": gen("--num-beams", "2", "--set", "beam.num_beams=3"),
+        "seed_negative": gen("--seed", "-1"),
+        "seed_too_big": gen("--seed", str(2**64)),
     }
     return {"tok": tok, "stop": stop, "expect": expect, "out": run_all(commands)}
 
@@ -231,11 +234,14 @@ def test_samplers_lists_every_builtin_with_its_options(w):
     ("temperature_-1", "temperature.t = -1.0 is out of range", "it needs 0 <= temperature.t"),
     ("set_without_equals", "setting 'temperature' is not name.option=value", "for example top_p.p=0.9 or temperature=0.7"),
     ("set_outside_chain", "'min_p' is not in the sampler chain top_k,top_p,temperature",
-     "add it to the chain, e.g. --sampler top_k,top_p,temperature,min_p"),
+     "add it to the chain, e.g. --sampler top_k,top_p,min_p,temperature"),
     ("num_beams_0", "--num-beams must be at least 1, not 0", None),
     ("max_new_tokens_-1", "--max-new-tokens must be 0 or more, not -1", None),
     ("show_probs_-1", "--show-probs must be 0 or more, not -1", None),
     ("show_probs_with_beams", "--show-probs does not work with beam search", "drop --show-probs, or --num-beams and beam"),
+    ("beams_twice", "--num-beams and --set beam.num_beams both set the number of beams; give one", None),
+    ("seed_negative", "--seed must be from 0 to 2**64 - 1, not -1", None),
+    ("seed_too_big", f"--seed must be from 0 to 2**64 - 1, not {2**64}", None),
 ])
 def test_bad_generate_options_are_one_line_usage_errors(w, name, message, hint):
     assert usage_error(w["out"][name]) == (message, hint)

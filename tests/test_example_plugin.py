@@ -91,8 +91,8 @@ def test_loading_the_plugin_does_not_import_torch(xtc):
     {"probability": 0.0},
 ])
 def test_check_sampler_passes(xtc, options):
-    check_sampler(xtc.ExcludeTopChoices, **options)
-    check_sampler(xtc.ExcludeTopChoices, vocab_size=7, batch=6, **options)  # few tokens: many above threshold
+    check_sampler(xtc.ExcludeTopChoices, options)
+    check_sampler(xtc.ExcludeTopChoices, options, vocab_size=7, batch=6)  # few tokens: many above threshold
 
 
 def test_removes_the_top_choices_but_the_least_likely_of_them(xtc):

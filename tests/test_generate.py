@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from gpt_runtime import plugins as host_mod
 from gpt_runtime.errors import QuillError, QuillWarning
-from gpt_runtime.generate import (Done, TextStream, Token, Window, beam_search, generate, generate_batch, generate_text,
+from gpt_runtime.generate import (Done, TextStream, Token, Window, _beam_search, generate, generate_batch, generate_text,
                                   prompt_ids)
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.inference import Int8Linear, PackedLinear, cache_dtype, generation_dtype, prepare_model
@@ -152,7 +152,7 @@ def test_a_cache_fed_in_chunks_gives_the_plain_forward_logits(position, norm):
 def test_after_the_window_slides_its_logits_are_a_plain_forward_over_the_tokens_kept(tok, position):
     model = tiny_gpt(tok.vocab_size, position=position)
     ids = tok.encode(SAMPLE_TEXT[:BLOCK])
-    window = Window(model, ids, 1, 8)
+    window = Window(model, ids, 1)
     assert window.cache.length == BLOCK
     keep = BLOCK - BLOCK // 4
     with torch.no_grad():
@@ -325,13 +325,16 @@ def test_prompt_ids_outside_the_vocabulary_are_an_error(model, tok):
         list(generate(model, tok, []))
 
 
-def test_probs_are_the_raw_softmax_of_the_model(model, tok):
+def test_probs_are_the_models_softmax_without_the_never_produced_tokens(model, tok):
     chain = lambda: build_chain("top_k,temperature", {"top_k": {"k": 5}, "temperature": {"t": 0.5}})  # noqa: E731
     tokens, _ = run(model, tok, "First", chain=chain(), max_new_tokens=6, seed=2, probs=3)
     context = tok.encode("First")
+    never = [tok.special_tokens[n] for n in ("<pad>", "<unk>", "<bos>")]
     for token in tokens:
         with torch.no_grad():
-            probs = model(torch.tensor([context]))[0][0, -1].softmax(dim=-1)  # before the chain: no top-k, no temperature
+            logits = model(torch.tensor([context]))[0][0, -1]
+        logits[never] = float("-inf")
+        probs = logits.softmax(dim=-1)  # before the chain: no top-k, no temperature
         values, top_ids = probs.topk(3)
         assert token.prob == pytest.approx(float(probs[token.id]), abs=1e-6)
         assert [i for i, _, _ in token.top] == top_ids.tolist()
@@ -340,8 +343,8 @@ def test_probs_are_the_raw_softmax_of_the_model(model, tok):
         context.append(token.id)
     without, _ = run(model, tok, "First", chain=chain(), max_new_tokens=6, seed=2)
     assert ids_of(without) == ids_of(tokens) and all(t.prob is None and t.top is None for t in without)
-    with pytest.raises(QuillError, match="probs must be 0 or more, not -1"):
-        list(generate(model, tok, "First", probs=-1))
+    with pytest.raises(QuillError, match="probs must be a whole number, 0 or more, not -1"):
+        generate(model, tok, "First", probs=-1)
 
 
 # --- cancelling from another thread ---------------------------------------------------------------------
@@ -420,18 +423,48 @@ def test_a_seed_replays_a_generation(model, tok):
 
 
 def test_generate_batch_rows(model, tok):
-    rows = generate_batch(model, tok, "First", 4, chain=hot(), max_new_tokens=20, seed=3)
-    assert len(rows) == 4 and len(set(rows)) > 1
-    assert generate_batch(model, tok, "First", 4, chain=hot(), max_new_tokens=20, seed=3) == rows
-    assert generate_batch(model, tok, "First", 4, chain=hot(), max_new_tokens=20, seed=4) != rows
+    batch = generate_batch(model, tok, "First", 4, chain=hot(), max_new_tokens=20, seed=3)
+    rows = batch.texts
+    assert len(rows) == 4 and len(set(rows)) > 1 and batch.seed == 3
+    assert generate_batch(model, tok, "First", 4, chain=hot(), max_new_tokens=20, seed=3).texts == rows
+    assert generate_batch(model, tok, "First", 4, chain=hot(), max_new_tokens=20, seed=4).texts != rows
     assert all(set(row) <= set(tok.chars) for row in rows)
+    unseeded = generate_batch(model, tok, "First", 2, chain=hot(), max_new_tokens=20)
+    assert generate_batch(model, tok, "First", 2, chain=hot(), max_new_tokens=20, seed=unseeded.seed).texts == unseeded.texts
     text = generate_text(model, tok, "First", chain=greedy(), max_new_tokens=20)
     assert len(text) == 20
-    assert generate_batch(model, tok, "First", 3, chain=greedy(), max_new_tokens=20) == [text] * 3
+    assert generate_batch(model, tok, "First", 3, chain=greedy(), max_new_tokens=20).texts == [text] * 3
     stop = text[8:11]
-    assert generate_batch(model, tok, "First", 2, chain=greedy(), max_new_tokens=20, stop=[stop]) == [text[:text.find(stop)]] * 2
+    assert generate_batch(model, tok, "First", 2, chain=greedy(), max_new_tokens=20, stop=stop).texts == [text[:text.find(stop)]] * 2
     with pytest.raises(QuillError, match="the batch needs at least 1 sequence, not 0"):
         generate_batch(model, tok, "First", 0)
+    with pytest.raises(QuillError, match="max_new_tokens must be 0 or more, not -5"):
+        generate_batch(model, tok, "First", 2, max_new_tokens=-5)
+    with pytest.raises(QuillError, match="for beam search use generate"):
+        generate_batch(model, tok, "First", 2, chain=build_chain("beam"))
+
+
+def test_bad_arguments_fail_at_the_call_not_at_the_first_token(model, tok):
+    with pytest.raises(QuillError, match="max_new_tokens must be 0 or more"):
+        generate(model, tok, "First", max_new_tokens=-1)
+    with pytest.raises(QuillError, match="probs must be a whole number"):
+        generate(model, tok, "First", probs=True)
+    with pytest.raises(QuillError, match="the seed must be a whole number from 0 to 2\\*\\*64 - 1, not -1"):
+        generate(model, tok, "First", seed=-1)
+    with pytest.raises(QuillError, match="the seed must be"):
+        generate(model, tok, "First", seed=2**64)
+
+
+def test_a_model_vocabulary_padded_beyond_the_tokenizer_never_yields_unknown_ids(tok):
+    torch.manual_seed(0)
+    padded = GPT(GPTConfig(vocab_size=tok.vocab_size + 20, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        padded.lm_head.weight[tok.vocab_size:] += 5.0  # the padding ids are by far the likeliest
+    ids = [e.id for e in generate(padded, tok, "First", chain=build_chain("top_k"), max_new_tokens=30, seed=0) if isinstance(e, Token)]
+    assert ids and max(ids) < tok.vocab_size
+    small = GPT(GPTConfig(vocab_size=tok.vocab_size - 1, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(QuillError, match="is smaller than its tokenizer's"):
+        generate(small, tok, "First")
 
 
 # --- beam search ----------------------------------------------------------------------------------------------
@@ -480,7 +513,7 @@ def test_beam_search_finds_the_sequence_greedy_misses():
     assert beam(GREEDY_TRAP, num_beams=1)[0] == "Aa"  # one beam is greedy
     ids = [BEAM_TOK.special_tokens["<bos>"]]
     chain = build_chain("beam", {"beam": {"num_beams": 2}})
-    assert beam_search(GREEDY_TRAP, BEAM_TOK, ids, chain, chain.beam, 10, torch.Generator()) == (BEAM_TOK.encode("Bi"), True, False)
+    assert _beam_search(GREEDY_TRAP, BEAM_TOK, ids, chain, chain.beam, 10, torch.Generator()) == (BEAM_TOK.encode("Bi"), True, False)
 
 
 def test_early_stopping_ends_at_the_first_num_beams_finished():
@@ -624,7 +657,7 @@ def test_bf16_on_the_cpu_packs_the_linears_and_stays_close_to_float32(mlp):
     expected = logits_of(reference, idx)
     model = prepare_model(copy.deepcopy(reference), backends.CpuBackend(), torch.bfloat16)
     assert all(isinstance(m, PackedLinear) for m in linears(model)) and len(linears(model)) == 2 * (4 if mlp == "gelu" else 5)
-    assert isinstance(model.lm_head, PackedLinear) and model.lm_head.weight is model.wte.weight  # packed, still tied
+    assert isinstance(model.lm_head, PackedLinear) and not hasattr(model.lm_head, "weight")  # only the packed copy
     assert model.wte.weight.dtype == torch.bfloat16 and cache_dtype(model) == torch.float32
     got = logits_of(model, idx)
     scale = expected.abs().max()
@@ -685,3 +718,12 @@ def test_generate_on_an_unavailable_backend_lists_the_available_ones(monkeypatch
     monkeypatch.setattr(backends.MpsBackend, "is_available", lambda self: False)
     assert main(["generate", str(path), "--prompt", "First", "--sampler", "greedy", "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out == generate_text(model, tok, "First", chain=greedy(), max_new_tokens=12)
+
+
+def test_a_prepared_model_is_not_prepared_again_and_int8_buffers_move_with_it():
+    model = prepare_model(tiny_gpt(40), backends.CpuBackend(), torch.float32, quantize="int8")
+    with pytest.raises(QuillError, match="already prepared"):
+        prepare_model(model, backends.CpuBackend(), torch.bfloat16)
+    names = {name for name, _ in model.named_buffers()}
+    assert any(name.endswith("qweight") for name in names) and any(name.endswith("scale") for name in names)
+    assert not any("qweight" in key for key in model.state_dict())  # derived: never saved

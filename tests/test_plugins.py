@@ -514,6 +514,59 @@ def test_tokenizer_class_must_match_its_registered_kind(fake_plugins):
     assert host.registry.names("tokenizers") == []
 
 
+def test_sampler_classes_are_checked_when_registered(fake_plugins, monkeypatch):
+    from gpt_runtime.sampling import Option, Sampler
+
+    def sampler_class(name: str, **options: Option) -> type[Sampler]:
+        return type("Custom", (Sampler,), {"name": name, "options": options, "apply": lambda self, logits, state: logits})
+
+    def plugin(name: str, obj: object, also: tuple[str, object] | None = None) -> object:
+        class Plugin:
+            @hookimpl
+            def quill_register_tokenizers(self, register):
+                if also:
+                    register(*also)
+
+            @hookimpl
+            def quill_register_samplers(self, register):
+                register(name, obj)
+        return Plugin()
+
+    good = sampler_class("fine", level=Option(2, low=0))
+    fake_plugins(
+        notaclass=plugin("plain", lambda logits, state: logits, also=("plain_tok", tok_class("plain_tok"))),
+        unnamed=plugin("anon", sampler_class("")),
+        mislabelled=plugin("mine", sampler_class("yours")),
+        rawoption=plugin("raw", sampler_class("raw", t=0.5)),
+        baddefault=plugin("hot", sampler_class("hot", t=Option(-1.0, low=0))),
+        nonedefault=plugin("none", sampler_class("none", x=Option(None))),
+        good=plugin("fine", good),
+    )
+    with pytest.warns(QuillWarning) as caught:
+        host = host_mod.get_plugin_host()
+    errors = {info.name: info.error for info in host.plugins}
+    assert errors["notaclass"].startswith("sampler 'plain' must be a subclass of gpt_runtime.sampling.Sampler, not <function ")
+    assert {name: error for name, error in errors.items() if name != "notaclass"} == {
+        "unnamed": "sampler 'anon' is registered with a class that has no name (set name = 'anon' on Custom)",
+        "mislabelled": "sampler 'mine' is registered with a class whose name is 'yours' (set name = 'mine' on Custom)",
+        "rawoption": "sampler 'raw': option 't' must be a gpt_runtime.sampling.Option, not 0.5 (write 't': Option(default, help))",
+        "baddefault": "sampler 'hot': the default of option 't' is invalid: hot.t = -1.0 is out of range (it needs 0 <= hot.t)",
+        "nonedefault": ("sampler 'none': the default of option 'x' is invalid: none.x has a default of unsupported type NoneType "
+                        "(None) (an option's default must be an int, float, bool or str; its type is the option's type)"),
+        "good": None,
+    }
+    # each broken plugin is one warning naming it, and none of it is registered (its tokenizer neither)
+    assert [str(w.message) for w in caught] == [
+        f"plugin {name!r} skipped: {errors[name]} (see `quill plugins`)" for name in errors if name != "good"]
+    assert host.registry.names("samplers") == ["fine"] and host.registry.get("samplers", "fine").obj is good
+    assert host.registry.names("tokenizers") == []
+
+    host_mod.get_plugin_host.cache_clear()
+    monkeypatch.setenv("QUILL_STRICT_PLUGINS", "1")
+    with pytest.raises(QuillError, match=r"plugin 'notaclass' \(built-in\) failed: sampler 'plain' must be a subclass"):
+        host_mod.get_registry()
+
+
 def test_plugin_calling_sys_exit_is_isolated(fake_plugins, monkeypatch):
     def exiting_import():
         raise SystemExit("plugin needs a config file")

@@ -26,6 +26,7 @@ from gpt_runtime.sampling import (
     SamplerError,
     SamplerState,
     build_chain,
+    check_sampler_class,
     settings_from_strings,
 )
 from gpt_runtime.testing import check_sampler, make_state
@@ -286,8 +287,16 @@ def test_logit_bias_rejects_malformed_text(text, message):
 
 
 def test_logit_bias_id_outside_the_vocabulary_is_an_error_naming_it():
-    with pytest.raises(QuillError, match=r"logit_bias names token 7, but the vocabulary has 5 tokens"):
+    with pytest.raises(QuillError) as exc:
         run("logit_bias", [0.0] * 5, bias="2:1,7:-1")
+    assert exc.value.message == "token id 7 in logit_bias.bias is outside the model's vocabulary (ids 0 to 4)"
+    assert exc.value.hint == "drop 7 from logit_bias.bias; `quill tokenizer encode` shows a text's token ids"
+    chain = build_chain("logit_bias", {"logit_bias": {"bias": "7:-1"}})
+    with pytest.raises(SamplerError) as exc:  # through a chain: the sampler and its plugin are named, the hint kept
+        chain.apply(torch.zeros(1, 5), state_for([0]))
+    assert exc.value.message == ("sampler 'logit_bias' (plugin 'samplers') failed: token id 7 in logit_bias.bias "
+                                 "is outside the model's vocabulary (ids 0 to 4); generation stopped")
+    assert exc.value.hint == "drop 7 from logit_bias.bias; `quill tokenizer encode` shows a text's token ids"
 
 
 def test_logit_bias_never_bans_every_token():
@@ -296,9 +305,11 @@ def test_logit_bias_never_bans_every_token():
     with pytest.raises(QuillError, match="bans every token still allowed"):  # the others were removed earlier
         run("logit_bias", [NEG, 1.0, NEG], bias="1:-inf")
     chain = build_chain("top_k,logit_bias", {"top_k": {"k": "1"}, "logit_bias": {"bias": "2:-inf"}})
-    with pytest.raises(QuillError) as exc:  # through a chain it stays the user's error, not the plugin's
+    with pytest.raises(SamplerError) as exc:  # through a chain: named, with the sampler's own hint
         chain.apply(torch.tensor([[0.0, 1.0, 2.0]]), state_for([0]))
-    assert not isinstance(exc.value, SamplerError)
+    assert exc.value.message == ("sampler 'logit_bias' (plugin 'samplers') failed: logit_bias.bias '2:-inf' "
+                                 "bans every token still allowed; generation stopped")
+    assert exc.value.hint == "ban fewer tokens, or put logit_bias earlier in the chain"
 
 
 # --- options -----------------------------------------------------------------------------------
@@ -357,6 +368,62 @@ def test_unknown_option_suggests_the_closest():
     assert exc.value.hint == "its options: p, min_keep"
 
 
+@pytest.mark.parametrize("value", [None, "x", 3])
+def test_an_option_of_an_unsupported_type_is_a_clear_error(value):
+    with pytest.raises(QuillError) as exc:
+        Option(None).convert(value, "odd.opt")
+    assert (exc.value.message, exc.value.hint) == (
+        "odd.opt has a default of unsupported type NoneType (None)",
+        "an option's default must be an int, float, bool or str; its type is the option's type")
+
+
+# --- checking a registered class -------------------------------------------------------------------
+
+def sampler_class(name="mine", options=None, apply=True, base=Sampler):
+    """A sampler class with the given name and options, for `check_sampler_class`."""
+    body = {"name": name, "options": {} if options is None else options}
+    if apply:
+        body["apply"] = lambda self, logits, state: logits
+    return type("Mine", (base,), body)
+
+
+def test_check_sampler_class_accepts_every_builtin():
+    for entry in host_mod.get_registry().entries("samplers"):
+        check_sampler_class(entry.name, entry.obj)
+    check_sampler_class("mine", sampler_class(options={"n": Option(2, low=1), "on": Option(True), "s": Option("a")}))
+
+
+@pytest.mark.parametrize(("cls", "message", "hint"), [
+    (dict, "sampler 'mine' must be a subclass of gpt_runtime.sampling.Sampler, not <class 'dict'>", None),
+    (None, "sampler 'mine' must be a subclass of gpt_runtime.sampling.Sampler, not None", None),
+    (sampler_class(name=""), "sampler 'mine' is registered with a class that has no name", "set name = 'mine' on Mine"),
+    (sampler_class(name="other"), "sampler 'mine' is registered with a class whose name is 'other'", "set name = 'mine' on Mine"),
+    (sampler_class(apply=False), "sampler 'mine': Mine does not define apply(logits, state)", None),
+    (sampler_class(options=[Option(1)]),
+     "sampler 'mine': Mine.options must be a dict of option names to gpt_runtime.sampling.Option, not list", None),
+    (sampler_class(options={"t": 0.5}), "sampler 'mine': option 't' must be a gpt_runtime.sampling.Option, not 0.5",
+     "write 't': Option(default, help)"),
+    (sampler_class(options={"top-k": Option(1)}), "sampler 'mine': option name 'top-k' is not a valid identifier", None),
+    (sampler_class(options={"apply": Option(1)}), "sampler 'mine': option name 'apply' would hide Sampler.apply", "rename the option"),
+    (sampler_class(options={"t": Option(0.0, low=0, low_open=True)}),
+     "sampler 'mine': the default of option 't' is invalid: mine.t = 0.0 is out of range", "it needs 0 < mine.t"),
+    (sampler_class(options={"k": Option(80, high=64)}),
+     "sampler 'mine': the default of option 'k' is invalid: mine.k = 80 is out of range", "it needs mine.k <= 64"),
+    (sampler_class(options={"p": Option(float("nan"))}),
+     "sampler 'mine': the default of option 'p' is invalid: mine.p must be a finite number, not nan", None),
+    (sampler_class(options={"x": Option(None)}),
+     "sampler 'mine': the default of option 'x' is invalid: mine.x has a default of unsupported type NoneType (None)",
+     "an option's default must be an int, float, bool or str; its type is the option's type"),
+    (sampler_class(options={"xs": Option([1, 2])}),
+     "sampler 'mine': the default of option 'xs' is invalid: mine.xs has a default of unsupported type list ([1, 2])",
+     "an option's default must be an int, float, bool or str; its type is the option's type"),
+])
+def test_check_sampler_class_rejects_a_broken_class(cls, message, hint):
+    with pytest.raises(QuillError) as exc:
+        check_sampler_class("mine", cls)
+    assert (exc.value.message, exc.value.hint) == (message, hint)
+
+
 # --- chains and settings ---------------------------------------------------------------------------
 
 def test_build_chain_keeps_the_order_and_reports_greedy_and_beam():
@@ -380,6 +447,16 @@ def test_chain_applies_samplers_in_order():
     ("", None, "sampler chain '' is not a comma-separated list of sampler names", "for example top_k,top_p,temperature"),
     ("top_k,,top_p", None, "sampler chain 'top_k,,top_p' is not a comma-separated list of sampler names", "for example top_k,top_p,temperature"),
     ("top_k", {"top_p": {"p": 0.5}}, "'top_p' is not in the sampler chain top_k", "add it to the chain, e.g. --sampler top_k,top_p"),
+    # the suggestion puts a filter where it has an effect: before a trailing temperature, greedy or beam
+    ("top_k,top_p,temperature", {"min_p": {"p": 0.1}}, "'min_p' is not in the sampler chain top_k,top_p,temperature",
+     "add it to the chain, e.g. --sampler top_k,top_p,min_p,temperature"),
+    ("top_k,temperature,greedy", {"min_p": {"p": 0.1}}, "'min_p' is not in the sampler chain top_k,temperature,greedy",
+     "add it to the chain, e.g. --sampler top_k,min_p,temperature,greedy"),
+    ("greedy", {"top_k": {"k": 3}}, "'top_k' is not in the sampler chain greedy", "add it to the chain, e.g. --sampler top_k,greedy"),
+    ("top_k,beam", {"temperature": {"t": 0.5}}, "'temperature' is not in the sampler chain top_k,beam",
+     "add it to the chain, e.g. --sampler top_k,temperature,beam"),
+    ("top_k,temperature", {"greedy": {}}, "'greedy' is not in the sampler chain top_k,temperature",
+     "add it to the chain, e.g. --sampler top_k,temperature,greedy"),
 ])
 def test_build_chain_errors_are_usage_errors(spec, settings, message, hint):
     with pytest.raises(UsageError) as exc:
@@ -463,11 +540,25 @@ def test_a_failing_sampler_becomes_an_error_naming_it_and_its_plugin(shaky_plugi
     assert exc.value.hint == "use a chain without 'shaky', or report it to the plugin's author"
 
 
-def test_a_quill_error_from_a_sampler_passes_through_unchanged():
+def test_a_quill_error_from_a_sampler_keeps_its_words_and_names_the_plugin():
     chain = Chain([ChainLink("shaky", Misbehaving(how="quill"), "elsewhere")])
-    with pytest.raises(QuillError) as exc:
+    with pytest.raises(SamplerError) as exc:
         chain.apply(torch.zeros(1, 3), state_for([0]))
-    assert type(exc.value) is QuillError and exc.value.message == "the sampler's own, well-described failure"
+    assert exc.value.message == "sampler 'shaky' (plugin 'elsewhere') failed: the sampler's own, well-described failure; generation stopped"
+    assert exc.value.hint == "use a chain without 'shaky', or report it to the plugin's author"  # it gave none of its own
+
+
+def test_a_quill_error_hint_from_a_sampler_is_kept():
+    class Explains(Sampler):
+        name = "explains"
+
+        def apply(self, logits, state):
+            raise QuillError("needs a longer prompt", hint="give it at least 3 tokens")
+
+    with pytest.raises(SamplerError) as exc:
+        Chain([ChainLink("explains", Explains(), "helpful")]).apply(torch.zeros(1, 3), state_for([0]))
+    assert (exc.value.message, exc.value.hint) == (
+        "sampler 'explains' (plugin 'helpful') failed: needs a longer prompt; generation stopped", "give it at least 3 tokens")
 
 
 # --- check_sampler ------------------------------------------------------------------------------------
@@ -492,7 +583,7 @@ def test_check_sampler_passes_every_builtin_with_its_defaults(name):
     ("beam", {"num_beams": 2}),
 ])
 def test_check_sampler_passes_builtins_with_strong_settings(name, options):
-    check_sampler(host_mod.get_registry().get("samplers", name).obj, vocab_size=50, batch=2, **options)
+    check_sampler(host_mod.get_registry().get("samplers", name).obj, options, vocab_size=50, batch=2)
 
 
 class Exclude(Sampler):
@@ -506,9 +597,31 @@ class Exclude(Sampler):
         return logits + torch.rand(logits.shape, generator=state.generator)
 
 
+def test_check_sampler_passes_options_with_any_name():
+    class Sized(Sampler):
+        """Options named like check_sampler's own keywords reach the sampler."""
+
+        name = "sized"
+        options = {"vocab_size": Option(1, low=1), "batch": Option(2, low=1)}
+
+        def apply(self, logits, state):
+            return logits
+
+    made = []
+
+    def factory(**options):
+        made.append(options)
+        return Sized(**options)
+
+    check_sampler(factory, {"vocab_size": 9, "batch": 4}, vocab_size=20, batch=2)
+    assert made == [{"vocab_size": 9, "batch": 4}] * 2
+    check_sampler(factory)
+    assert made[-1] == {}
+
+
 def test_check_sampler_passes_a_plugin_that_draws_from_the_generator():
-    check_sampler(Exclude, id=3)
-    check_sampler(Exclude, vocab_size=7, batch=1, id=6)
+    check_sampler(Exclude, {"id": 3})
+    check_sampler(Exclude, {"id": 6}, vocab_size=7, batch=1)
 
 
 def broken(body):
