@@ -27,3 +27,26 @@ def run_quill(*args: str, input: bytes | None = None, env: dict | None = None, c
         cwd=cwd,
         timeout=120,
     )
+
+
+def pip_install_target(sources: list[Path], site: Path) -> Path:
+    """Install distribution source trees into `site` with a real, offline `pip install --target`.
+
+    Put `site` on PYTHONPATH and the distributions' entry points are found, as
+    after a `pip install`. Builds with the environment's setuptools (no isolation).
+    """
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.fail("plugin tests build distributions offline with the environment's setuptools "
+                    "(pip --no-build-isolation), and setuptools is not installed; run `make test`")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+         "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(site), *map(str, sources)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PIP_CONFIG_FILE": os.devnull},
+    )
+    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
+    return site

@@ -23,7 +23,7 @@ from gpt_runtime.checkpoint import load_checkpoint, save_checkpoint
 from gpt_runtime.errors import QuillWarning
 from gpt_runtime.generate import generate, generate_text
 from gpt_runtime.model import GPT, GPTConfig
-from gpt_runtime.sampling import DEFAULT_CHAIN, build_chain, settings_from_strings
+from gpt_runtime.sampling import build_chain, settings_from_strings
 from helpers import SAMPLE_TEXT
 from plugins.char_tokenizer import CharTokenizer
 from plugins.samplers import SAMPLERS

@@ -11,10 +11,8 @@ failure in the middle of generation is one clear error naming it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -26,7 +24,7 @@ import pytest
 import torch
 
 from gpt_runtime.testing import check_sampler, make_state
-from helpers import SAMPLE_TEXT, run_quill
+from helpers import SAMPLE_TEXT, pip_install_target, run_quill
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "quill-xtc"
 NEG = float("-inf")
@@ -297,23 +295,12 @@ py-modules = ["quill_shaky"]
 @pytest.fixture(scope="module")
 def shaky_site(tmp_path_factory) -> Path:
     """A directory holding the quill-shaky distribution, installed by pip."""
-    if importlib.util.find_spec("setuptools") is None:
-        pytest.fail("this test builds a plugin distribution offline with the environment's setuptools, "
-                    "and setuptools is not installed; run `make test`")
     root = tmp_path_factory.mktemp("shaky")
     src = root / "src"
     src.mkdir()
     (src / "pyproject.toml").write_text(SHAKY_PYPROJECT, encoding="utf-8")
     (src / "quill_shaky.py").write_text(textwrap.dedent(SHAKY_SOURCE), encoding="utf-8")
-    site = root / "site"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(site), str(src)],
-        check=False, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PIP_CONFIG_FILE": os.devnull},
-    )
-    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
-    return site
+    return pip_install_target([src], root / "site")
 
 
 @pytest.mark.parametrize(("sampler", "printed", "what"), [

@@ -10,10 +10,7 @@ in-process for what a subprocess cannot see: caching, rollback, suggestions.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from importlib import metadata
@@ -27,7 +24,7 @@ from gpt_runtime.errors import QuillError, QuillWarning
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.registry import Registry
 from gpt_runtime.tokenizer import Tokenizer
-from helpers import SAMPLE_TEXT, run_quill
+from helpers import SAMPLE_TEXT, pip_install_target, run_quill
 
 
 def tok_class(kind: str) -> type[Tokenizer]:
@@ -148,9 +145,6 @@ py-modules = ["{module}"]
 @pytest.fixture(scope="session")
 def plugin_site(tmp_path_factory) -> Path:
     """A directory holding the four test distributions, installed by pip."""
-    if importlib.util.find_spec("setuptools") is None:
-        pytest.fail("these tests build their plugin distributions offline with the environment's "
-                    "setuptools (pip --no-build-isolation), and setuptools is not installed")
     root = tmp_path_factory.mktemp("quill_plugins")
     dirs = []
     for dist, (version, plugin, module, source) in DISTS.items():
@@ -159,16 +153,8 @@ def plugin_site(tmp_path_factory) -> Path:
         (d / "pyproject.toml").write_text(
             PYPROJECT.format(dist=dist, version=version, plugin=plugin, module=module), encoding="utf-8")
         (d / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
-        dirs.append(str(d))
-    site = root / "site"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--no-cache-dir", "--disable-pip-version-check", "--quiet", "--target", str(site), *dirs],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PIP_CONFIG_FILE": os.devnull},
-    )
-    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
-    return site
+        dirs.append(d)
+    return pip_install_target(dirs, root / "site")
 
 
 def quill(site: Path, *args: str, **env: str) -> tuple[int, str, str]:
