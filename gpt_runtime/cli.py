@@ -495,7 +495,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = _read_arg(args.prompt, "the prompt")
     backend = get_backend(args.device)
     ckpt = load_checkpoint(args.checkpoint, device=backend.device)
-    dtype = generation_dtype(backend, ckpt.model, args.dtype)
+    dtype = generation_dtype(backend, ckpt.model, args.dtype, args.quantize)
     model = prepare_model(ckpt.model, backend, dtype, args.quantize)
     out = sys.stdout
     events = generate(model, ckpt.tokenizer, prompt, chain=chain, max_new_tokens=args.max_new_tokens,

@@ -97,11 +97,17 @@ def prepare_model(model: GPT, backend: Backend, dtype: torch.dtype, quantize: st
     return model
 
 
-def generation_dtype(backend: Backend, model: GPT, name: str = "auto") -> torch.dtype:
-    """The dtype to generate in: `name`, or for ``auto`` the backend's choice for this model."""
+def generation_dtype(backend: Backend, model: GPT, name: str = "auto", quantize: str = "none") -> torch.dtype:
+    """The dtype to generate in: `name`, or for ``auto`` the backend's choice for this model.
+
+    With int8 weights, ``auto`` is the backend's preferred dtype: the int8 kernel
+    is much slower with float32 activations than with bf16 ones.
+    """
     from .backend import resolve_dtype
 
     if name == "auto":
+        if quantize == "int8":
+            return backend.preferred_dtype()
         return backend.generation_dtype(model.num_params(exclude_positions=False))
     return resolve_dtype(backend, name)
 
