@@ -694,7 +694,9 @@ def test_generation_and_cache_dtypes(monkeypatch, model):
     assert generation_dtype(cpu, model, "float32") is torch.float32
     big = GPT(GPTConfig(vocab_size=8192, block_size=8, n_layer=0, n_head=1, n_embd=256))
     assert generation_dtype(cpu, big, "auto") is torch.bfloat16
+    assert generation_dtype(cpu, model, "auto", quantize="int8") is torch.bfloat16  # int8 wants bf16 activations
     monkeypatch.setattr(backends, "cpu_has_bf16", lambda: False)
+    assert generation_dtype(cpu, model, "auto", quantize="int8") is torch.float32
     assert generation_dtype(cpu, big, "auto") is torch.float32
     assert cache_dtype(model) == torch.float32
     assert cache_dtype(copy.deepcopy(model).to(torch.bfloat16)) == torch.float32  # on the CPU, always
