@@ -17,14 +17,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import QuillError
 from .fileio import atomic_write_bytes
-from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
+
+if TYPE_CHECKING:  # torch loads only with the functions that need it: metadata is read without it
+    import torch
+
+    from .model import GPT, GPTConfig
 
 FORMAT = "quill-checkpoint"
 FORMAT_VERSION = 1
@@ -91,19 +93,26 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata of a checkpoint file, checked to be a Quill checkpoint."""
-    from safetensors import SafetensorError, safe_open
+    """The metadata of a checkpoint file, checked to be a Quill checkpoint.
 
+    Reads only the file's JSON header (a safetensors file starts with its
+    length, 8 bytes little-endian), so it is quick and needs no torch.
+    """
     path = resolve_checkpoint_path(path)
+    bad = QuillError(f"checkpoint {str(path)!r} is truncated or not a safetensors file",
+                     hint="use a best.safetensors or last.safetensors written by `quill train`")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise QuillError(
-            f"checkpoint {str(path)!r} is truncated or not a safetensors file ({str(exc).splitlines()[0][:120]})",
-            hint="use a best.safetensors or last.safetensors written by `quill train`",
-        ) from None
-    if meta.get("format") != FORMAT:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > min(os.fstat(f.fileno()).st_size - 8, 100_000_000):
+                raise bad
+            header = json.loads(f.read(size))
+    except OSError as exc:
+        raise QuillError(f"cannot read checkpoint {str(path)!r}: {exc.strerror}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise bad from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise QuillError(f"{str(path)!r} is a safetensors file but not a Quill checkpoint (no Quill metadata)")
     if int(meta.get("version", "0")) > FORMAT_VERSION:
         raise QuillError(f"checkpoint {str(path)!r} has format version {meta['version']}, newer than this Quill reads ({FORMAT_VERSION})", hint="upgrade quillgpt")
@@ -130,6 +139,8 @@ def load_checkpoint(
     was trained with: a different fingerprint is an error naming both.
     """
     from safetensors.torch import load_file
+
+    from .model import GPT, GPTConfig
 
     path = resolve_checkpoint_path(path)
     meta = read_metadata(path)
@@ -165,6 +176,8 @@ def load_checkpoint(
 
 def save_resume_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write resume state (tensors, numbers, strings, lists and dicts) atomically."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -172,6 +185,8 @@ def save_resume_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 def load_resume_state(path: str | os.PathLike) -> dict[str, Any]:
     """Read resume state without unpickling arbitrary objects."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise QuillError(f"no resume state at {str(path)!r}", hint="--resume needs a run directory that `quill train` wrote")

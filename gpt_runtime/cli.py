@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from dataclasses import fields, replace
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .config import TrainConfig  # no torch: only the settings' names, types and help
@@ -170,9 +170,11 @@ def build_parser() -> Parser:
         "quill generate runs/small --prompt 'KING' --num-beams 4 --stop '\\n\\n'",
     ), description="Generate text from a checkpoint. The next token is chosen by a sampler chain "
                    "(list them with `quill samplers`); --set changes a sampler's option.")
-    p.add_argument("checkpoint", help="checkpoint file, or a run directory")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint file, or a run directory (or give --profile)")
+    p.add_argument("--profile", help="take the checkpoint, sampler chain, options and backend from this profile; "
+                                     "other flags override it")
     p.add_argument("--prompt", default="", help="text to continue; '-' reads standard input (default: empty, start from <bos>)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most (default: 200)")
     p.add_argument("--sampler", default=None, metavar="CHAIN",
                    help="comma-separated sampler chain, applied in order (default: top_k,top_p,temperature)")
     p.add_argument("--set", action="append", default=[], metavar="NAME.OPTION=VALUE", dest="settings",
@@ -184,11 +186,40 @@ def build_parser() -> Parser:
                    help="stop before this text (repeatable; \\n and \\t are understood)")
     p.add_argument("--show-probs", type=int, nargs="?", const=3, default=0, metavar="N",
                    help="print each token with its probability and the N most likely alternatives (default N: 3)")
-    p.add_argument("--device", default="auto", help="backend: auto, cpu, cuda, mps (default: auto)")
-    p.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (default: auto, the fastest for the model)")
-    p.add_argument("--quantize", default="none", choices=("none", "int8"),
+    p.add_argument("--device", default=None, help="backend: auto, cpu, cuda, mps (default: auto)")
+    p.add_argument("--dtype", default=None, help="auto, float32 or bfloat16 (default: auto, the fastest for the model)")
+    p.add_argument("--quantize", default=None, choices=("none", "int8"),
                    help="int8: weights in 8 bits, faster on the CPU, slightly less accurate (default: none)")
     p.set_defaults(run=cmd_generate)
+
+    # quill profiles ...
+    prof = _sub(commands, "profiles", "list, show and check chat profiles", (
+        "quill profiles list",
+        "quill profiles show shakespeare",
+        "quill profiles validate my-profile.toml",
+    ), description="Profiles are TOML files binding a checkpoint, a sampler chain, a backend and a chat "
+                   "template. They are read from the shipped profiles/ directory and from the user's "
+                   "profile directory (QUILL_PROFILES overrides it).")
+    prof.set_defaults(help_parser=prof)
+    prof_cmds = prof.add_subparsers(dest="profiles_command", metavar="ACTION", parser_class=Parser)
+    p = _sub(prof_cmds, "list", "list every profile found, and what is wrong with any bad one", (
+        "quill profiles list",
+        "QUILL_PROFILES=~/my-profiles quill profiles list --json",
+    ))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_profiles_list)
+    p = _sub(prof_cmds, "show", "show a profile's settings, defaults filled in", (
+        "quill profiles show shakespeare",
+        "quill profiles show ./my-profile.toml --json",
+    ))
+    p.add_argument("name", help="profile name, or a path to a .toml file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_profiles_show)
+    p = _sub(prof_cmds, "validate", "check a profile file: keys, types, files and the tokenizer fingerprint", (
+        "quill profiles validate my-profile.toml",
+    ))
+    p.add_argument("file", help="the profile's .toml file")
+    p.set_defaults(run=cmd_profiles_validate)
 
     # quill samplers
     p = _sub(commands, "samplers", "list samplers with their options and the plugin each came from", (
@@ -459,9 +490,35 @@ def _unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def _apply_profile(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Fill unset generate flags from --profile; returns the profile's sampler options."""
+    if (args.checkpoint is None) == (args.profile is None):
+        raise UsageError("give a checkpoint or --profile NAME (one of them)",
+                         hint="quill generate runs/small --prompt ... or quill generate --profile shakespeare --prompt ...")
+    defaults = {"max_new_tokens": 200, "device": "auto", "dtype": "auto", "quantize": "none"}
+    options: dict[str, dict[str, Any]] = {}
+    if args.profile is not None:
+        from .profiles import get_profile
+
+        profile = get_profile(args.profile)
+        args.checkpoint = str(profile.checkpoint)
+        defaults = {"max_new_tokens": profile.max_new_tokens, "device": profile.device, "dtype": profile.dtype,
+                    "quantize": profile.quantize}
+        if args.sampler is None:  # another chain on the command line starts from its defaults
+            args.sampler = profile.chain
+            options = profile.options
+        if args.seed is None:
+            args.seed = profile.seed
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return options
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from .sampling import DEFAULT_CHAIN, build_chain, settings_from_strings
 
+    profile_options = _apply_profile(args)
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be 0 or more, not {args.max_new_tokens}")
     if args.show_probs < 0:
@@ -474,7 +531,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     # default (top-k, top-p, temperature) would only distort them.
     spec = args.sampler if args.sampler is not None else ("beam" if args.num_beams is not None else DEFAULT_CHAIN)
     try:  # checked before the (slower) checkpoint load; a bad option is a usage error
-        settings = settings_from_strings(args.settings)
+        settings = {name: dict(values) for name, values in profile_options.items()}
+        for name, values in settings_from_strings(args.settings).items():
+            settings.setdefault(name, {}).update(values)
         if args.num_beams is not None:
             if "num_beams" in settings.get("beam", {}):
                 raise UsageError("--num-beams and --set beam.num_beams both set the number of beams; give one")
@@ -513,6 +572,56 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if sys.stderr.isatty():
         print(f"[{event.reason}: {event.new_tokens} tokens, {event.tokens_per_second:.0f} tokens/s, seed {event.seed}]",
               file=sys.stderr)
+
+
+def cmd_profiles_list(args: argparse.Namespace) -> None:
+    from .profiles import find_profiles, user_profile_dir
+
+    entries = find_profiles()
+    if args.json:
+        print(json.dumps([{"name": e.name, "origin": e.origin, "path": str(e.path),
+                           "error": str(e.error) if e.error else None,
+                           "profile": e.profile.to_dict() if e.profile else None} for e in entries], indent=1))
+        return
+    if not entries:
+        print(f"no profiles yet; put .toml files in {user_profile_dir()} (see `quill profiles --help`)")
+    width = max((len(e.name) for e in entries), default=0)
+    for e in entries:
+        what = e.profile.description if e.profile else f"ERROR: {e.error}"
+        print(f"{e.name:<{width}}  [{e.origin}]  {what}")
+
+
+def cmd_profiles_show(args: argparse.Namespace) -> None:
+    from .profiles import get_profile
+
+    profile = get_profile(args.name)
+    data = profile.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=1))
+        return
+    print(f"# {profile.name}: {profile.description}" if profile.description else f"# {profile.name}")
+    print(f"# {profile.path}")
+    for key in ("checkpoint", "tokenizer", "tokenizer_fingerprint"):
+        if data[key] is not None:
+            print(f"{key} = {json.dumps(data[key], ensure_ascii=False)}")
+    for table in ("sampler", "backend", "generation", "template"):
+        print(f"\n[{table}]")
+        for key, value in data[table].items():
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                inline = ", ".join(f"{k} = {json.dumps(v, ensure_ascii=False)}" for k, v in value.items())
+                print(f"{key} = {{ {inline} }}")
+            else:
+                print(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+
+
+def cmd_profiles_validate(args: argparse.Namespace) -> None:
+    from .profiles import load_profile
+
+    profile = load_profile(args.file)
+    print(f"ok: profile {profile.name!r}: checkpoint {profile.checkpoint} (tokenizer {profile.tokenizer_fingerprint}), "
+          f"sampler chain {profile.chain}")
 
 
 def cmd_samplers(args: argparse.Namespace) -> None:

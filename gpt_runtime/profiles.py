@@ -1,0 +1,269 @@
+"""Profiles: TOML files that say which model to chat with, and how.
+
+A profile binds one checkpoint (and, optionally, the tokenizer file it must
+match), a sampler chain with its options, a backend and dtype, generation
+limits, and a chat template. Paths are relative to the profile file::
+
+    description = "Character-level Shakespeare, 0.8M parameters"
+    checkpoint = "models/shakespeare-char.safetensors"
+    tokenizer = "models/shakespeare-chars.json"   # optional: checked against the checkpoint
+
+    [sampler]
+    chain = "repetition_penalty,top_k,top_p,temperature"
+    top_k = { k = 40 }
+    temperature = { t = 0.8 }
+
+    [backend]
+    device = "auto"       # auto, cpu, cuda, mps, or a plugin's
+    dtype = "auto"        # auto, float32, bfloat16
+    quantize = "none"     # none, int8
+
+    [generation]
+    max_new_tokens = 200
+    # seed = 42          # fixed seed for every reply; unset: a new one each time
+
+    [template]
+    system = ""                 # text before the first turn
+    user_prefix = "ROMEO:\\n"
+    user_suffix = "\\n\\n"
+    model_prefix = "JULIET:\\n"
+    model_suffix = "\\n\\n"
+    stop = ["\\n\\n"]            # end of the model's turn
+
+Profiles are found in the shipped `profiles/` directory and in the user's
+profile directory (`QUILL_PROFILES`, else ``$XDG_CONFIG_HOME/quill/profiles``
+or the platform's usual place); a user profile hides a shipped one of the same
+name. Nothing here imports torch: checking a profile reads only file headers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import QuillError, did_you_mean
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+@dataclass
+class ChatTemplate:
+    """How turns are laid out for a base model, and what ends the model's turn."""
+
+    system: str = ""
+    user_prefix: str = "User: "
+    user_suffix: str = "\n"
+    model_prefix: str = "Quill: "
+    model_suffix: str = "\n"
+    stop: list[str] = field(default_factory=lambda: ["\nUser:"])
+
+    def render(self, turns: list[tuple[str, str]], message: str) -> str:
+        """The prompt for the reply to `message`, after the (user, model) `turns`."""
+        parts = [self.system]
+        for user, model in turns:
+            parts += [self.user_prefix, user, self.user_suffix, self.model_prefix, model, self.model_suffix]
+        parts += [self.user_prefix, message, self.user_suffix, self.model_prefix]
+        return "".join(parts)
+
+
+@dataclass
+class Profile:
+    """A checked profile. Paths are absolute; `options` are per sampler."""
+
+    name: str
+    path: Path
+    checkpoint: Path
+    tokenizer_fingerprint: str
+    description: str = ""
+    tokenizer: Path | None = None
+    chain: str = ""
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str = "none"
+    max_new_tokens: int = 200
+    seed: int | None = None
+    template: ChatTemplate = field(default_factory=ChatTemplate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "path": str(self.path), "description": self.description,
+            "checkpoint": str(self.checkpoint), "tokenizer": str(self.tokenizer) if self.tokenizer else None,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint, "sampler": {"chain": self.chain, **self.options},
+            "backend": {"device": self.device, "dtype": self.dtype, "quantize": self.quantize},
+            "generation": {"max_new_tokens": self.max_new_tokens, "seed": self.seed},
+            "template": vars(self.template),
+        }
+
+
+# key -> (type, description) for each table; "" is the top level.
+SCHEMA: dict[str, dict[str, tuple[type, str]]] = {
+    "": {"description": (str, "text"), "checkpoint": (str, "a path"), "tokenizer": (str, "a path")},
+    "backend": {"device": (str, "a backend name"), "dtype": (str, "auto, float32 or bfloat16"),
+                "quantize": (str, "none or int8")},
+    "generation": {"max_new_tokens": (int, "a whole number"), "seed": (int, "a whole number")},
+    "template": {"system": (str, "text"), "user_prefix": (str, "text"), "user_suffix": (str, "text"),
+                 "model_prefix": (str, "text"), "model_suffix": (str, "text"), "stop": (list, "a list of strings")},
+}
+TABLES = ("sampler", "backend", "generation", "template")
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    """Read and check a profile file: its keys and types, its files, and their fingerprints."""
+    from .checkpoint import read_metadata, resolve_checkpoint_path
+    from .config import load_toml
+    from .sampling import DEFAULT_CHAIN, build_chain
+
+    path = Path(path).resolve()
+    where = f"profile {str(path)!r}"
+    try:
+        data = load_toml(path)
+    except QuillError as exc:
+        raise QuillError(exc.message.replace("config file", "profile", 1), hint=exc.hint) from None
+    _check_keys(data, where)
+    top = {k: v for k, v in data.items() if k not in TABLES}
+    if "checkpoint" not in top:
+        raise QuillError(f"{where} has no checkpoint", hint='add a line like: checkpoint = "models/my-model.safetensors"')
+    profile = Profile(name=path.stem, path=path, checkpoint=path.parent, tokenizer_fingerprint="",
+                      description=top.get("description", ""))
+    try:
+        profile.checkpoint = resolve_checkpoint_path(path.parent / top["checkpoint"]).resolve()
+        fingerprint = read_metadata(profile.checkpoint)["tokenizer_fingerprint"]
+    except QuillError as exc:
+        raise QuillError(f"{where}, key checkpoint: {exc.message}", hint=exc.hint) from None
+    profile.tokenizer_fingerprint = fingerprint
+    if "tokenizer" in top:
+        from .tokenizer import load_tokenizer
+
+        profile.tokenizer = (path.parent / top["tokenizer"]).resolve()
+        try:
+            given = load_tokenizer(profile.tokenizer).fingerprint
+        except QuillError as exc:
+            raise QuillError(f"{where}, key tokenizer: {exc.message}", hint=exc.hint) from None
+        if given != fingerprint:
+            raise QuillError(
+                f"{where}: tokenizer {str(profile.tokenizer)!r} has fingerprint {given}, but checkpoint "
+                f"{str(profile.checkpoint)!r} was trained with tokenizer {fingerprint}",
+                hint="point `tokenizer` at the tokenizer the model was trained with, or remove the key "
+                     "(the checkpoint carries its own)")
+    sampler = dict(data.get("sampler", {}))
+    profile.chain = sampler.pop("chain", DEFAULT_CHAIN)
+    if not isinstance(profile.chain, str):
+        raise QuillError(f"{where}: [sampler] chain must be a string like {DEFAULT_CHAIN!r}, not {profile.chain!r}")
+    for name, options in sampler.items():
+        if not isinstance(options, dict):  # a misspelled `chain`, or options not written as a table
+            from .plugins import get_registry
+
+            raise QuillError(f"{where}: [sampler] {name} = {options!r} is neither `chain` nor a sampler's options",
+                             hint=did_you_mean(name, ["chain", *get_registry().names("samplers")])
+                             or f"write options as {name} = {{ option = value }}")
+    try:
+        chain = build_chain(profile.chain, sampler)
+    except QuillError as exc:
+        raise QuillError(f"{where}, [sampler]: {exc.message}", hint=exc.hint) from None
+    profile.options = chain.settings()
+    backend = data.get("backend", {})
+    profile.device = backend.get("device", profile.device)
+    profile.dtype = backend.get("dtype", profile.dtype)
+    profile.quantize = backend.get("quantize", profile.quantize)
+    if profile.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+        raise QuillError(f"{where}: [backend] dtype {profile.dtype!r} is not auto, float32 or bfloat16")
+    if profile.quantize not in ("none", "int8"):
+        raise QuillError(f"{where}: [backend] quantize {profile.quantize!r} is not none or int8")
+    generation = data.get("generation", {})
+    profile.max_new_tokens = generation.get("max_new_tokens", profile.max_new_tokens)
+    profile.seed = generation.get("seed")
+    if profile.max_new_tokens < 1:
+        raise QuillError(f"{where}: [generation] max_new_tokens must be at least 1, not {profile.max_new_tokens}")
+    if profile.seed is not None and not 0 <= profile.seed < 2**64:
+        raise QuillError(f"{where}: [generation] seed must be from 0 to 2**64 - 1, not {profile.seed}")
+    template = data.get("template", {})
+    if not all(isinstance(s, str) and s for s in template.get("stop", [])):
+        raise QuillError(f"{where}: [template] stop must be a list of non-empty strings")
+    profile.template = ChatTemplate(**template)
+    return profile
+
+
+def _check_keys(data: dict[str, Any], where: str) -> None:
+    """Unknown keys and wrong types, each named with its table and what was expected."""
+    for key, value in data.items():
+        if key in TABLES:
+            if not isinstance(value, dict):
+                raise QuillError(f"{where}: {key} must be a table ([{key}]), not {value!r}")
+            if key == "sampler":
+                continue  # sampler names and options are checked by the sampler chain
+            table, label = value, f"[{key}] "
+            for sub, subvalue in table.items():
+                _check_value(key, sub, subvalue, where, label)
+        else:
+            _check_value("", key, value, where, "")
+
+
+def _check_value(table: str, key: str, value: Any, where: str, label: str) -> None:
+    known = SCHEMA[table]
+    if key not in known:
+        choices = list(known) + (list(TABLES) if not table else [])
+        raise QuillError(f"{where}: unknown key {label}{key}",
+                         hint=did_you_mean(key, choices) or f"known keys here: {', '.join(choices)}")
+    kind, expected = known[key]
+    if type(value) is not kind:  # bool is not an int here
+        raise QuillError(f"{where}: {label}{key} must be {expected}, not {value!r}")
+
+
+@dataclass
+class ProfileEntry:
+    """A profile found on disk: the checked profile, or why it could not be read."""
+
+    name: str
+    path: Path
+    origin: str  # "shipped" or "user"
+    profile: Profile | None = None
+    error: QuillError | None = None
+
+
+def user_profile_dir() -> Path:
+    """Where the user's profiles live: QUILL_PROFILES, else the platform's config place."""
+    if os.environ.get("QUILL_PROFILES"):
+        return Path(os.environ["QUILL_PROFILES"]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "quill" / "profiles"
+
+
+def find_profiles() -> list[ProfileEntry]:
+    """Every profile, checked; a user profile hides a shipped one of the same name. Sorted by name."""
+    found: dict[str, ProfileEntry] = {}
+    for origin, directory in (("shipped", SHIPPED_DIR), ("user", user_profile_dir())):
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.glob("*.toml")):
+            entry = ProfileEntry(path.stem, path, origin)
+            try:
+                entry.profile = load_profile(path)
+            except QuillError as exc:
+                entry.error = exc
+            found[path.stem] = entry
+    return [found[name] for name in sorted(found)]
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called `name` (or at the path `name`, if it is a .toml file)."""
+    if name.endswith(".toml") or os.sep in name:
+        return load_profile(name)
+    entries = find_profiles()
+    for entry in entries:
+        if entry.name == name:
+            if entry.error:
+                raise entry.error
+            return entry.profile
+    names = [e.name for e in entries]
+    raise QuillError(f"no profile named {name!r}",
+                     hint=did_you_mean(name, names) or (f"profiles: {', '.join(names)}" if names else
+                                                        f"put profiles in {user_profile_dir()}"))
