@@ -192,6 +192,17 @@ def build_parser() -> Parser:
                    help="int8: weights in 8 bits, faster on the CPU, slightly less accurate (default: none)")
     p.set_defaults(run=cmd_generate)
 
+    # quill chat
+    p = _sub(commands, "chat", "chat with a model: the plain REPL (the full-screen chat is coming)", (
+        "quill chat --profile shakespeare",
+        "printf 'Good morrow\\n/set temperature 0.5\\nAnd then?\\n' | quill chat --profile shakespeare",
+    ), description="Chat with a profile's model. Anything you type is sent to the model; lines starting "
+                   "with / are commands (/help lists them). When stdin or stdout is not a terminal, stdin is "
+                   "read as a script of messages and commands and the transcript is written to stdout.")
+    p.add_argument("--profile", help="profile to chat with (default: the one named `default`, or the only one)")
+    p.add_argument("--plain", action="store_true", help="the plain line-based REPL (the only one so far)")
+    p.set_defaults(run=cmd_chat)
+
     # quill profiles ...
     prof = _sub(commands, "profiles", "list, show and check chat profiles", (
         "quill profiles list",
@@ -572,6 +583,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if sys.stderr.isatty():
         print(f"[{event.reason}: {event.new_tokens} tokens, {event.tokens_per_second:.0f} tokens/s, seed {event.seed}]",
               file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from tui.repl import run_interactive, run_script
+
+    from .profiles import default_profile, history_path
+    from .session import ChatSession
+
+    session = ChatSession(args.profile or default_profile())
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        run_interactive(session, str(history_path()))
+    else:
+        run_script(session, sys.stdin)
 
 
 def cmd_profiles_list(args: argparse.Namespace) -> None:

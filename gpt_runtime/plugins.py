@@ -36,6 +36,7 @@ BUILTINS: tuple[tuple[str, str], ...] = (
     ("bpe", "plugins.bpe_tokenizer"),
     ("backends", "plugins.backends"),
     ("samplers", "plugins.samplers"),
+    ("commands", "plugins.commands"),
 )
 
 HOOK_NAMES = tuple(f"quill_register_{kind}" for kind in KINDS)

@@ -131,7 +131,10 @@ def load_profile(path: str | os.PathLike) -> Profile:
                       description=top.get("description", ""))
     try:
         profile.checkpoint = resolve_checkpoint_path(path.parent / top["checkpoint"]).resolve()
-        fingerprint = read_metadata(profile.checkpoint)["tokenizer_fingerprint"]
+        fingerprint = read_metadata(profile.checkpoint).get("tokenizer_fingerprint")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise QuillError(f"checkpoint {str(profile.checkpoint)!r} has no tokenizer fingerprint in its metadata",
+                             hint="use a best.safetensors or last.safetensors written by `quill train`")
     except QuillError as exc:
         raise QuillError(f"{where}, key checkpoint: {exc.message}", hint=exc.hint) from None
     profile.tokenizer_fingerprint = fingerprint
@@ -153,13 +156,17 @@ def load_profile(path: str | os.PathLike) -> Profile:
     profile.chain = sampler.pop("chain", DEFAULT_CHAIN)
     if not isinstance(profile.chain, str):
         raise QuillError(f"{where}: [sampler] chain must be a string like {DEFAULT_CHAIN!r}, not {profile.chain!r}")
-    for name, options in sampler.items():
-        if not isinstance(options, dict):  # a misspelled `chain`, or options not written as a table
-            from .plugins import get_registry
+    from .plugins import get_registry
 
+    samplers = get_registry().names("samplers")
+    for name, options in sampler.items():
+        as_table = f"write options as {name} = {{ option = value }}"
+        if not isinstance(options, dict):  # a misspelled `chain`, or options not written as a table
             raise QuillError(f"{where}: [sampler] {name} = {options!r} is neither `chain` nor a sampler's options",
-                             hint=did_you_mean(name, ["chain", *get_registry().names("samplers")])
-                             or f"write options as {name} = {{ option = value }}")
+                             hint=as_table if name in samplers else did_you_mean(name, ["chain", *samplers]) or as_table)
+        if name not in samplers:  # else build_chain would advise adding the unknown name to the chain
+            raise QuillError(f"{where}: [sampler] {name}: no sampler named {name!r}",
+                             hint=did_you_mean(name, samplers) or f"samplers: {', '.join(samplers)}")
     try:
         chain = build_chain(profile.chain, sampler)
     except QuillError as exc:
@@ -267,3 +274,30 @@ def get_profile(name: str) -> Profile:
     raise QuillError(f"no profile named {name!r}",
                      hint=did_you_mean(name, names) or (f"profiles: {', '.join(names)}" if names else
                                                         f"put profiles in {user_profile_dir()}"))
+
+
+def default_profile() -> str:
+    """The profile `quill chat` uses when none is named: `default`, or the only good one."""
+    entries = find_profiles()
+    good = [e.name for e in entries if e.profile is not None]
+    if "default" in good:
+        return "default"
+    if len(good) == 1:
+        return good[0]
+    if not good:
+        raise QuillError("there are no usable profiles to chat with",
+                         hint=f"write one in {user_profile_dir()} (see the README's Profiles section)")
+    raise QuillError("several profiles: say which with --profile NAME", hint=f"profiles: {', '.join(good)}")
+
+
+def history_path() -> Path:
+    """The chat's input history file (XDG data directory on Linux), its folder created."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    path = base / "quill" / "history"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

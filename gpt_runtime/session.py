@@ -1,0 +1,349 @@
+"""The chat session: one conversation with a profile's model, for any interface.
+
+A `ChatSession` holds the active profile, the sampler chain and its options,
+the conversation, and where every reply came from. `send` streams a reply as
+events (the engine's `Token` and `Done`, plus `Notice` for things the user
+should know); `cancel` stops a reply in flight from another thread. Nothing
+here prints or reads the keyboard: the plain REPL and the TUI both drive it.
+
+Every reply carries its `Provenance`: checkpoint (file hash and step),
+tokenizer fingerprint, sampler chain and options, seed and speed, enough to
+replay it exactly (`replay`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import QuillError
+from .profiles import Profile, get_profile
+
+
+@dataclass
+class Notice:
+    """A one-line message for the user, e.g. that old turns left the context window."""
+
+    text: str
+
+
+@dataclass
+class Provenance:
+    """Everything that decided one reply; `ChatSession.replay` uses it to redo the reply."""
+
+    profile: str
+    checkpoint: str
+    checkpoint_sha256: str  # first 16 hex digits of the file's SHA-256
+    step: int
+    tokenizer_fingerprint: str
+    chain: str
+    options: dict[str, dict[str, Any]]
+    seed: int
+    max_new_tokens: int
+    first_turn: int  # the oldest turn the prompt held (older ones had left the context window)
+    reason: str = ""
+    new_tokens: int = 0
+    tokens_per_second: float = 0.0
+
+
+@dataclass
+class Turn:
+    """One exchange: what the user said and what the model replied."""
+
+    user: str
+    reply: str = ""
+    provenance: Provenance | None = None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class _Loaded:
+    """A profile's model, loaded and prepared on its backend."""
+
+    profile: Profile
+    model: Any
+    tokenizer: Any
+    step: int
+    sha256: str
+    device: str
+    dtype: str
+
+
+def _load(profile: Profile) -> _Loaded:
+    from .backend import dtype_name, get_backend
+    from .checkpoint import load_checkpoint
+    from .inference import generation_dtype, prepare_model
+
+    backend = get_backend(profile.device)
+    ckpt = load_checkpoint(profile.checkpoint, device=backend.device)
+    dtype = generation_dtype(backend, ckpt.model, profile.dtype, profile.quantize)
+    model = prepare_model(ckpt.model, backend, dtype, profile.quantize)
+    return _Loaded(profile, model, ckpt.tokenizer, ckpt.step, file_sha256(profile.checkpoint), backend.name,
+                   dtype_name(dtype))
+
+
+class ChatSession:
+    """A conversation with the model of a profile; UI-agnostic and thread-safe to cancel."""
+
+    def __init__(self, profile: Profile | str) -> None:
+        self.turns: list[Turn] = []
+        self._cancel = threading.Event()
+        self._busy = threading.Lock()
+        self.use_profile(profile)
+
+    # --- settings -----------------------------------------------------------------
+
+    def use_profile(self, profile: Profile | str) -> None:
+        """Switch to another profile (its model, chain and limits); the conversation stays."""
+        profile = get_profile(profile) if isinstance(profile, str) else profile
+        self.loaded = _load(profile)
+        self.chain = profile.chain
+        self.options = {name: dict(values) for name, values in profile.options.items()}
+        self.max_new_tokens = profile.max_new_tokens
+        self.seed = profile.seed
+
+    @property
+    def profile(self) -> Profile:
+        return self.loaded.profile
+
+    def set_chain(self, spec: str) -> None:
+        """Use another sampler chain; options of samplers that stay are kept."""
+        from .sampling import build_chain
+
+        kept = {name: values for name, values in self.options.items() if name in spec.split(",")}
+        chain = build_chain(spec, kept)
+        self.chain, self.options = chain.spec, chain.settings()
+
+    def set(self, name: str, value: str) -> str:
+        """Set ``max_new_tokens``, ``seed`` or a sampler option (``top_p.p``, or
+        ``temperature`` for a one-option sampler); returns what was set, for display."""
+        from .sampling import build_chain, settings_from_strings
+
+        if name == "max_new_tokens":
+            number = _whole(name, value)
+            if number < 1:
+                raise QuillError(f"max_new_tokens must be at least 1, not {number}")
+            self.max_new_tokens = number
+            return f"max_new_tokens = {number}"
+        if name == "seed":
+            if value.strip().lower() in ("none", "random", ""):
+                self.seed = None
+                return "seed = random for each reply"
+            number = _whole(name, value)
+            if not 0 <= number < 2**64:
+                raise QuillError(f"seed must be from 0 to 2**64 - 1, not {number}")
+            self.seed = number
+            return f"seed = {number}"
+        (sampler, values), = settings_from_strings([f"{name}={value}"]).items()
+        options = {n: dict(v) for n, v in self.options.items()}
+        options.setdefault(sampler, {}).update(values)
+        chain = build_chain(self.chain, options)
+        self.options = chain.settings()
+        option, = values
+        return f"{sampler}.{option} = {self.options[sampler][option]!r}"
+
+    def describe(self) -> dict[str, Any]:
+        """What `/show` shows: profile, chain, options, limits, device and dtype."""
+        return {"profile": self.profile.name, "checkpoint": str(self.profile.checkpoint), "step": self.loaded.step,
+                "chain": self.chain, "options": self.options, "max_new_tokens": self.max_new_tokens,
+                "seed": self.seed, "device": self.loaded.device, "dtype": self.loaded.dtype,
+                "quantize": self.profile.quantize}
+
+    # --- talking ------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """True while a reply is streaming."""
+        return self._busy.locked()
+
+    def cancel(self) -> None:
+        """Stop the reply in flight (from any thread) within one token; it keeps what it said."""
+        self._cancel.set()
+
+    def send(self, message: str) -> Iterator[Any]:
+        """Add `message` and stream the reply: `Notice`, `Token` and finally `Done` events.
+
+        Iterate to the end (a cancelled reply ends quickly): the session is busy
+        until then, and a second `send` meanwhile is refused, never interleaved.
+        """
+        if not self._busy.acquire(blocking=False):
+            raise QuillError("a reply is still streaming; wait for it, or cancel it first")
+        self._busy.release()
+        self.turns.append(Turn(message))
+        return self._reply(len(self.turns) - 1)
+
+    def _prompt(self, index: int, first_turn: int | None = None) -> tuple[str, int, int]:
+        """The prompt for turn `index`: (text, first turn it holds, turns dropped to fit)."""
+        template = self.profile.template
+        block = self.loaded.model.config.block_size
+        room = block - min(self.max_new_tokens, block // 4)  # keep space for the reply
+        start = first_turn if first_turn is not None else 0
+        while True:
+            history = [(t.user, t.reply) for t in self.turns[start:index]]
+            text = template.render(history, self.turns[index].user)
+            if first_turn is not None or start >= index or len(self.loaded.tokenizer.encode(text)) <= room:
+                return text, start, start
+            start += 1
+
+    def _reply(self, index: int, provenance: Provenance | None = None) -> Iterator[Any]:
+        from .generate import Done, generate
+        from .sampling import build_chain
+
+        with self._busy:
+            self._cancel.clear()
+            turn = self.turns[index]
+            if provenance is None:
+                text, first, dropped = self._prompt(index)
+                if dropped:
+                    what = "the oldest turn no longer fits" if dropped == 1 else f"the {dropped} oldest turns no longer fit"
+                    yield Notice(f"{what} in the context window ({self.loaded.model.config.block_size} tokens); "
+                                 "the model no longer sees " + ("it" if dropped == 1 else "them"))
+                chain, options, seed, limit = self.chain, self.options, self.seed, self.max_new_tokens
+            else:
+                text, first, _ = self._prompt(index, provenance.first_turn)
+                chain, options, seed, limit = provenance.chain, provenance.options, provenance.seed, provenance.max_new_tokens
+            events = generate(self.loaded.model, self.loaded.tokenizer, text, chain=build_chain(chain, options),
+                              max_new_tokens=limit, stop=self.profile.template.stop, seed=seed, cancel=self._cancel)
+            reply = []
+            for event in events:
+                reply.append(event.text)
+                if isinstance(event, Done):
+                    turn.reply = "".join(reply).strip()
+                    turn.provenance = Provenance(
+                        self.profile.name, str(self.profile.checkpoint), self.loaded.sha256, self.loaded.step,
+                        self.loaded.tokenizer.fingerprint, chain, options, event.seed, limit, first,
+                        event.reason, event.new_tokens, round(event.tokens_per_second, 1))
+                yield event
+
+    def regenerate(self) -> Iterator[Any]:
+        """A new reply to the last message (a new seed unless the seed is fixed)."""
+        if not self.turns:
+            raise QuillError("nothing to regenerate yet")
+        self.turns[-1].reply, self.turns[-1].provenance = "", None
+        return self._reply(len(self.turns) - 1)
+
+    def undo(self) -> Turn:
+        """Forget the last exchange; returns it."""
+        if not self.turns:
+            raise QuillError("nothing to undo")
+        return self.turns.pop()
+
+    def clear(self) -> None:
+        """Forget the whole conversation (the settings stay)."""
+        self.turns.clear()
+
+    def replay(self, n: int) -> tuple[str, str]:
+        """Redo reply `n` (1-based) from its provenance: (the reply then, the reply now).
+
+        The same checkpoint, chain, options, seed and history give the same text.
+        """
+        if not self.turns:
+            raise QuillError("there are no replies to replay yet")
+        if not 1 <= n <= len(self.turns) or self.turns[n - 1].provenance is None:
+            raise QuillError(f"there is no reply {n} to replay", hint=f"replies: 1 to {len(self.turns)}")
+        turn = self.turns[n - 1]
+        if turn.provenance.checkpoint_sha256 != self.loaded.sha256:
+            raise QuillError(f"reply {n} came from another checkpoint ({turn.provenance.checkpoint})",
+                             hint=f"switch to its profile first: /profile {turn.provenance.profile}")
+        before, provenance = turn.reply, turn.provenance
+        try:
+            for _ in self._reply(n - 1, provenance):
+                pass
+            return before, turn.reply
+        finally:
+            turn.reply, turn.provenance = before, provenance
+
+    def compare(self, *chains: str) -> list[tuple[str, str]]:
+        """The last message's reply through each sampler chain, all with one seed: [(chain, text)].
+
+        The conversation is not changed. Options of samplers in the current chain carry over.
+        """
+        import secrets
+
+        from .generate import generate_text
+        from .sampling import build_chain
+
+        if not self.turns:
+            raise QuillError("say something first: /compare replies to the last message")
+        text, _, _ = self._prompt(len(self.turns) - 1)
+        seed = self.seed if self.seed is not None else secrets.randbits(63)
+        results = []
+        for spec in chains:
+            chain = build_chain(spec, {n: v for n, v in self.options.items() if n in spec.split(",")})
+            reply = generate_text(self.loaded.model, self.loaded.tokenizer, text, chain=chain, seed=seed,
+                                  max_new_tokens=self.max_new_tokens, stop=self.profile.template.stop)
+            results.append((chain.spec, reply.strip()))
+        return results
+
+    def to_dict(self) -> dict[str, Any]:
+        """The conversation with its provenance, as saved by ``/save FILE.json``."""
+        return {"format": "quill-transcript", "version": 1, "profile": self.profile.name,
+                "turns": [{"user": t.user, "reply": t.reply, "provenance": asdict(t.provenance) if t.provenance else None}
+                          for t in self.turns]}
+
+
+    def to_markdown(self) -> str:
+        """The conversation as Markdown, each reply followed by its provenance."""
+        lines = [f"# Quill chat with {self.profile.name}", ""]
+        for i, t in enumerate(self.turns, 1):
+            lines += [f"**You ({i}):** {t.user}", "", f"**{self.profile.name}:** {t.reply}", ""]
+            if t.provenance:
+                p = t.provenance
+                options = "; ".join(f"{name} {', '.join(f'{k}={v}' for k, v in values.items())}"
+                                    for name, values in p.options.items() if values)
+                lines += [f"<sub>checkpoint {p.checkpoint} (sha256 {p.checkpoint_sha256}, step {p.step}), "
+                          f"tokenizer {p.tokenizer_fingerprint}, chain {p.chain}" + (f" ({options})" if options else "")
+                          + f", seed {p.seed}, {p.new_tokens} tokens at {p.tokens_per_second:g} tokens/s, "
+                          f"ended by {p.reason}</sub>", ""]
+        return "\n".join(lines)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the transcript: JSON for a .json file, else Markdown. Returns the path."""
+        import json
+
+        from .fileio import atomic_write_bytes
+
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False) if path.suffix == ".json" else self.to_markdown()
+        try:
+            atomic_write_bytes(path, text.encode("utf-8"))
+        except OSError as exc:
+            raise QuillError(f"cannot write {str(path)!r}: {exc.strerror}") from None
+        return path
+
+    def load(self, path: str | Path) -> int:
+        """Replace the conversation with a transcript saved as JSON; returns its number of turns."""
+        import json
+
+        from .fileio import read_user_file
+
+        where = f"transcript {str(path)!r}"
+        try:
+            data = json.loads(read_user_file(path, "transcript").decode("utf-8"))
+            if data.get("format") != "quill-transcript":
+                raise ValueError("not a Quill transcript")
+            turns = [Turn(t["user"], t["reply"], Provenance(**t["provenance"]) if t.get("provenance") else None)
+                     for t in data["turns"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            hint = "load a .json transcript written by /save FILE.json" if Path(path).suffix != ".json" else None
+            raise QuillError(f"{where} is not a Quill JSON transcript ({exc})", hint=hint) from None
+        self.turns = turns
+        return len(turns)
+
+
+def _whole(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise QuillError(f"{name} must be a whole number, not {value!r}") from None

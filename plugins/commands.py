@@ -1,0 +1,174 @@
+"""Built-in plugin `commands`: the chat's slash commands.
+
+Each handler gets the `ChatSession` and the text after the command name (see
+`gpt_runtime.commands`). Nothing here imports torch until a command needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from gpt_runtime.commands import QUIT, commands, find
+from gpt_runtime.errors import UsageError
+from gpt_runtime.hookspecs import hookimpl
+
+
+def _profile_names(session, partial: str) -> list[str]:
+    from gpt_runtime.profiles import find_profiles
+
+    return [e.name for e in find_profiles() if e.name.startswith(partial)]
+
+
+def _sampler_names(session, partial: str) -> list[str]:
+    from gpt_runtime.plugins import get_registry
+
+    done, _, last = partial.rpartition(",")
+    prefix = f"{done}," if done else ""
+    return [prefix + name for name in get_registry().names("samplers") if name.startswith(last)]
+
+
+def _option_names(session, partial: str) -> list[str]:
+    names = ["max_new_tokens", "seed"]
+    for sampler, values in session.options.items():
+        names += [f"{sampler}.{option}" for option in values]
+        if len(values) == 1:
+            names.append(sampler)
+    return sorted(n for n in names if n.startswith(partial))
+
+
+def help_(session, args: str) -> str:
+    if args:
+        entry = find(args if args.startswith("/") else f"/{args}")
+        return f"{entry.meta.get('usage', entry.name)}\n  {entry.meta.get('help', '')}"
+    width = max(len(e.meta.get("usage", e.name)) for e in commands())
+    lines = [f"{e.meta.get('usage', e.name):<{width}}  {e.meta.get('help', '')}" for e in commands()]
+    return "\n".join(lines + ["", "Anything else you type is sent to the model."])
+
+
+def profile(session, args: str) -> str:
+    if not args:
+        p = session.profile
+        return f"profile {p.name}: {p.description or p.path}"
+    session.use_profile(args)
+    return f"switched to profile {session.profile.name} ({session.profile.checkpoint}); the conversation is kept"
+
+
+def profiles(session, args: str) -> str:
+    from gpt_runtime.profiles import find_profiles
+
+    if args:
+        raise UsageError("/profiles takes no arguments")
+    lines = []
+    for e in find_profiles():
+        mark = "*" if e.profile is not None and e.profile.path == session.profile.path else " "
+        lines.append(f"{mark} {e.name}  [{e.origin}]  " + (e.profile.description if e.profile else f"ERROR: {e.error}"))
+    return "\n".join(lines) or "no profiles"
+
+
+def sampler(session, args: str) -> str:
+    if args:
+        session.set_chain(args.replace(" ", ""))
+    return f"sampler chain: {session.chain}"
+
+
+def set_(session, args: str) -> str:
+    name, _, value = args.partition(" ")
+    if not name or not value.strip():
+        raise UsageError("/set needs a name and a value", hint="for example /set temperature 0.7 or /set top_p.p 0.9")
+    return session.set(name, value.strip())
+
+
+def show(session, args: str) -> str:
+    d = session.describe()
+    options = "; ".join(f"{name}: {', '.join(f'{k}={v}' for k, v in values.items())}"
+                        for name, values in d["options"].items() if values)
+    seed = "random for each reply" if d["seed"] is None else d["seed"]
+    return (f"profile     {d['profile']} ({d['checkpoint']}, step {d['step']})\n"
+            f"sampler     {d['chain']}\n"
+            f"options     {options or 'none'}\n"
+            f"generation  max_new_tokens {d['max_new_tokens']}, seed {seed}\n"
+            f"device      {d['device']}, {d['dtype']}" + (f", {d['quantize']} weights" if d["quantize"] != "none" else ""))
+
+
+def regen(session, args: str):
+    return session.regenerate()
+
+
+def undo(session, args: str) -> str:
+    turn = session.undo()
+    return f"forgot: {turn.user[:60]!r}"
+
+
+def clear(session, args: str) -> str:
+    session.clear()
+    return "the conversation is cleared (settings are kept)"
+
+
+def save(session, args: str) -> str:
+    path = args or time.strftime("quill-chat-%Y%m%d-%H%M%S.md")
+    return f"saved {len(session.turns)} turns to {session.save(path)}"
+
+
+def load(session, args: str) -> str:
+    if not args:
+        raise UsageError("/load needs the transcript file")
+    return f"loaded {session.load(args)} turns from {args}"
+
+
+def replay(session, args: str) -> str:
+    try:
+        n = int(args) if args else len(session.turns)
+    except ValueError:
+        raise UsageError(f"/replay takes a reply number, not {args!r}") from None
+    before, now = session.replay(n)
+    verdict = "identical" if before == now else "DIFFERENT"
+    return f"reply {n} replayed: {verdict}" + ("" if before == now else f"\nthen: {before}\nnow:  {now}")
+
+
+def compare(session, args: str) -> str:
+    left, bar, right = args.partition("|")
+    if not bar or not left.strip() or not right.strip():
+        raise UsageError("/compare needs two sampler chains separated by |")
+    results = session.compare(left.replace(" ", ""), right.replace(" ", ""))
+    return "\n\n".join(f"[{chain}]\n{text}" for chain, text in results)
+
+
+def tokens(session, args: str) -> str:
+    if not args:
+        raise UsageError("/tokens needs some text")
+    tok = session.loaded.tokenizer
+    ids = tok.encode(args)
+    pieces = [tok.pieces[i].decode("utf-8", "replace") for i in ids]
+    return f"{len(ids)} tokens: " + " ".join(f"{json.dumps(p, ensure_ascii=False)}:{i}" for p, i in zip(pieces, ids))
+
+
+def quit_(session, args: str) -> str:
+    return QUIT
+
+
+@hookimpl
+def quill_register_commands(register) -> None:
+    register("/help", help_, help="list the commands, or explain one", usage="/help [COMMAND]",
+             complete=lambda session, partial: [e.name for e in commands() if e.name.startswith("/" + partial.lstrip("/"))])
+    register("/profile", profile, help="show the profile, or switch to another (the conversation stays)",
+             usage="/profile [NAME]", complete=_profile_names)
+    register("/profiles", profiles, help="list the profiles", usage="/profiles")
+    register("/sampler", sampler, help="show the sampler chain, or set another", usage="/sampler [CHAIN]",
+             complete=_sampler_names)
+    register("/set", set_, help="set a sampler option, max_new_tokens or seed", usage="/set NAME VALUE",
+             complete=_option_names)
+    register("/show", show, help="show the profile, chain, options, device and dtype", usage="/show")
+    register("/regen", regen, help="a new reply to the last message", usage="/regen")
+    register("/undo", undo, help="forget the last exchange", usage="/undo")
+    register("/clear", clear, help="forget the conversation", usage="/clear")
+    register("/save", save, help="save the transcript: Markdown with provenance, or JSON for FILE.json",
+             usage="/save [FILE]")
+    register("/load", load, help="load a transcript saved as JSON", usage="/load FILE")
+    register("/replay", replay, help="redo reply N from its provenance and check it is the same",
+             usage="/replay [N]")
+    register("/compare", compare, help="the last message through two sampler chains, with the same seed",
+             usage="/compare CHAIN_A | CHAIN_B", complete=_sampler_names)
+    register("/tokens", tokens, help="how the tokenizer splits some text", usage="/tokens TEXT")
+    register("/quit", quit_, help="leave the chat", usage="/quit")
+

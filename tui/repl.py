@@ -1,0 +1,132 @@
+"""The plain chat: a prompt_toolkit REPL, or a script read from stdin.
+
+`quill chat --plain` (and `quill chat` whenever stdin or stdout is not a
+terminal) runs here. Interactively: persistent history, Tab completes commands
+and their arguments, Esc then Enter (or Alt+Enter) inserts a new line, Ctrl-C
+stops a reply (at an empty prompt, a second Ctrl-C leaves), Ctrl-D leaves.
+Not interactively: every line of stdin is a message or a slash command, and the
+transcript goes to stdout, so chats can be scripted and tested.
+
+Replies are generated on a worker thread and printed as they stream, so Ctrl-C
+reaches the session (`cancel`) instead of tearing the generation down.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
+
+from gpt_runtime import commands
+from gpt_runtime.errors import QuillError
+from gpt_runtime.session import ChatSession, Notice
+
+_END = object()
+
+
+def _stream(session: ChatSession, events: Iterator[Any], out: TextIO) -> None:
+    """Print a reply's events as they come; Ctrl-C cancels it and waits for its end."""
+    from gpt_runtime.generate import Done, Token
+
+    inbox: queue.Queue = queue.Queue()
+
+    def work() -> None:
+        try:
+            for event in events:
+                inbox.put(event)
+        except BaseException as exc:  # shown by the main thread
+            inbox.put(exc)
+        inbox.put(_END)
+
+    threading.Thread(target=work, daemon=True).start()
+    while True:
+        try:
+            event = inbox.get()
+        except KeyboardInterrupt:
+            session.cancel()
+            continue
+        if event is _END:
+            break
+        if isinstance(event, BaseException):
+            raise event
+        if isinstance(event, Notice):
+            out.write(f"[{event.text}]\n")
+        elif isinstance(event, Token):
+            out.write(event.text)
+        elif isinstance(event, Done):
+            out.write(event.text + ("\n[stopped]" if event.reason == "cancelled" else "") + "\n")
+        out.flush()
+
+
+def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> bool:
+    """Act on one input line (a message or a command); False when the chat should end."""
+    try:
+        if line.startswith("/"):
+            result = commands.run(session, line)
+            if result is commands.QUIT:
+                return False
+            if isinstance(result, str):
+                out.write(result + "\n")
+            elif result is not None:
+                _stream(session, result, out)
+        elif line.strip():
+            _stream(session, session.send(line), out)
+    except QuillError as exc:
+        err.write(f"error: {exc.message}\n" + (f"  hint: {exc.hint}\n" if exc.hint else ""))
+    out.flush()
+    return True
+
+
+def run_script(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+    """Run messages and commands from `lines`, writing the transcript to `out`."""
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        out.write(f"> {line}\n")
+        if not handle(session, line, out, err):
+            break
+
+
+def run_interactive(session: ChatSession, history_file: str | None = None) -> None:
+    """The interactive REPL on the terminal."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.completion import Completer, Completion
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    class SlashCompleter(Completer):
+        def get_completions(self, document, complete_event):
+            text = document.text_before_cursor
+            if not text.startswith("/"):
+                return
+            typed = text.rpartition(" ")[2] if " " in text else text
+            for option in commands.complete(session, text):
+                yield Completion(option, start_position=-len(typed))
+
+    keys = KeyBindings()
+
+    @keys.add("escape", "enter")  # Esc then Enter, or Alt+Enter: a new line instead of sending
+    def _(event) -> None:
+        event.current_buffer.insert_text("\n")
+
+    prompt = PromptSession(history=FileHistory(history_file) if history_file else InMemoryHistory(),
+                           completer=SlashCompleter(), complete_while_typing=False, key_bindings=keys)
+    print(f"Chatting with {session.profile.name}. /help lists the commands; Esc Enter adds a line; Ctrl-D leaves.")
+    interrupted = False
+    while True:
+        try:
+            line = prompt.prompt("> ")
+        except KeyboardInterrupt:
+            if interrupted:
+                return
+            interrupted = True
+            print("(Ctrl-C again to leave)")
+            continue
+        except EOFError:
+            return
+        interrupted = False
+        if not handle(session, line, sys.stdout, sys.stderr):
+            return
