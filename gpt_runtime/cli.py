@@ -396,7 +396,8 @@ def _train_command_line(argv: list[str]) -> list[str]:
     return out
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training settings from parsed `quill train` arguments (also used by chat jobs)."""
     from .config import load_toml, saved_config
 
     if args.resume:
@@ -405,7 +406,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         base = saved_config(getattr(args, "out", TrainConfig.out))
     else:
         base = TrainConfig.from_dict(load_toml(args.config), f"config file {args.config!r}") if args.config else TrainConfig()
-    cfg = replace(base, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    return replace(base, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = train_config(args)
     if args.nproc < 1:
         raise UsageError(f"--nproc must be at least 1, not {args.nproc}")
     if args.nproc > 1:

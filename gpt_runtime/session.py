@@ -97,6 +97,9 @@ class ChatSession:
     """A conversation with the model of a profile; UI-agnostic and thread-safe to cancel."""
 
     def __init__(self, profile: Profile | str) -> None:
+        from .jobs import Jobs
+
+        self.jobs = Jobs()
         self.turns: list[Turn] = []
         self._cancel = threading.Event()
         self._busy = threading.Lock()
@@ -340,6 +343,74 @@ class ChatSession:
             raise QuillError(f"{where} is not a Quill JSON transcript ({exc})", hint=hint) from None
         self.turns = turns
         return len(turns)
+
+
+    # --- jobs ---------------------------------------------------------------------
+
+    def start_job(self, kind: str, argv: list[str]):
+        """Start a background `train` or `eval` job; arguments as for `quill train` / `quill eval`.
+
+        The arguments are checked here first, so a typo or a missing corpus is
+        reported at once instead of by a failed job.
+        """
+        from .cli import build_parser
+        from .errors import UsageError
+
+        args = build_parser().parse_args([kind, *argv])
+        data = getattr(args, "data", None)
+        if data is not None and not Path(data).exists():
+            raise UsageError(f"no data at {data!r}", hint="prepare a corpus first: quill prepare CORPUS --tokenizer T --out DIR")
+        return self.jobs.start(kind, argv)
+
+    def job_notices(self) -> list[Notice]:
+        """What the jobs reported since the last call, as one-line notices.
+
+        A training job that finishes becomes a profile (in the user's profile
+        directory, with this profile's sampler and template) that `/profile` can switch to.
+        """
+        notices = []
+        while not self.jobs.events.empty():
+            job, event = self.jobs.events.get_nowait()
+            kind = event.get("event")
+            if kind == "finished" and job.kind == "train":
+                name = self._adopt(job.result["out"])
+                notices.append(Notice(f"job {job.id} finished training {job.result['out']}; profile {name!r} is ready: "
+                                      f"/profile {name}"))
+            elif kind == "finished":
+                notices.append(Notice(job.describe()))
+            elif kind == "cancelled":
+                saved = f"; its last checkpoint is in {job.result['out']}" if job.result and job.kind == "train" else ""
+                notices.append(Notice(f"job {job.id} cancelled{saved}"))
+            elif kind == "failed":
+                notices.append(Notice(f"job {job.id} failed: {job.error}"))
+        return notices
+
+    def _adopt(self, run_dir: str) -> str:
+        """Write a profile for a freshly trained run; returns its name."""
+        import json
+        import re
+
+        from .fileio import atomic_write_bytes
+        from .profiles import user_profile_dir
+
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run_dir).resolve().name).strip("-.") or "run"
+        t = self.profile.template
+        lines = [f"description = {json.dumps(f'trained in the chat from profile {self.profile.name}')}",
+                 f"checkpoint = {json.dumps(str(Path(run_dir).resolve()))}", "", "[sampler]",
+                 f"chain = {json.dumps(self.chain)}"]
+        for sampler, values in self.options.items():
+            if values:
+                lines.append(f"{sampler} = {{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + " }")
+        lines += ["", "[generation]", f"max_new_tokens = {self.max_new_tokens}", "", "[template]"]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in vars(t).items()]
+        directory = user_profile_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        base, n = name, 1
+        while (directory / f"{name}.toml").exists():  # never overwrite a profile
+            n += 1
+            name = f"{base}-{n}"
+        atomic_write_bytes(directory / f"{name}.toml", ("\n".join(lines) + "\n").encode("utf-8"))
+        return name
 
 
 def _whole(name: str, value: str) -> int:

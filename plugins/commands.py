@@ -143,6 +143,39 @@ def tokens(session, args: str) -> str:
     return f"{len(ids)} tokens: " + " ".join(f"{json.dumps(p, ensure_ascii=False)}:{i}" for p, i in zip(pieces, ids))
 
 
+def train(session, args: str) -> str:
+    import shlex
+
+    argv = shlex.split(args)
+    if not argv:
+        raise UsageError("/train needs at least --data DIR", hint="usage: /train --data DIR --out RUN [quill train flags]")
+    job = session.start_job("train", argv)
+    return f"started job {job.id}: train {args} (/jobs shows its progress, /cancel {job.id} stops it)"
+
+
+def eval_(session, args: str) -> str:
+    import shlex
+
+    argv = shlex.split(args)
+    if not argv or argv[0].startswith("-"):
+        raise UsageError("/eval needs the data to evaluate on")
+    job = session.start_job("eval", [str(session.profile.checkpoint), "--data", *argv])
+    return f"started job {job.id}: eval of {session.profile.name} on {argv[0]}"
+
+
+def jobs(session, args: str) -> str:
+    return "\n".join(job.describe() for job in session.jobs.all()) or "no jobs yet"
+
+
+def cancel(session, args: str) -> str:
+    try:
+        job_id = int(args)
+    except ValueError:
+        raise UsageError(f"/cancel takes a job number, not {args!r}" if args else "/cancel needs a job number") from None
+    job = session.jobs.cancel(job_id)
+    return f"cancelling job {job.id}" + (" (it saves its last checkpoint first)" if job.kind == "train" else "")
+
+
 def quit_(session, args: str) -> str:
     return QUIT
 
@@ -170,5 +203,12 @@ def quill_register_commands(register) -> None:
     register("/compare", compare, help="the last message through two sampler chains, with the same seed",
              usage="/compare CHAIN_A | CHAIN_B", complete=_sampler_names)
     register("/tokens", tokens, help="how the tokenizer splits some text", usage="/tokens TEXT")
+    register("/train", train, help="train a model in the background (the flags of `quill train`)",
+             usage="/train --data DIR --out RUN [FLAGS]")
+    register("/eval", eval_, help="evaluate this profile's model in the background", usage="/eval DATA [--split val]")
+    register("/jobs", jobs, help="the background jobs and their progress", usage="/jobs")
+    register("/cancel", cancel, help="stop a background job (training saves its last checkpoint)", usage="/cancel ID",
+             complete=lambda session, partial: [str(j.id) for j in session.jobs.all() if j.status == "running"
+                                                and str(j.id).startswith(partial)])
     register("/quit", quit_, help="leave the chat", usage="/quit")
 

@@ -60,8 +60,15 @@ def _stream(session: ChatSession, events: Iterator[Any], out: TextIO) -> None:
         out.flush()
 
 
+def show_job_notices(session: ChatSession, out: TextIO) -> None:
+    for notice in session.job_notices():
+        out.write(f"[{notice.text}]\n")
+    out.flush()
+
+
 def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> bool:
     """Act on one input line (a message or a command); False when the chat should end."""
+    show_job_notices(session, out)
     try:
         if line.startswith("/"):
             result = commands.run(session, line)
@@ -75,7 +82,7 @@ def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> bool:
             _stream(session, session.send(line), out)
     except QuillError as exc:
         err.write(f"error: {exc.message}\n" + (f"  hint: {exc.hint}\n" if exc.hint else ""))
-    out.flush()
+    show_job_notices(session, out)
     return True
 
 
@@ -88,6 +95,8 @@ def run_script(session: ChatSession, lines: Iterable[str], out: TextIO = sys.std
         out.write(f"> {line}\n")
         if not handle(session, line, out, err):
             break
+    session.jobs.wait()  # a script's jobs finish before the transcript ends
+    show_job_notices(session, out)
 
 
 def run_interactive(session: ChatSession, history_file: str | None = None) -> None:
@@ -115,6 +124,16 @@ def run_interactive(session: ChatSession, history_file: str | None = None) -> No
     prompt = PromptSession(history=FileHistory(history_file) if history_file else InMemoryHistory(),
                            completer=SlashCompleter(), complete_while_typing=False, key_bindings=keys)
     print(f"Chatting with {session.profile.name}. /help lists the commands; Esc Enter adds a line; Ctrl-D leaves.")
+    try:
+        _loop(session, prompt)
+    finally:
+        if any(job.status == "running" for job in session.jobs.all()):
+            print("stopping the running jobs (training saves its last checkpoint) ...")
+            session.jobs.stop_all()
+            show_job_notices(session, sys.stdout)
+
+
+def _loop(session: ChatSession, prompt) -> None:
     interrupted = False
     while True:
         try:

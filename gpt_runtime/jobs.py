@@ -1,0 +1,176 @@
+"""Background jobs: training and evaluation in a separate process.
+
+The chat starts `/train` and `/eval` here. Each job is a child process
+(``python -m gpt_runtime.jobs train|eval ...``, taking the arguments of
+`quill train` / `quill eval`) that prints one JSON event per line on stdout:
+``start``, ``step`` (step, loss, val loss, tokens/s, ETA), ``progress``,
+``done`` or ``error``. A thread per job reads them into `Job.last` and the
+`Jobs.events` queue, so the interface never waits on a job. The child runs one
+torch thread at lower priority: the chat keeps a core and stays responsive.
+Cancelling sends SIGINT, on which training saves its last checkpoint and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import QuillError
+
+
+@dataclass
+class Job:
+    """One background job and the latest it reported."""
+
+    id: int
+    kind: str  # "train" or "eval"
+    argv: list[str]
+    process: subprocess.Popen
+    status: str = "running"  # running, cancelling, finished, cancelled, failed
+    last: dict[str, Any] = field(default_factory=dict)  # the latest progress event
+    result: dict[str, Any] | None = None  # the "done" event
+    error: str | None = None
+
+    def describe(self) -> str:
+        """One line for `/jobs`."""
+        from .progress import describe_step
+
+        what = f"job {self.id}: {self.kind} {' '.join(self.argv)} [{self.status}]"
+        if self.error:
+            return f"{what} {self.error}"
+        if self.result is not None:
+            if self.kind == "train":
+                return f"{what} {self.result.get('steps', '?')} steps, best val loss {self.result.get('best_val_loss')}, in {self.result.get('out')}"
+            return f"{what} loss {self.result['loss']:.4f}, bits/byte {self.result['bits_per_byte']:.4f}"
+        if self.last.get("event") == "step":
+            return f"{what} {describe_step(self.last)}"
+        if self.last.get("event") == "progress":
+            return f"{what} {self.last['done']}/{self.last['total']} batches"
+        return what
+
+
+class Jobs:
+    """The jobs of one session. `events` receives (job, event) as they arrive."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[int, Job] = {}
+        self._threads: list[threading.Thread] = []
+        self.events: queue.Queue[tuple[Job, dict[str, Any]]] = queue.Queue()
+
+    def start(self, kind: str, argv: list[str]) -> Job:
+        """Start a `train` or `eval` job with command-line arguments `argv`."""
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen([sys.executable, "-m", "gpt_runtime.jobs", kind, *argv], env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, encoding="utf-8", errors="replace")
+        job = Job(len(self._jobs) + 1, kind, list(argv), process)
+        self._jobs[job.id] = job
+        thread = threading.Thread(target=self._follow, args=(job,), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return job
+
+    def _follow(self, job: Job) -> None:
+        for line in job.process.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # not ours: a library printing to stdout
+            if event.get("event") == "done":
+                job.result = event
+            elif event.get("event") == "error":
+                job.error = event.get("message", "failed")
+            else:
+                job.last = event
+            self.events.put((job, event))
+        stderr = job.process.stderr.read()
+        code = job.process.wait()
+        if job.status == "cancelling":
+            job.status = "cancelled"
+        elif code == 0 and job.result is not None:
+            job.status = "finished"
+        else:
+            job.status = "failed"
+            if job.error is None:
+                tail = [line for line in stderr.strip().splitlines() if line.strip()]
+                job.error = tail[-1] if tail else f"exited with code {code}"
+        self.events.put((job, {"event": job.status}))
+
+    def wait(self) -> None:
+        """Wait until every job has ended and reported."""
+        for job in self.all():
+            job.process.wait()
+        for thread in self._threads:
+            thread.join()
+
+    def stop_all(self) -> None:
+        """Cancel the running jobs and wait for them (training saves its last checkpoint)."""
+        for job in self.all():
+            if job.status == "running":
+                self.cancel(job.id)
+        self.wait()
+
+    def all(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    def get(self, job_id: int) -> Job:
+        if job_id not in self._jobs:
+            ids = ", ".join(str(i) for i in self._jobs) or "none yet"
+            raise QuillError(f"there is no job {job_id}", hint=f"jobs: {ids}")
+        return self._jobs[job_id]
+
+    def cancel(self, job_id: int) -> Job:
+        """Ask a job to stop; a training job saves its last checkpoint first."""
+        job = self.get(job_id)
+        if job.status != "running":
+            raise QuillError(f"job {job_id} is not running (it is {job.status})")
+        job.status = "cancelling"
+        job.process.send_signal(signal.SIGINT)
+        return job
+
+
+# --- the child process --------------------------------------------------------
+
+def _emit(event: dict[str, Any]) -> None:
+    print(json.dumps(event, default=str), flush=True)
+
+
+def _worker(argv: list[str]) -> int:
+    from .cli import build_parser, train_config
+
+    if hasattr(os, "nice"):
+        os.nice(5)  # the chat comes first
+    kind, rest = argv[0], argv[1:]
+    try:
+        args = build_parser().parse_args([kind, *rest])
+        if kind == "train":
+            from .train import train
+
+            result = train(train_config(args), resume=args.resume, on_event=_emit)
+            _emit({"event": "done", "out": str(result.out), "steps": result.step, "best_val_loss": result.best_val_loss,
+                   "stopped": result.stopped})
+        else:
+            from .evaluate import evaluate
+
+            result = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+                              progress=lambda done, total: _emit({"event": "progress", "done": done, "total": total}))
+            _emit({"event": "done", **result.to_dict()})
+        return 0
+    except QuillError as exc:
+        _emit({"event": "error", "message": exc.message + (f" ({exc.hint})" if exc.hint else "")})
+    except SystemExit as exc:  # argparse already wrote the usage error to stderr
+        return int(exc.code or 2)
+    except Exception as exc:
+        _emit({"event": "error", "message": f"internal error: {type(exc).__name__}: {exc}"})
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))
