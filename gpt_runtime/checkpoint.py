@@ -103,17 +103,24 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
                      hint="use a best.safetensors or last.safetensors written by `quill train`")
     try:
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             size = int.from_bytes(f.read(8), "little")
-            if size > min(os.fstat(f.fileno()).st_size - 8, 100_000_000):
+            if size > min(file_size - 8, 100_000_000):
                 raise bad
             header = json.loads(f.read(size))
+        # The tensors' byte ranges must lie inside the file: a cut-off copy is caught here.
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + size + end > file_size:
+            raise bad
     except OSError as exc:
         raise QuillError(f"cannot read checkpoint {str(path)!r}: {exc.strerror}") from None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
         raise bad from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise QuillError(f"{str(path)!r} is a safetensors file but not a Quill checkpoint (no Quill metadata)")
+    if not str(meta.get("version", "0")).isdigit():
+        raise QuillError(f"checkpoint {str(path)!r} has a malformed format version {meta.get('version')!r}")
     if int(meta.get("version", "0")) > FORMAT_VERSION:
         raise QuillError(f"checkpoint {str(path)!r} has format version {meta['version']}, newer than this Quill reads ({FORMAT_VERSION})", hint="upgrade quillgpt")
     return meta

@@ -115,7 +115,6 @@ def load_profile(path: str | os.PathLike) -> Profile:
     """Read and check a profile file: its keys and types, its files, and their fingerprints."""
     from .checkpoint import read_metadata, resolve_checkpoint_path
     from .config import load_toml
-    import torch  # noqa
     from .sampling import DEFAULT_CHAIN, build_chain
 
     path = Path(path).resolve()
