@@ -12,6 +12,7 @@ Cancelling sends SIGINT, on which training saves its last checkpoint and stops.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -67,9 +68,11 @@ class Jobs:
     def start(self, kind: str, argv: list[str]) -> Job:
         """Start a `train` or `eval` job with command-line arguments `argv`."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        # A session of its own: Ctrl-C at the terminal (which stops a reply) goes to the
+        # chat's process group and must not stop the jobs; only `cancel` does.
         process = subprocess.Popen([sys.executable, "-m", "gpt_runtime.jobs", kind, *argv], env=env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, encoding="utf-8", errors="replace")
+                                   text=True, encoding="utf-8", errors="replace", start_new_session=True)
         job = Job(len(self._jobs) + 1, kind, list(argv), process)
         self._jobs[job.id] = job
         thread = threading.Thread(target=self._follow, args=(job,), daemon=True)
@@ -78,6 +81,11 @@ class Jobs:
         return job
 
     def _follow(self, job: Job) -> None:
+        # stderr is read alongside stdout: a child that fills the stderr pipe would
+        # otherwise block, and never end. Only its last lines are kept, for the error.
+        stderr: collections.deque[str] = collections.deque(maxlen=50)
+        drain = threading.Thread(target=stderr.extend, args=(job.process.stderr,), daemon=True)
+        drain.start()
         for line in job.process.stdout:
             try:
                 event = json.loads(line)
@@ -90,7 +98,7 @@ class Jobs:
             else:
                 job.last = event
             self.events.put((job, event))
-        stderr = job.process.stderr.read()
+        drain.join()
         code = job.process.wait()
         if job.status == "cancelling":
             job.status = "cancelled"
@@ -99,7 +107,7 @@ class Jobs:
         else:
             job.status = "failed"
             if job.error is None:
-                tail = [line for line in stderr.strip().splitlines() if line.strip()]
+                tail = [line.strip() for line in stderr if line.strip()]
                 job.error = tail[-1] if tail else f"exited with code {code}"
         self.events.put((job, {"event": job.status}))
 
@@ -153,7 +161,11 @@ def _worker(argv: list[str]) -> int:
         if kind == "train":
             from .train import train
 
-            result = train(train_config(args), resume=args.resume, on_event=_emit)
+            def forward(event: dict[str, Any]) -> None:
+                if event.get("event") != "done":  # ours below is the one "done", with the run directory
+                    _emit(event)
+
+            result = train(train_config(args), resume=args.resume, on_event=forward)
             _emit({"event": "done", "out": str(result.out), "steps": result.step, "best_val_loss": result.best_val_loss,
                    "stopped": result.stopped})
         else:

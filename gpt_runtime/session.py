@@ -109,6 +109,7 @@ class ChatSession:
 
     def use_profile(self, profile: Profile | str) -> None:
         """Switch to another profile (its model, chain and limits); the conversation stays."""
+        self._idle()
         profile = get_profile(profile) if isinstance(profile, str) else profile
         self.loaded = _load(profile)
         self.chain = profile.chain
@@ -174,15 +175,18 @@ class ChatSession:
         """Stop the reply in flight (from any thread) within one token; it keeps what it said."""
         self._cancel.set()
 
+    def _idle(self) -> None:
+        """Refuse to start a reply, or to change the conversation, while a reply streams."""
+        if self._busy.locked():
+            raise QuillError("a reply is still streaming; wait for it, or cancel it first")
+
     def send(self, message: str) -> Iterator[Any]:
         """Add `message` and stream the reply: `Notice`, `Token` and finally `Done` events.
 
         Iterate to the end (a cancelled reply ends quickly): the session is busy
         until then, and a second `send` meanwhile is refused, never interleaved.
         """
-        if not self._busy.acquire(blocking=False):
-            raise QuillError("a reply is still streaming; wait for it, or cancel it first")
-        self._busy.release()
+        self._idle()
         self.turns.append(Turn(message))
         return self._reply(len(self.turns) - 1)
 
@@ -216,6 +220,8 @@ class ChatSession:
             else:
                 text, first, _ = self._prompt(index, provenance.first_turn)
                 chain, options, seed, limit = provenance.chain, provenance.options, provenance.seed, provenance.max_new_tokens
+                if provenance.reason == "cancelled":  # the same tokens, up to where it was stopped
+                    limit = provenance.new_tokens
             events = generate(self.loaded.model, self.loaded.tokenizer, text, chain=build_chain(chain, options),
                               max_new_tokens=limit, stop=self.profile.template.stop, seed=seed, cancel=self._cancel)
             reply = []
@@ -233,6 +239,7 @@ class ChatSession:
         """A new reply to the last message (a new seed unless the seed is fixed)."""
         if not self.turns:
             raise QuillError("nothing to regenerate yet")
+        self._idle()
         self.turns[-1].reply, self.turns[-1].provenance = "", None
         return self._reply(len(self.turns) - 1)
 
@@ -240,10 +247,12 @@ class ChatSession:
         """Forget the last exchange; returns it."""
         if not self.turns:
             raise QuillError("nothing to undo")
+        self._idle()
         return self.turns.pop()
 
     def clear(self) -> None:
         """Forget the whole conversation (the settings stay)."""
+        self._idle()
         self.turns.clear()
 
     def replay(self, n: int) -> tuple[str, str]:
@@ -251,6 +260,7 @@ class ChatSession:
 
         The same checkpoint, chain, options, seed and history give the same text.
         """
+        self._idle()
         if not self.turns:
             raise QuillError("there are no replies to replay yet")
         if not 1 <= n <= len(self.turns) or self.turns[n - 1].provenance is None:
@@ -331,6 +341,7 @@ class ChatSession:
 
         from .fileio import read_user_file
 
+        self._idle()
         where = f"transcript {str(path)!r}"
         try:
             data = json.loads(read_user_file(path, "transcript").decode("utf-8"))

@@ -21,10 +21,13 @@ def _profile_names(session, partial: str) -> list[str]:
 
 
 def _sampler_names(session, partial: str) -> list[str]:
+    """Completions of the word being typed (after the last space, as the REPL replaces it):
+    the sampler name after its last comma, or after the | of /compare."""
     from gpt_runtime.plugins import get_registry
 
-    done, _, last = partial.rpartition(",")
-    prefix = f"{done}," if done else ""
+    word = partial.rpartition(" ")[2]
+    cut = max(word.rfind(","), word.rfind("|")) + 1
+    prefix, last = word[:cut], word[cut:]
     return [prefix + name for name in get_registry().names("samplers") if name.startswith(last)]
 
 

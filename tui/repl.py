@@ -40,24 +40,31 @@ def _stream(session: ChatSession, events: Iterator[Any], out: TextIO) -> None:
             inbox.put(exc)
         inbox.put(_END)
 
-    threading.Thread(target=work, daemon=True).start()
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
     while True:
+        # Ctrl-C may come while waiting or while printing (a terminal is slow): either way the
+        # reply is cancelled and shown to its end. Should it eat _END, the worker's end is seen.
         try:
-            event = inbox.get()
+            try:
+                event = inbox.get(timeout=0.2)
+            except queue.Empty:
+                if worker.is_alive():
+                    continue
+                break
+            if event is _END:
+                break
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, Notice):
+                out.write(f"[{event.text}]\n")
+            elif isinstance(event, Token):
+                out.write(event.text)
+            elif isinstance(event, Done):
+                out.write(event.text + ("\n[stopped]" if event.reason == "cancelled" else "") + "\n")
+            out.flush()
         except KeyboardInterrupt:
             session.cancel()
-            continue
-        if event is _END:
-            break
-        if isinstance(event, BaseException):
-            raise event
-        if isinstance(event, Notice):
-            out.write(f"[{event.text}]\n")
-        elif isinstance(event, Token):
-            out.write(event.text)
-        elif isinstance(event, Done):
-            out.write(event.text + ("\n[stopped]" if event.reason == "cancelled" else "") + "\n")
-        out.flush()
 
 
 def show_job_notices(session: ChatSession, out: TextIO) -> None:
@@ -86,8 +93,9 @@ def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> bool:
     return True
 
 
-def run_script(session: ChatSession, lines: Iterable[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
-    """Run messages and commands from `lines`, writing the transcript to `out`."""
+def run_script(session: ChatSession, lines: Iterable[str], out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """Run messages and commands from `lines`, writing the transcript to `out` (default: stdout)."""
+    out, err = out or sys.stdout, err or sys.stderr  # looked up now: sys.stdout may have been replaced
     for raw in lines:
         line = raw.rstrip("\r\n")
         if not line.strip():
@@ -147,5 +155,10 @@ def _loop(session: ChatSession, prompt) -> None:
         except EOFError:
             return
         interrupted = False
-        if not handle(session, line, sys.stdout, sys.stderr):
+        try:
+            going_on = handle(session, line, sys.stdout, sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C in a command that takes long (/compare, /replay): stop it, not the chat
+            print("(interrupted)")
+            continue
+        if not going_on:
             return

@@ -1,0 +1,493 @@
+"""Background jobs from the chat (/train, /eval, /jobs, /cancel): whole lives of real, tiny runs.
+
+One module fixture starts every job at once (each child pays for importing torch, so
+they run side by side), drives them as a user would (watches the progress, lists the
+jobs, cancels the long run after its first step, chats meanwhile), waits for the end,
+and records what happened; the tests then look at the records and the files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import gpt_runtime.train as train_module
+from gpt_runtime import commands
+from gpt_runtime.checkpoint import load_checkpoint, load_resume_state
+from gpt_runtime.config import TrainConfig
+from gpt_runtime.data import DataDir, prepare
+from gpt_runtime.errors import QuillError, UsageError
+from gpt_runtime.evaluate import evaluate
+from gpt_runtime.generate import Done
+from gpt_runtime.jobs import Jobs
+from gpt_runtime.profiles import load_profile
+from gpt_runtime.session import ChatSession, file_sha256
+from gpt_runtime.train import train
+from helpers import SAMPLE_TEXT
+from plugins.char_tokenizer import CharTokenizer
+from tui.repl import run_script
+
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    # a 16-token context: the chat's prompts are cut, and the template's quotes are <unk> to a char model
+    pytest.mark.filterwarnings("ignore::gpt_runtime.errors.QuillWarning"),
+]
+
+MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
+         "--warmup-steps", "2", "--eval-steps", "2", "--device", "cpu", "--dtype", "float32"]
+LONG = 1_000_000  # steps the cancelled run would take
+DEADLINE = 90  # seconds for all the jobs together (they take ~20 on a busy 2-core machine)
+
+BASE_PROFILE = r'''description = "tiny base model for the job tests"
+checkpoint = "../base_run"
+
+[sampler]
+chain = "top_k,temperature"
+top_k = { k = 5 }
+temperature = { t = 0.7 }
+
+[backend]
+device = "cpu"
+dtype = "float32"
+
+[generation]
+max_new_tokens = 8
+seed = 3
+
+[template]
+system = "A \"quoted\" \\ system line\n"
+user_prefix = "First Citizen:\n"
+user_suffix = "\n\n"
+model_prefix = "All:\n"
+model_suffix = "\n\n"
+stop = ["\n\n"]
+'''
+
+NOTICE_TRAINED = re.compile(r"job (\d+) finished training (.+); profile '([^']+)' is ready: /profile (\S+)")
+
+
+class Tee(queue.Queue):
+    """The jobs' event queue, also keeping every (job, event) put on it (job_notices empties the queue)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[object, dict]] = []
+
+    def put(self, item, block=True, timeout=None) -> None:
+        self.seen.append(item)
+        super().put(item, block, timeout)
+
+
+def listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `root`: relative path -> (size, mtime)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def chat(session: ChatSession, message: str) -> Done:
+    events = list(session.send(message))
+    assert isinstance(events[-1], Done), events
+    return events[-1]
+
+
+def error_of(session: ChatSession, line: str) -> QuillError:
+    """The error a command line raises."""
+    with pytest.raises(QuillError) as e:
+        commands.run(session, line)
+    return e.value
+
+
+def events_of(w: dict, job) -> list[dict]:
+    return [event for j, event in w["tee"].seen if j is job]
+
+
+def ended(job) -> bool:
+    return job.status not in ("running", "cancelling")
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory, request):
+    root = tmp_path_factory.mktemp("jobs")
+    (root / "corpus.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    data = root / "data"
+    prepare(root / "corpus.txt", CharTokenizer.train(SAMPLE_TEXT), data)
+    not_prepared = root / "not_prepared"  # exists, but `quill prepare` never wrote it
+    not_prepared.mkdir()
+    (not_prepared / "notes.txt").write_text("just some notes\n")
+    corrupt = root / "corrupt"  # a prepared directory whose train.bin lost its second half
+    shutil.copytree(data, corrupt)
+    train_bin = (corrupt / "train.bin").read_bytes()
+    (corrupt / "train.bin").write_bytes(train_bin[: len(train_bin) // 2])
+    profiles = root / "profiles"
+    profiles.mkdir()
+    (profiles / "base.toml").write_text(BASE_PROFILE, encoding="utf-8")
+    r = {"root": root, "data": data, "not_prepared": not_prepared, "corrupt": corrupt, "profiles": profiles,
+         "tiny": root / "runs" / "tiny", "tiny_again": root / "more" / "tiny", "long": root / "runs" / "long",
+         "bad": root / "runs" / "bad", "broken": root / "runs" / "broken", "script_run": root / "runs" / "script_run",
+         "stopped": root / "runs" / "stopped", "killed": root / "runs" / "killed"}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUILL_PROFILES", str(profiles))
+        mp.setattr(train_module, "_machine_peak_flops", lambda backend, dtype: 1e12)  # in this process only
+        train(TrainConfig(data=str(data), out=str(root / "base_run"), n_layer=1, n_head=2, n_embd=16, block_size=16,
+                          batch_size=4, max_steps=4, warmup_steps=1, eval_interval=2, eval_steps=2, device="cpu",
+                          dtype="float32"))
+        r["base_toml"] = (profiles / "base.toml").read_bytes()
+        session = ChatSession("base")
+        r["session"] = session
+        r["tee"] = session.jobs.events = Tee()
+        r["before"] = listing(root)
+
+        def kill_leftovers() -> None:  # should the fixture fail midway: no million-step run goes on alone
+            for jobs in (session.jobs, r.get("chatty"), r.get("direct"), getattr(r.get("script_session"), "jobs", None)):
+                for job in jobs.all() if jobs else []:
+                    if job.process.poll() is None:
+                        job.process.kill()
+
+        request.addfinalizer(kill_leftovers)
+
+        # A job whose stderr is far more than a pipe holds (PYTHONVERBOSE: every import of torch).
+        mp.setenv("PYTHONVERBOSE", "1")
+        r["chatty"] = Jobs()
+        r["chatty_job"] = r["chatty"].start("eval", [str(root / "base_run"), "--data", str(data), "--device", "cpu"])
+        mp.delenv("PYTHONVERBOSE")
+
+        # The REPL's script mode, on a session of its own, side by side with the rest.
+        script_session = ChatSession("base")
+        script = (f"/train --data {data} --out {r['script_run']} {' '.join(MODEL)} --max-steps 10 --eval-interval 5\n"
+                  "/jobs\n")
+        r["script_out"], r["script_err"] = io.StringIO(), io.StringIO()
+        script_thread = threading.Thread(target=run_script, args=(script_session, io.StringIO(script), r["script_out"],
+                                                                   r["script_err"]))
+        script_thread.start()
+        r["script_session"] = script_session
+
+        # Through the session, as the commands of the chat.
+        flags = " ".join(MODEL)
+        r["replies"] = [
+            commands.run(session, f"/train --data {data} --out {r['tiny']} {flags} --max-steps 30 --eval-interval 10 "
+                                  "--log-interval 5"),
+            commands.run(session, f"/train --data {data} --out {r['tiny_again']} {flags} --max-steps 20 --eval-interval 10"),
+            commands.run(session, f"/train --data {data} --out {r['long']} {flags} --max-steps {LONG} --eval-interval 5 "
+                                  "--log-interval 1"),
+            commands.run(session, f"/train --data {not_prepared} --out {r['bad']} {flags} --max-steps 5"),
+            commands.run(session, f"/train --data {corrupt} --out {r['broken']} {flags} --max-steps 5"),
+            commands.run(session, f"/eval {data}"),
+        ]
+        r["job"] = dict(zip(["tiny", "tiny_again", "long", "bad", "broken", "eval"], session.jobs.all()))
+
+        # Through Jobs directly: a bad flag, a job killed outright, and one stopped by stop_all.
+        direct = r["direct"] = Jobs()
+        r["bogus"] = direct.start("train", ["--data", str(data), "--bogus-flag"])
+        r["killed_job"] = direct.start("train", ["--data", str(data), "--out", str(r["killed"]), *MODEL])
+        r["killed_job"].process.kill()
+        r["stop_all_job"] = direct.start("train", ["--data", str(data), "--out", str(r["stopped"]), *MODEL,
+                                                   "--max-steps", str(LONG), "--eval-interval", "5", "--log-interval", "1"])
+        r["pgid"] = os.getpgid(r["stop_all_job"].process.pid)
+
+        notices, long_job, deadline = [], r["job"]["long"], time.monotonic() + DEADLINE
+        direct_events, stop_all_stepped = [], False
+        while time.monotonic() < deadline:
+            notices += session.job_notices()
+            if "cancel" not in r and any(e["event"] == "step" for e in events_of(r, long_job)):
+                r["jobs_while_running"] = commands.run(session, "/jobs")
+                r["cancel"] = commands.run(session, f"/cancel {long_job.id}")
+            if "chat_after_failure" not in r and ended(r["job"]["bad"]) and ended(r["job"]["broken"]):
+                r["chat_after_failure"] = chat(session, "Speak")  # while the other jobs still run
+            while not direct.events.empty():
+                direct_events.append(direct.events.get_nowait())
+                stop_all_stepped |= direct_events[-1][1]["event"] == "step" and direct_events[-1][0] is r["stop_all_job"]
+            if stop_all_stepped and "stop_all" not in r:
+                direct.stop_all()
+                r["stop_all"] = True
+            if all(ended(job) for job in session.jobs.all()) and "stop_all" in r:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the jobs did not end in {DEADLINE} s: {[j.describe() for j in session.jobs.all()]}")
+        session.jobs.wait()
+        direct.wait()
+        try:
+            r["chatty_job"].process.wait(timeout=20)
+        except subprocess.TimeoutExpired:  # stuck writing to a full stderr pipe
+            r["chatty_job"].process.kill()
+        r["chatty"].wait()
+        notices += session.job_notices()
+        while not direct.events.empty():
+            direct_events.append(direct.events.get_nowait())
+        script_thread.join(DEADLINE)
+        assert not script_thread.is_alive(), "run_script did not end"
+        r["notices"] = [n.text for n in notices]
+        r["direct_events"] = direct_events
+        r["after"] = listing(root)
+        r["jobs_at_end"] = commands.run(session, "/jobs")
+        yield r
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+def test_progress_events_arrive_and_match_the_run_log(w):
+    job = w["job"]["tiny"]
+    assert w["replies"][0] == (f"started job {job.id}: train --data {w['data']} --out {w['tiny']} {' '.join(MODEL)} "
+                               f"--max-steps 30 --eval-interval 10 --log-interval 5 "
+                               f"(/jobs shows its progress, /cancel {job.id} stops it)")
+    events = events_of(w, job)
+    kinds = [e["event"] for e in events]
+    assert kinds == ["start"] + ["step"] * 6 + ["done", "finished"], kinds  # one "done": the job's, with the run dir
+    start = events[0]
+    best = load_checkpoint(w["tiny"] / "best.safetensors")
+    assert (start["step"], start["max_steps"], start["device"], start["dtype"]) == (0, 30, "cpu", "float32")
+    assert start["params"] == best.model.num_params() and start["tokens_per_step"] == 4 * 16
+
+    steps = events[1:7]
+    log = [json.loads(line) for line in (w["tiny"] / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in steps] == [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
+    vocab = DataDir.open(w["data"]).tokenizer.vocab_size
+    for event, record in zip(steps, log):
+        assert {k: event[k] for k in record} == record  # what the chat saw is what the run logged
+        assert 0 < event["loss"] < math.log(vocab) + 0.5
+        assert event["tokens_per_s"] > 0 and event["max_steps"] == 30 and event["eta_s"] >= 0
+        assert ("val_loss" in event) == (event["step"] % 10 == 0)
+    assert steps[-1]["eta_s"] == 0 and steps[0]["eta_s"] > 0
+    done = events[7]
+    assert done == {"event": "done", "out": str(w["tiny"]), "steps": 30, "stopped": None,
+                    "best_val_loss": min(r["val_loss"] for r in log if "val_loss" in r)}
+    assert best.val_loss == done["best_val_loss"]
+    assert job.result == done and job.status == "finished" and job.process.returncode == 0
+
+
+def test_jobs_lists_progress_while_running_and_results_at_the_end(w):
+    jobs = w["job"]
+    running = {line.split(":", 1)[0]: line for line in w["jobs_while_running"].splitlines()}
+    assert len(running) == 6
+    long_line = running[f"job {jobs['long'].id}"]
+    assert long_line.startswith(f"job {jobs['long'].id}: train --data {w['data']} --out {w['long']} ")
+    m = re.search(rf"\[running\] step (\d+)/{LONG}  loss (\d+\.\d{{4}})  (?:val (\d+\.\d{{4}})  )?"
+                  r"[\d,]+ tok/s  MFU [\d.]+%  ETA \S+$", long_line)
+    assert m, long_line
+    shown = [e for e in events_of(w, jobs["long"]) if e["event"] == "step" and e["step"] == int(m.group(1))]
+    assert shown and f"{shown[0]['loss']:.4f}" == m.group(2)  # the latest step it had reported
+    # its validation loss too, on evaluation steps (every 5th)
+    assert m.group(3) == (f"{shown[0]['val_loss']:.4f}" if int(m.group(1)) % 5 == 0 else None)
+    for other in ("tiny", "tiny_again", "eval"):  # still starting, or on their way
+        assert re.search(r"\[(running|finished)\]", running[f"job {jobs[other].id}"])
+
+    at_end = {line.split(":", 1)[0]: line for line in w["jobs_at_end"].splitlines()}
+    tiny = jobs["tiny"].result
+    assert at_end[f"job {jobs['tiny'].id}"].endswith(
+        f"[finished] 30 steps, best val loss {tiny['best_val_loss']}, in {w['tiny']}")
+    assert f"[cancelled] {jobs['long'].result['steps']} steps" in at_end[f"job {jobs['long'].id}"]
+    assert at_end[f"job {jobs['bad'].id}"].endswith(f"[failed] {jobs['bad'].error}")
+    ev = jobs["eval"].result
+    assert at_end[f"job {jobs['eval'].id}"].endswith(
+        f"[finished] loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.4f}")
+
+
+# --- a finished run becomes a profile ---------------------------------------------------------------
+
+def trained_notices(w) -> dict[str, tuple[int, str]]:
+    """Run directory -> (job id, profile name), from the notices."""
+    found = {}
+    for text in w["notices"]:
+        if m := NOTICE_TRAINED.fullmatch(text):
+            assert m.group(3) == m.group(4)
+            found[m.group(2)] = (int(m.group(1)), m.group(3))
+    return found
+
+
+def test_a_finished_run_is_written_as_a_profile_the_chat_can_switch_to(w):
+    session = w["session"]
+    trained = trained_notices(w)
+    assert set(trained) == {str(w["tiny"]), str(w["tiny_again"])}
+    job_id, name = trained[str(w["tiny"])]
+    assert job_id == w["job"]["tiny"].id
+    path = w["profiles"] / f"{name}.toml"
+    assert path.is_file()
+    base, profile = load_profile(w["profiles"] / "base.toml"), load_profile(path)
+    best = w["tiny"] / "best.safetensors"
+    assert profile.checkpoint == best.resolve()
+    assert profile.tokenizer_fingerprint == DataDir.open(w["data"]).tokenizer.fingerprint
+    assert "base" in profile.description
+    # the chat's sampler, options, length and template carry over, quotes and backslashes intact
+    assert (profile.chain, profile.options, profile.max_new_tokens) == (base.chain, base.options, base.max_new_tokens)
+    assert profile.template == base.template and profile.template.system == 'A "quoted" \\ system line\n'
+
+    turns = len(session.turns)
+    try:
+        reply = commands.run(session, f"/profile {name}")
+        assert reply == f"switched to profile {name} ({best.resolve()}); the conversation is kept"
+        best_step = load_checkpoint(best).step
+        assert session.profile.name == name and session.loaded.step == best_step and best_step in (10, 20, 30)
+        done = chat(session, "Speak, speak.")
+        assert done.reason in ("stop", "length", "eos") and done.new_tokens >= 1
+        provenance = session.turns[-1].provenance
+        assert len(session.turns) == turns + 1
+        assert (provenance.profile, provenance.checkpoint, provenance.step) == (name, str(best.resolve()), best_step)
+        assert provenance.checkpoint_sha256 == file_sha256(best)  # the reply came from the new model
+    finally:
+        session.use_profile("base")
+
+
+def test_a_second_run_with_the_same_directory_name_gets_its_own_profile(w):
+    trained = trained_notices(w)
+    names = {trained[str(w["tiny"])][1], trained[str(w["tiny_again"])][1]}
+    assert names == {"tiny", "tiny-2"}
+    for run in (w["tiny"], w["tiny_again"]):
+        assert load_profile(w["profiles"] / f"{trained[str(run)][1]}.toml").checkpoint == (run / "best.safetensors").resolve()
+    assert (w["profiles"] / "base.toml").read_bytes() == w["base_toml"]
+    assert sorted(p.name for p in w["profiles"].iterdir()) == ["base.toml", "script_run.toml", "tiny-2.toml", "tiny.toml"]
+
+
+# --- cancel -----------------------------------------------------------------------------------------
+
+def test_a_cancelled_run_saves_its_last_checkpoint(w):
+    job = w["job"]["long"]
+    assert w["cancel"] == f"cancelling job {job.id} (it saves its last checkpoint first)"
+    assert job.status == "cancelled" and job.error is None
+    steps = job.result["steps"]
+    assert job.result["out"] == str(w["long"]) and job.result["stopped"] == "SIGINT"
+    first_step = next(e["step"] for e in events_of(w, job) if e["event"] == "step")
+    assert 1 <= first_step <= steps < LONG
+    last = load_checkpoint(w["long"] / "last.safetensors")
+    assert last.step == steps == load_resume_state(w["long"] / "last.state.pt")["step"]  # it can be resumed
+    assert {"event": "stopped", "step": steps, "reason": "SIGINT"} in events_of(w, job)
+    assert f"job {job.id} cancelled; its last checkpoint is in {w['long']}" in w["notices"]
+    assert not (w["profiles"] / "long.toml").exists()  # a cancelled run is not adopted
+    assert error_of(w["session"], f"/cancel {job.id}").message == f"job {job.id} is not running (it is cancelled)"
+
+
+def test_stop_all_cancels_the_running_jobs_and_they_run_in_their_own_process_group(w):
+    job = w["stop_all_job"]
+    assert job.status == "cancelled" and job.result["stopped"] == "SIGINT"
+    assert load_checkpoint(w["stopped"] / "last.safetensors").step == job.result["steps"] >= 1
+    # Ctrl-C at the terminal reaches the chat's process group, not the jobs
+    assert w["pgid"] != os.getpgrp()
+    assert [e["event"] for j, e in w["direct_events"] if j is job][-1] == "cancelled"
+
+
+def test_cancel_errors(w):
+    session, jobs = w["session"], w["job"]
+    unknown = error_of(session, "/cancel 99")
+    assert unknown.message == "there is no job 99"
+    assert unknown.hint == "jobs: " + ", ".join(str(j.id) for j in session.jobs.all()) == "jobs: 1, 2, 3, 4, 5, 6"
+    finished = error_of(session, f"/cancel {jobs['tiny'].id}")
+    assert finished.message == f"job {jobs['tiny'].id} is not running (it is finished)"
+    assert error_of(session, f"/cancel {jobs['bad'].id}").message == f"job {jobs['bad'].id} is not running (it is failed)"
+    for line, message in (("/cancel x", "/cancel takes a job number, not 'x'"), ("/cancel", "/cancel needs a job number")):
+        e = error_of(session, line)
+        assert isinstance(e, UsageError) and (e.message, e.hint) == (message, "usage: /cancel ID")
+    assert jobs["tiny"].status == "finished"
+
+
+# --- failures ---------------------------------------------------------------------------------------
+
+def test_failed_jobs_report_one_line_and_the_chat_goes_on(w):
+    session, bad, broken = w["session"], w["job"]["bad"], w["job"]["broken"]
+    assert bad.status == broken.status == "failed" and bad.result is None and broken.result is None
+    assert bad.error == (f"{str(w['not_prepared'])!r} has no meta.json: not a prepared data directory "
+                         "(make one with `quill prepare`)")
+    n = DataDir.open(w["data"]).meta["train_tokens"]
+    assert broken.error == (f"{str(w['corrupt'] / 'train.bin')!r} should hold {n} tokens ({2 * n} bytes) but has "
+                            f"{n} bytes (run `quill prepare` again)")
+    for job in (bad, broken):
+        notice = f"job {job.id} failed: {job.error}"
+        assert notice in w["notices"] and "\n" not in notice and "Traceback" not in notice
+        assert [e["event"] for e in events_of(w, job)] == ["error", "failed"]
+        assert job.process.returncode == 1
+    # the chat went on while the other jobs ran, and still does
+    assert w["chat_after_failure"].new_tokens >= 1
+    assert chat(session, "Resolved.").new_tokens >= 1 and session.profile.name == "base"
+
+
+def test_direct_jobs_that_fail_before_training(w):
+    bogus, killed = w["bogus"], w["killed_job"]
+    assert bogus.status == "failed"
+    assert bogus.error == "quill: unrecognized arguments: --bogus-flag (see `quill --help`)"
+    assert killed.status == "failed" and killed.error == "exited with code -9" and killed.result is None
+    assert not w["killed"].exists()
+
+
+def test_a_job_that_writes_much_to_stderr_still_ends(w):
+    job, eval_job = w["chatty_job"], w["job"]["eval"]
+    assert (job.status, job.error) == ("finished", None)
+    # the same checkpoint and data as /eval
+    assert (job.result["tokens"], job.result["bytes"]) == (eval_job.result["tokens"], eval_job.result["bytes"])
+    assert job.result["loss"] == pytest.approx(eval_job.result["loss"], rel=1e-5)
+
+
+def test_train_or_eval_on_missing_data_is_refused_at_once(w):
+    session = w["session"]
+    count = len(session.jobs.all())
+    missing = w["root"] / "missing"
+    never = w["root"] / "runs" / "never"
+    for line, message in (
+        (f"/train --data {missing} --out {never} --max-steps 5", f"no data at {str(missing)!r}"),
+        (f"/eval {missing}", f"no data at {str(missing)!r}"),
+        ("/train", "/train needs at least --data DIR"),
+        (f"/train --data {w['data']} --out {never} --bogus", "quill: unrecognized arguments: --bogus"),
+        ("/eval --split val", "/eval needs the data to evaluate on"),
+    ):
+        e = error_of(session, line)
+        assert isinstance(e, UsageError) and e.message == message, (line, e)
+    assert "quill prepare" in error_of(session, f"/train --data {missing}").hint
+    assert len(session.jobs.all()) == count  # no job was started
+    assert not (w["root"] / "runs" / "never").exists()
+
+
+# --- eval -------------------------------------------------------------------------------------------
+
+def test_an_eval_job_reports_loss_and_bits_per_byte(w):
+    job, checkpoint = w["job"]["eval"], w["session"].profile.checkpoint
+    assert w["replies"][5] == f"started job {job.id}: eval of base on {w['data']}"
+    assert job.argv == [str(checkpoint), "--data", str(w["data"])] and job.status == "finished"
+    expected = evaluate(checkpoint, w["data"], device="cpu")
+    result = job.result
+    assert result["tokens"] == expected.tokens and result["bytes"] == expected.bytes
+    assert result["loss"] == pytest.approx(expected.loss, rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-5)
+    assert f"job {job.id}: eval {checkpoint} --data {w['data']} [finished] loss {result['loss']:.4f}, " \
+           f"bits/byte {result['bits_per_byte']:.4f}" in w["notices"]
+    progress = [e for e in events_of(w, job) if e["event"] == "progress"]
+    assert progress and progress[-1]["done"] == progress[-1]["total"] >= 1
+
+
+# --- the files --------------------------------------------------------------------------------------
+
+def test_jobs_write_only_in_their_run_directories(w):
+    root, before, after = w["root"], w["before"], w["after"]
+    assert all(after.get(path) == stat for path, stat in before.items())  # nothing changed or removed
+    run_dirs = [w[k].relative_to(root) for k in ("tiny", "tiny_again", "long", "script_run", "stopped")]
+    new = set(after) - set(before)
+    outside = {path for path in new if not any(Path(path).is_relative_to(d) for d in run_dirs)}
+    assert outside == {"profiles/tiny.toml", "profiles/tiny-2.toml", "profiles/script_run.toml"}
+    for d in run_dirs:
+        assert {"best.safetensors", "last.safetensors", "last.state.pt", "log.jsonl", "config.json"} <= \
+            {Path(p).name for p in new if Path(p).parent == d}
+
+
+# --- the REPL's script mode -------------------------------------------------------------------------
+
+def test_a_script_waits_for_its_jobs_before_it_ends(w):
+    session, out = w["script_session"], w["script_out"].getvalue()
+    job, = session.jobs.all()
+    assert job.status == "finished" and job.process.returncode == 0 and job.result["steps"] == 10
+    assert w["script_err"].getvalue() == ""
+    lines = out.splitlines()
+    assert lines[0].startswith(f"> /train --data {w['data']} --out {w['script_run']}")
+    assert lines[1].startswith(f"started job {job.id}: train --data")
+    assert lines[2] == "> /jobs"
+    assert lines[3].startswith(f"job {job.id}: train --data {w['data']}") and "[running]" in lines[3]
+    # the transcript ends with the job's result, after waiting for it
+    assert lines[-1] == (f"[job {job.id} finished training {w['script_run']}; profile 'script_run' is ready: "
+                         "/profile script_run]")
+    assert load_profile(w["profiles"] / "script_run.toml").checkpoint == (w["script_run"] / "best.safetensors").resolve()
