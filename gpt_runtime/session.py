@@ -100,6 +100,7 @@ class ChatSession:
         from .jobs import Jobs
 
         self.jobs = Jobs()
+        self._threads: int | None = None  # torch's thread count before any job ran
         self.turns: list[Turn] = []
         self._cancel = threading.Event()
         self._busy = threading.Lock()
@@ -209,6 +210,7 @@ class ChatSession:
 
         with self._busy:
             self._cancel.clear()
+            self._share_cores()
             turn = self.turns[index]
             if provenance is None:
                 text, first, dropped = self._prompt(index)
@@ -357,6 +359,19 @@ class ChatSession:
 
 
     # --- jobs ---------------------------------------------------------------------
+
+    def _share_cores(self) -> None:
+        """Leave a core to each running job: torch's threads wait for each other at
+        every operation, so one thread that must share its core with a job slows a
+        reply tenfold (measured with benchmarks/chat_bench.py)."""
+        import os
+
+        import torch
+
+        if self._threads is None:
+            self._threads = torch.get_num_threads()
+        running = sum(job.status == "running" for job in self.jobs.all())
+        torch.set_num_threads(max(1, min(self._threads, (os.cpu_count() or 1) - running)))
 
     def start_job(self, kind: str, argv: list[str]):
         """Start a background `train` or `eval` job; arguments as for `quill train` / `quill eval`.

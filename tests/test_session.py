@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -562,3 +563,21 @@ def test_the_templates_stop_strings_end_replies_and_are_not_part_of_them(s):
         s.clear()
     assert "stop" in reasons
 
+
+
+def test_a_reply_leaves_a_core_to_each_running_job(s, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    torch.set_num_threads(4)
+    try:
+        running = SimpleNamespace(status="running")
+        s.jobs._jobs = {1: running, 2: SimpleNamespace(status="finished")}
+        drain(s.send("First"))
+        assert torch.get_num_threads() == 3  # one job running: one core left to it
+        running.status = "finished"
+        drain(s.send("Second"))
+        assert torch.get_num_threads() == 4  # back to what it was
+    finally:
+        s.jobs._jobs = {}
+        torch.set_num_threads(1)
