@@ -191,16 +191,20 @@ class ChatSession:
         self.turns.append(Turn(message))
         return self._reply(len(self.turns) - 1)
 
-    def _prompt(self, index: int, first_turn: int | None = None) -> tuple[str, int, int]:
-        """The prompt for turn `index`: (text, first turn it holds, turns dropped to fit)."""
-        template = self.profile.template
-        block = self.loaded.model.config.block_size
+    def _prompt(self, index: int, first_turn: int | None = None, loaded: _Loaded | None = None) -> tuple[str, int, int]:
+        """The prompt for turn `index`: (text, first turn it holds, turns dropped to fit).
+
+        `loaded` lays it out for another profile's model and template (for /compare).
+        """
+        loaded = loaded or self.loaded
+        template = loaded.profile.template
+        block = loaded.model.config.block_size
         room = block - min(self.max_new_tokens, block // 4)  # keep space for the reply
         start = first_turn if first_turn is not None else 0
         while True:
             history = [(t.user, t.reply) for t in self.turns[start:index]]
             text = template.render(history, self.turns[index].user)
-            if first_turn is not None or start >= index or len(self.loaded.tokenizer.encode(text)) <= room:
+            if first_turn is not None or start >= index or len(loaded.tokenizer.encode(text)) <= room:
                 return text, start, start
             start += 1
 
@@ -279,10 +283,12 @@ class ChatSession:
         finally:
             turn.reply, turn.provenance = before, provenance
 
-    def compare(self, *chains: str) -> list[tuple[str, str]]:
-        """The last message's reply through each sampler chain, all with one seed: [(chain, text)].
+    def compare(self, *sides: str) -> list[tuple[str, str]]:
+        """The last message's reply from each side, all with one seed: [(side, text)].
 
-        The conversation is not changed. Options of samplers in the current chain carry over.
+        A side is a sampler chain (run on this profile's model; options of
+        samplers in the current chain carry over) or ``profile:NAME`` (that
+        profile's model, chain, options and template). The conversation is not changed.
         """
         import secrets
 
@@ -291,14 +297,20 @@ class ChatSession:
 
         if not self.turns:
             raise QuillError("say something first: /compare replies to the last message")
-        text, _, _ = self._prompt(len(self.turns) - 1)
+        self._idle()
         seed = self.seed if self.seed is not None else secrets.randbits(63)
         results = []
-        for spec in chains:
-            chain = build_chain(spec, {n: v for n, v in self.options.items() if n in spec.split(",")})
-            reply = generate_text(self.loaded.model, self.loaded.tokenizer, text, chain=chain, seed=seed,
-                                  max_new_tokens=self.max_new_tokens, stop=self.profile.template.stop)
-            results.append((chain.spec, reply.strip()))
+        for side in sides:
+            if side.startswith("profile:"):
+                loaded = _load(get_profile(side.removeprefix("profile:")))
+                chain = build_chain(loaded.profile.chain, loaded.profile.options)
+            else:
+                loaded = self.loaded
+                chain = build_chain(side, {n: v for n, v in self.options.items() if n in side.split(",")})
+            text, _, _ = self._prompt(len(self.turns) - 1, loaded=loaded)
+            reply = generate_text(loaded.model, loaded.tokenizer, text, chain=chain, seed=seed,
+                                  max_new_tokens=self.max_new_tokens, stop=loaded.profile.template.stop)
+            results.append((side if side.startswith("profile:") else chain.spec, reply.strip()))
         return results
 
     def to_dict(self) -> dict[str, Any]:

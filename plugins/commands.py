@@ -132,7 +132,7 @@ def replay(session, args: str) -> str:
 def compare(session, args: str) -> str:
     left, bar, right = args.partition("|")
     if not bar or not left.strip() or not right.strip():
-        raise UsageError("/compare needs two sampler chains separated by |")
+        raise UsageError("/compare needs two sampler chains (or profile:NAME) separated by |")
     results = session.compare(left.replace(" ", ""), right.replace(" ", ""))
     return "\n\n".join(f"[{chain}]\n{text}" for chain, text in results)
 
@@ -203,8 +203,8 @@ def quill_register_commands(register) -> None:
     register("/load", load, help="load a transcript saved as JSON", usage="/load FILE")
     register("/replay", replay, help="redo reply N from its provenance and check it is the same",
              usage="/replay [N]")
-    register("/compare", compare, help="the last message through two sampler chains, with the same seed",
-             usage="/compare CHAIN_A | CHAIN_B", complete=_sampler_names)
+    register("/compare", compare, help="the last message through two sampler chains or profiles, with the same seed",
+             usage="/compare CHAIN_A | CHAIN_B  or  /compare profile:A | profile:B", complete=_sampler_names)
     register("/tokens", tokens, help="how the tokenizer splits some text", usage="/tokens TEXT")
     register("/train", train, help="train a model in the background (the flags of `quill train`)",
              usage="/train --data DIR --out RUN [FLAGS]")

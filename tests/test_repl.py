@@ -80,7 +80,8 @@ def test_help_lists_every_command_and_explains_one(s):
     assert "/set NAME VALUE" in text and "set a sampler option, max_new_tokens or seed" in text
     assert commands.run(s, "/help set") == "/set NAME VALUE\n  set a sampler option, max_new_tokens or seed"
     assert commands.run(s, "/help /compare") == (
-        "/compare CHAIN_A | CHAIN_B\n  the last message through two sampler chains, with the same seed")
+        "/compare CHAIN_A | CHAIN_B  or  /compare profile:A | profile:B\n"
+        "  the last message through two sampler chains or profiles, with the same seed")
     exc = error_of(s, "/help sett")
     assert (exc.message, exc.hint) == ("unknown command /sett", "did you mean '/set'?")
 
@@ -170,8 +171,8 @@ def test_regen_undo_clear_replay_compare_tokens_and_quit(s, m):
     for bad in ("/compare greedy", "/compare greedy |", "/compare | greedy", "/compare"):
         exc = error_of(s, bad)
         assert isinstance(exc, UsageError)
-        assert (exc.message, exc.hint) == ("/compare needs two sampler chains separated by |",
-                                           "usage: /compare CHAIN_A | CHAIN_B")
+        assert (exc.message, exc.hint) == ("/compare needs two sampler chains (or profile:NAME) separated by |",
+                                           "usage: /compare CHAIN_A | CHAIN_B  or  /compare profile:A | profile:B")
     tok = s.loaded.tokenizer
     assert commands.run(s, "/tokens Speak, all") == "10 tokens: " + " ".join(
         f'"{c}":{tok.encode(c)[0]}' for c in "Speak, all")

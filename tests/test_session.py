@@ -548,6 +548,21 @@ def test_compare_runs_the_last_message_through_two_chains_with_one_seed(s, m):
         s.compare("greedy", "nope")
 
 
+def test_compare_two_profiles_each_with_its_model_chain_and_template(s, m):
+    s.set("seed", "5")
+    drain(s.send("Speak"))
+    (a, text_a), (b, text_b) = s.compare("profile:alpha", "profile:beta")
+    assert (a, b) == ("profile:alpha", "profile:beta")
+    assert text_a == s.turns[0].reply  # alpha is the current profile: the same reply as send gave
+    beta_prompt = ChatTemplate(user_prefix="You: ", user_suffix="\n", model_prefix="Bot: ", model_suffix="\n",
+                               stop=["@"]).render([], "Speak")
+    assert text_b == expected(m, beta_prompt, 5, "logit_bias,top_k,temperature",
+                              {"logit_bias": {"bias": "3:-inf"}, "top_k": {"k": 30}}, model="b", stop=["@"])
+    assert s.profile.name == "alpha" and len(s.turns) == 1  # nothing changed
+    with pytest.raises(QuillError, match="no profile named 'gamma'"):
+        s.compare("greedy", "profile:gamma")
+
+
 def test_the_templates_stop_strings_end_replies_and_are_not_part_of_them(s):
     s.set_chain("temperature")
     s.set("temperature", "1.5")
