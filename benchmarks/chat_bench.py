@@ -102,7 +102,7 @@ def main() -> None:
         ready = []
         for _ in range(3):
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "gpt_runtime.cli", "chat", "--plain", "--profile", profile],
+            subprocess.run([sys.executable, "-m", "tui.cli", "chat", "--plain", "--profile", profile],
                            input=b"/quit\n", capture_output=True, check=True)
             ready.append(time.perf_counter() - start)
 

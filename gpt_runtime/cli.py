@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from dataclasses import fields, replace
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import __version__
@@ -43,7 +44,9 @@ def _sub(subparsers, name: str, help: str, examples: tuple[str, ...], descriptio
     )
 
 
-def build_parser() -> Parser:
+def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
+    """The `quill` parser; `extend(subparsers)` adds commands from outside the engine
+    (the chat, from `tui.cli`, which the engine never imports)."""
     parser = Parser(
         prog=PROG,
         description="Quill: train, evaluate and chat with small GPT models in the terminal.",
@@ -192,16 +195,8 @@ def build_parser() -> Parser:
                    help="int8: weights in 8 bits, faster on the CPU, slightly less accurate (default: none)")
     p.set_defaults(run=cmd_generate)
 
-    # quill chat
-    p = _sub(commands, "chat", "chat with a model: the plain REPL (the full-screen chat is coming)", (
-        "quill chat --profile shakespeare",
-        "printf 'Good morrow\\n/set temperature 0.5\\nAnd then?\\n' | quill chat --profile shakespeare",
-    ), description="Chat with a profile's model. Anything you type is sent to the model; lines starting "
-                   "with / are commands (/help lists them). When stdin or stdout is not a terminal, stdin is "
-                   "read as a script of messages and commands and the transcript is written to stdout.")
-    p.add_argument("--profile", help="profile to chat with (default: the one named `default`, or the only one)")
-    p.add_argument("--plain", action="store_true", help="the plain line-based REPL (the only one so far)")
-    p.set_defaults(run=cmd_chat)
+    if extend is not None:
+        extend(commands)
 
     # quill profiles ...
     prof = _sub(commands, "profiles", "list, show and check chat profiles", (
@@ -590,19 +585,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
-    from tui.repl import run_interactive, run_script
-
-    from .profiles import default_profile, history_path
-    from .session import ChatSession
-
-    session = ChatSession(args.profile or default_profile())
-    if sys.stdin.isatty() and sys.stdout.isatty():
-        run_interactive(session, str(history_path()))
-    else:
-        run_script(session, sys.stdin)
-
-
 def cmd_profiles_list(args: argparse.Namespace) -> None:
     from .profiles import find_profiles, user_profile_dir
 
@@ -704,12 +686,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"{PROG}: warning: {category.__name__}: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage error)."""
+def main(argv: list[str] | None = None, extend: Callable[[Any], None] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage error).
+
+    `extend` adds subcommands (see `build_parser`); the installed `quill` is `tui.cli:main`.
+    """
     debug = os.environ.get("QUILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
     if not debug:
         warnings.showwarning = _show_warning
-    parser = build_parser()
+    parser = build_parser(extend)
     try:
         argv = sys.argv[1:] if argv is None else argv
         args = parser.parse_args(argv)

@@ -20,7 +20,7 @@ def run_quill(*args: str, input: bytes | None = None, env: dict | None = None, c
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_")}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "gpt_runtime.cli", *args],
+        [sys.executable, "-m", "tui.cli", *args],
         input=input if input is not None else b"",
         capture_output=True,
         env=full_env,

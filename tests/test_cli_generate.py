@@ -44,7 +44,7 @@ def run_all(commands: dict[str, list[str]], at_once: int = 2) -> dict[str, subpr
     env["OMP_NUM_THREADS"] = "1"
 
     def run(args: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "gpt_runtime.cli", *args], stdin=subprocess.DEVNULL,
+        return subprocess.run([sys.executable, "-m", "tui.cli", *args], stdin=subprocess.DEVNULL,
                               capture_output=True, env=env, timeout=120)
 
     with ThreadPoolExecutor(max_workers=at_once) as pool:

@@ -383,7 +383,7 @@ def test_help_has_examples(args):
 def test_text_argument_that_is_not_utf8_is_a_clear_error(files, kind, action):
     # Bytes that are not UTF-8 reach Python as lone surrogates; say what they really are.
     out = subprocess.run(
-        [sys.executable, "-m", "gpt_runtime.cli", "tokenizer", action, "--tokenizer", str(files[kind]), b"caf\xe9"],
+        [sys.executable, "-m", "tui.cli", "tokenizer", action, "--tokenizer", str(files[kind]), b"caf\xe9"],
         capture_output=True, timeout=60,
     )
     assert "text given as an argument is not UTF-8 (invalid byte at offset 3)" in fails(out)
@@ -393,13 +393,13 @@ def test_help_and_version_import_nothing_heavy():
     # `quill --help` must answer instantly: no torch, and none of the plugin machinery.
     code = (
         "import sys\n"
-        "from gpt_runtime.cli import main\n"
-        "for args in (['--help'], ['--version'], ['tokenizer', '--help'], ['train', '--help']):\n"
+        "from tui.cli import main\n"
+        "for args in (['--help'], ['--version'], ['tokenizer', '--help'], ['train', '--help'], ['chat', '--help']):\n"
         "    try:\n"
         "        main(args)\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "heavy = sorted(m for m in ('torch', 'pluggy', 'rich', 'regex', 'textual', 'safetensors') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'pluggy', 'rich', 'regex', 'textual', 'safetensors', 'prompt_toolkit') if m in sys.modules)\n"
         "print(heavy, file=sys.stderr)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)

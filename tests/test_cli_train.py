@@ -36,14 +36,14 @@ def _env() -> dict[str, str]:
 
 
 def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gpt_runtime.cli", *args], stdin=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "tui.cli", *args], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
 
 
 def run_all(commands: dict[str, list[str]], at_once: int = 3) -> dict[str, subprocess.CompletedProcess]:
     """Run CLI commands side by side (a new one starts as soon as one ends); results by name."""
     def run(args: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "gpt_runtime.cli", *args], stdin=subprocess.DEVNULL,
+        return subprocess.run([sys.executable, "-m", "tui.cli", *args], stdin=subprocess.DEVNULL,
                               capture_output=True, env=_env(), timeout=120)
 
     with ThreadPoolExecutor(max_workers=at_once) as pool:

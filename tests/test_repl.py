@@ -384,7 +384,7 @@ def test_quill_chat_runs_a_script_from_stdin(m, monkeypatch):
 
 def chat_main(monkeypatch, capsys, folder: Path, text: str) -> tuple[int, str, str]:
     """`quill chat` in-process, with `text` on a stdin that is no terminal."""
-    from gpt_runtime.cli import main
+    from tui.cli import main
 
     monkeypatch.setenv("QUILL_PROFILES", str(folder))
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
@@ -416,7 +416,7 @@ def test_chat_without_a_profile_uses_the_only_one_or_says_which_there_are(m, mon
 
 # Make the pty the child's controlling terminal (Ctrl-C then sends SIGINT), then run the CLI.
 BOOT = ("import fcntl, runpy, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); sys.argv[0] = 'quill'; "
-        "runpy.run_module('gpt_runtime.cli', run_name='__main__', alter_sys=True)")
+        "runpy.run_module('tui.cli', run_name='__main__', alter_sys=True)")
 ESCAPES = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|[\x08\r]")
 PROMPT_STARTS = b"\x1b[?2004h"  # prompt_toolkit turns bracketed paste on when a prompt starts (in raw mode)
 PROMPT_ENDS = b"\x1b[?2004l"  # ... and off when it returns the line (the terminal is back in cooked mode)
