@@ -610,10 +610,10 @@ def cmd_profiles_show(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(data, indent=1))
         return
-    print(f"# {profile.name}: {profile.description}" if profile.description else f"# {profile.name}")
-    print(f"# {profile.path}")
-    for key in ("checkpoint", "tokenizer", "tokenizer_fingerprint"):
-        if data[key] is not None:
+    print(f"# profile {profile.name}: {profile.path}")
+    print(f"# tokenizer fingerprint {profile.tokenizer_fingerprint}")
+    for key in ("description", "checkpoint", "tokenizer"):
+        if data[key]:
             print(f"{key} = {json.dumps(data[key], ensure_ascii=False)}")
     for table in ("sampler", "backend", "generation", "template"):
         print(f"\n[{table}]")

@@ -52,9 +52,11 @@ def quill_register_backends(register) -> None:
 
 @hookspec
 def quill_register_commands(register) -> None:
-    """Register chat slash commands: ``register("/name", handler, help="...")``.
+    """Register chat slash commands: ``register("/name", handler, help="...", usage="...", complete=fn)``.
 
-    `handler(session, args: str)` runs the command; `help` is the one-line
-    description shown by ``/help``. Extra keyword arguments to `register` are kept
-    with the entry for the interface that shows it.
+    `handler(session, args: str)` runs the command with the `ChatSession` and the
+    text after the name; it returns text, an iterator of reply events, `QUIT` or
+    None (see `gpt_runtime.commands`). `help` is the line ``/help`` shows, `usage`
+    the synopsis shown with a `UsageError`, and ``complete(session, partial)``
+    returns tab completions for the argument.
     """

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import QuillError
+from .errors import QuillError, did_you_mean
 from .profiles import Profile, get_profile
 
 
@@ -101,6 +101,7 @@ class ChatSession:
 
         self.jobs = Jobs()
         self._threads: int | None = None  # torch's thread count before any job ran
+        self._dropped_told = 0  # turns left out of the prompt that the user has been told about
         self.turns: list[Turn] = []
         self._cancel = threading.Event()
         self._busy = threading.Lock()
@@ -150,6 +151,14 @@ class ChatSession:
                 raise QuillError(f"seed must be from 0 to 2**64 - 1, not {number}")
             self.seed = number
             return f"seed = {number}"
+        known = ["max_new_tokens", "seed", *(f"{n}.{o}" for n, v in self.options.items() for o in v),
+                 *(n for n, v in self.options.items() if len(v) == 1)]
+        if name not in known and "." not in name:
+            from .plugins import get_registry
+
+            if name not in get_registry().names("samplers"):
+                raise QuillError(f"there is no setting {name!r}", hint=did_you_mean(name, known) or
+                                 f"settings: {', '.join(known)}")
         (sampler, values), = settings_from_strings([f"{name}={value}"]).items()
         options = {n: dict(v) for n, v in self.options.items()}
         options.setdefault(sampler, {}).update(values)
@@ -218,7 +227,8 @@ class ChatSession:
             turn = self.turns[index]
             if provenance is None:
                 text, first, dropped = self._prompt(index)
-                if dropped:
+                if dropped > self._dropped_told:
+                    self._dropped_told = dropped
                     what = "the oldest turn no longer fits" if dropped == 1 else f"the {dropped} oldest turns no longer fit"
                     yield Notice(f"{what} in the context window ({self.loaded.model.config.block_size} tokens); "
                                  "the model no longer sees " + ("it" if dropped == 1 else "them"))
@@ -231,23 +241,27 @@ class ChatSession:
             events = generate(self.loaded.model, self.loaded.tokenizer, text, chain=build_chain(chain, options),
                               max_new_tokens=limit, stop=self.profile.template.stop, seed=seed, cancel=self._cancel)
             reply = []
-            for event in events:
-                reply.append(event.text)
-                if isinstance(event, Done):
-                    turn.reply = "".join(reply).strip()
-                    turn.provenance = Provenance(
-                        self.profile.name, str(self.profile.checkpoint), self.loaded.sha256, self.loaded.step,
-                        self.loaded.tokenizer.fingerprint, chain, options, event.seed, limit, first,
-                        event.reason, event.new_tokens, round(event.tokens_per_second, 1))
-                yield event
+            try:
+                for event in events:
+                    reply.append(event.text)
+                    if isinstance(event, Done):
+                        turn.reply = "".join(reply).strip()
+                        turn.provenance = Provenance(
+                            self.profile.name, str(self.profile.checkpoint), self.loaded.sha256, self.loaded.step,
+                            self.loaded.tokenizer.fingerprint, chain, options, event.seed, limit, first,
+                            event.reason, event.new_tokens, round(event.tokens_per_second, 1))
+                    yield event
+            except Exception:
+                if turn.provenance is None and turn is self.turns[-1]:
+                    self.turns.pop()  # a message whose first reply failed: as if it was never sent
+                raise
 
     def regenerate(self) -> Iterator[Any]:
         """A new reply to the last message (a new seed unless the seed is fixed)."""
         if not self.turns:
             raise QuillError("nothing to regenerate yet")
         self._idle()
-        self.turns[-1].reply, self.turns[-1].provenance = "", None
-        return self._reply(len(self.turns) - 1)
+        return self._reply(len(self.turns) - 1)  # the old reply stays until the new one is done
 
     def undo(self) -> Turn:
         """Forget the last exchange; returns it."""

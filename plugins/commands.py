@@ -150,8 +150,8 @@ def train(session, args: str) -> str:
     import shlex
 
     argv = shlex.split(args)
-    if not argv:
-        raise UsageError("/train needs at least --data DIR", hint="usage: /train --data DIR --out RUN [quill train flags]")
+    if "--data" not in argv or "--out" not in argv:  # a job writes only where it is told
+        raise UsageError("/train needs --data DIR and --out RUN", hint="usage: /train --data DIR --out RUN [quill train flags]")
     job = session.start_job("train", argv)
     return f"started job {job.id}: train {args} (/jobs shows its progress, /cancel {job.id} stops it)"
 

@@ -433,13 +433,14 @@ def test_train_or_eval_on_missing_data_is_refused_at_once(w):
     for line, message in (
         (f"/train --data {missing} --out {never} --max-steps 5", f"no data at {str(missing)!r}"),
         (f"/eval {missing}", f"no data at {str(missing)!r}"),
-        ("/train", "/train needs at least --data DIR"),
+        ("/train", "/train needs --data DIR and --out RUN"),
         (f"/train --data {w['data']} --out {never} --bogus", "quill: unrecognized arguments: --bogus"),
         ("/eval --split val", "/eval needs the data to evaluate on"),
     ):
         e = error_of(session, line)
         assert isinstance(e, UsageError) and e.message == message, (line, e)
-    assert "quill prepare" in error_of(session, f"/train --data {missing}").hint
+    assert "quill prepare" in error_of(session, f"/train --data {missing} --out {never}").hint
+    assert error_of(session, f"/train --data {w['data']}").message == "/train needs --data DIR and --out RUN"
     assert len(session.jobs.all()) == count  # no job was started
     assert not (w["root"] / "runs" / "never").exists()
 

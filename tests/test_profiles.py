@@ -592,11 +592,11 @@ def test_profiles_list_json(w):
 def test_profiles_show_prints_every_setting(w):
     models = w["models"]
     assert ok(w["out"]["show"]) == "\n".join([
-        f"# tiny: {DESCRIPTION}",
-        f"# {w['files']['tiny']}",
+        f"# profile tiny: {w['files']['tiny']}",
+        f"# tokenizer fingerprint {w['tok'].fingerprint}",
+        f'description = "{DESCRIPTION}"',
         f'checkpoint = "{models / "tiny.safetensors"}"',
         f'tokenizer = "{models / "chars.json"}"',
-        f'tokenizer_fingerprint = "{w["tok"].fingerprint}"',
         "", "[sampler]",
         'chain = "top_k,temperature"',
         "top_k = { k = 5 }",

@@ -137,7 +137,7 @@ def test_sampler_set_and_show(s, m):
     for line, message, hint in [
         ("/set temperature", "/set needs a name and a value", "for example /set temperature 0.7 or /set top_p.p 0.9"),
         ("/set", "/set needs a name and a value", "for example /set temperature 0.7 or /set top_p.p 0.9"),
-        ("/set nope 1", "no sampler named 'nope'", None),
+        ("/set nope 1", "there is no setting 'nope'", "settings: max_new_tokens, seed"),
         ("/set greedy 1", "sampler 'greedy' has no options", None),
         ("/set max_new_tokens lots", "max_new_tokens must be a whole number, not 'lots'", None),
         ("/sampler top_k,tempurature", "no sampler named 'tempurature'", "did you mean 'temperature'?"),

@@ -13,6 +13,7 @@ reaches the session (`cancel`) instead of tearing the generation down.
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -89,6 +90,10 @@ def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> bool:
             _stream(session, session.send(line), out)
     except QuillError as exc:
         err.write(f"error: {exc.message}\n" + (f"  hint: {exc.hint}\n" if exc.hint else ""))
+    except Exception as exc:  # a bug, here or in a plugin: say so in one line and keep the chat
+        if os.environ.get("QUILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
+            raise
+        err.write(f"internal error: {type(exc).__name__}: {exc}\n  hint: run again with QUILL_DEBUG=1 for the traceback\n")
     show_job_notices(session, out)
     return True
 
