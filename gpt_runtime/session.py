@@ -16,12 +16,12 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import QuillError, did_you_mean
-from .profiles import Profile, get_profile
+from .profiles import ChatTemplate, Profile, get_profile
 
 
 @dataclass
@@ -48,6 +48,9 @@ class Provenance:
     reason: str = ""
     new_tokens: int = 0
     tokens_per_second: float = 0.0
+    template: dict[str, Any] = field(default_factory=dict)  # the chat template the prompt was laid out with
+    dtype: str = ""  # what the model computed in: replies in another dtype differ in the last digits
+    quantize: str = "none"
 
 
 @dataclass
@@ -197,16 +200,19 @@ class ChatSession:
         until then, and a second `send` meanwhile is refused, never interleaved.
         """
         self._idle()
+        self._cancel.clear()  # now, not when the reply starts: a cancel in between is kept
         self.turns.append(Turn(message))
         return self._reply(len(self.turns) - 1)
 
-    def _prompt(self, index: int, first_turn: int | None = None, loaded: _Loaded | None = None) -> tuple[str, int, int]:
+    def _prompt(self, index: int, first_turn: int | None = None, loaded: _Loaded | None = None,
+                template: ChatTemplate | None = None) -> tuple[str, int, int]:
         """The prompt for turn `index`: (text, first turn it holds, turns dropped to fit).
 
-        `loaded` lays it out for another profile's model and template (for /compare).
+        `loaded` lays it out for another profile's model and template (for /compare);
+        `template` replaces the profile's (for a replay).
         """
         loaded = loaded or self.loaded
-        template = loaded.profile.template
+        template = template or loaded.profile.template
         block = loaded.model.config.block_size
         room = block - min(self.max_new_tokens, block // 4)  # keep space for the reply
         start = first_turn if first_turn is not None else 0
@@ -222,9 +228,9 @@ class ChatSession:
         from .sampling import build_chain
 
         with self._busy:
-            self._cancel.clear()
             self._share_cores()
             turn = self.turns[index]
+            template = self.profile.template
             if provenance is None:
                 text, first, dropped = self._prompt(index)
                 if dropped > self._dropped_told:
@@ -234,12 +240,14 @@ class ChatSession:
                                  "the model no longer sees " + ("it" if dropped == 1 else "them"))
                 chain, options, seed, limit = self.chain, self.options, self.seed, self.max_new_tokens
             else:
-                text, first, _ = self._prompt(index, provenance.first_turn)
+                if provenance.template:
+                    template = ChatTemplate(**provenance.template)
+                text, first, _ = self._prompt(index, provenance.first_turn, template=template)
                 chain, options, seed, limit = provenance.chain, provenance.options, provenance.seed, provenance.max_new_tokens
                 if provenance.reason == "cancelled":  # the same tokens, up to where it was stopped
                     limit = provenance.new_tokens
             events = generate(self.loaded.model, self.loaded.tokenizer, text, chain=build_chain(chain, options),
-                              max_new_tokens=limit, stop=self.profile.template.stop, seed=seed, cancel=self._cancel)
+                              max_new_tokens=limit, stop=template.stop, seed=seed, cancel=self._cancel)
             reply = []
             try:
                 for event in events:
@@ -249,7 +257,8 @@ class ChatSession:
                         turn.provenance = Provenance(
                             self.profile.name, str(self.profile.checkpoint), self.loaded.sha256, self.loaded.step,
                             self.loaded.tokenizer.fingerprint, chain, options, event.seed, limit, first,
-                            event.reason, event.new_tokens, round(event.tokens_per_second, 1))
+                            event.reason, event.new_tokens, round(event.tokens_per_second, 1), asdict(template),
+                            self.loaded.dtype, self.profile.quantize)
                     yield event
             except Exception:
                 if turn.provenance is None and turn is self.turns[-1]:
@@ -261,6 +270,7 @@ class ChatSession:
         if not self.turns:
             raise QuillError("nothing to regenerate yet")
         self._idle()
+        self._cancel.clear()
         return self._reply(len(self.turns) - 1)  # the old reply stays until the new one is done
 
     def undo(self) -> Turn:
@@ -289,7 +299,13 @@ class ChatSession:
         if turn.provenance.checkpoint_sha256 != self.loaded.sha256:
             raise QuillError(f"reply {n} came from another checkpoint ({turn.provenance.checkpoint})",
                              hint=f"switch to its profile first: /profile {turn.provenance.profile}")
+        p = turn.provenance
+        if p.dtype and (p.dtype, p.quantize) != (self.loaded.dtype, self.profile.quantize):
+            raise QuillError(f"reply {n} was computed in {p.dtype} (weights: {p.quantize}), "
+                             f"this profile computes in {self.loaded.dtype} (weights: {self.profile.quantize})",
+                             hint="replay it with a profile that uses the same dtype and quantization")
         before, provenance = turn.reply, turn.provenance
+        self._cancel.clear()
         try:
             for _ in self._reply(n - 1, provenance):
                 pass

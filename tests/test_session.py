@@ -152,7 +152,8 @@ def test_a_reply_streams_tokens_then_done_and_records_where_it_came_from(s, m):
     assert p == Provenance(profile="alpha", checkpoint=str(m["a"]), checkpoint_sha256=m["sha_a"], step=7,
                            tokenizer_fingerprint=m["fingerprint"], chain="top_k,temperature", options=ALPHA_OPTIONS,
                            seed=done.seed, max_new_tokens=ALPHA_LIMIT, first_turn=0, reason=done.reason,
-                           new_tokens=done.new_tokens, tokens_per_second=round(done.tokens_per_second, 1))
+                           new_tokens=done.new_tokens, tokens_per_second=round(done.tokens_per_second, 1),
+                           template=vars(ALPHA_TEMPLATE), dtype="float32", quantize="none")
     assert done.reason in ("stop", "eos", "length") and 0 <= done.seed < 2**63
     assert not s.busy
 
@@ -599,3 +600,21 @@ def test_a_reply_leaves_a_core_to_each_running_job(s, monkeypatch):
     finally:
         s.jobs._jobs = {}
         torch.set_num_threads(1)
+
+
+def test_a_cancel_between_send_and_the_first_token_is_kept(s):
+    events = s.send("Speak")  # not started yet
+    s.cancel()
+    done = drain(events)[-1]
+    assert done.reason == "cancelled" and done.new_tokens == 0
+
+
+def test_replay_uses_the_template_the_reply_was_made_with(s, m):
+    s.set("seed", "3")
+    drain(s.send("Speak"))
+    reply = s.turns[0].reply
+    s.profile.template.user_prefix = "Someone else: "  # the profile's template changes afterwards
+    try:
+        assert s.replay(1) == (reply, reply)
+    finally:
+        s.profile.template.user_prefix = "A: "
