@@ -2,8 +2,8 @@
 
     events = generate(model, tokenizer, "ROMEO:", chain=build_chain("top_k,temperature"), seed=1)
     for event in events:
-        if isinstance(event, Token): print(event.text, end="")
-        else: print(f"\\n[{event.reason}, {event.tokens_per_second:.0f} tokens/s]")
+        print(event.text, end="")  # every event's text, the final Done's included
+        if isinstance(event, Done): print(f"\\n[{event.reason}, {event.tokens_per_second:.0f} tokens/s]")
 
 `generate` yields one `Token` per new token, then one `Done`. A token's `text`
 is what it makes printable: it can be empty while a multi-byte character is
