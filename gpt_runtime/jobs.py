@@ -155,6 +155,7 @@ def _worker(argv: list[str]) -> int:
 
     if hasattr(os, "nice"):
         os.nice(5)  # the chat comes first
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # /cancel works even if SIGINT was ignored
     kind, rest = argv[0], argv[1:]
     try:
         args = build_parser().parse_args([kind, *rest])

@@ -415,7 +415,9 @@ def test_chat_without_a_profile_uses_the_only_one_or_says_which_there_are(m, mon
 # --- the interactive REPL, on a pseudo-terminal ------------------------------------------------
 
 # Make the pty the child's controlling terminal (Ctrl-C then sends SIGINT), then run the CLI.
-BOOT = ("import fcntl, runpy, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); sys.argv[0] = 'quill'; "
+# SIGINT starts out ignored, as a shell leaves it for background work (CI scripts, `cmd &`): Ctrl-C must still work.
+BOOT = ("import fcntl, runpy, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); sys.argv[0] = 'quill'; "
+        "signal.signal(signal.SIGINT, signal.SIG_IGN); "
         "runpy.run_module('tui.cli', run_name='__main__', alter_sys=True)")
 ESCAPES = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|[\x08\r]")
 PROMPT_STARTS = b"\x1b[?2004h"  # prompt_toolkit turns bracketed paste on when a prompt starts (in raw mode)
@@ -553,14 +555,8 @@ def test_interactive_chat_on_a_terminal(terminal, m, tmp_path, monkeypatch):
     t.type("Speak")
     start = len(t.screen())
     t.wait_for(lambda: len(t.screen()) > start + 200, "the reply to stream")
-    for attempt in range(3):  # once in a full-suite run on a loaded machine a Ctrl-C went unseen (under study)
-        t.keys(b"\x03")
-        try:
-            t.expect("\n[stopped]\n", timeout=15)
-            break
-        except AssertionError:
-            if attempt == 2:
-                raise
+    t.keys(b"\x03")
+    t.expect("\n[stopped]\n")
     t.type("/show")
     t.expect("generation  max_new_tokens 100000, seed 42\n")
     # Ctrl-C during a command that takes long stops the command, not the chat

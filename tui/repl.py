@@ -114,6 +114,11 @@ def run_script(session: ChatSession, lines: Iterable[str], out: TextIO | None = 
 
 def run_interactive(session: ChatSession, history_file: str | None = None) -> None:
     """The interactive REPL on the terminal."""
+    import signal
+
+    # Ctrl-C must reach us even when started by a shell that ignores it for
+    # background work (an inherited SIG_IGN would otherwise stay in force).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from prompt_toolkit import PromptSession
     from prompt_toolkit.completion import Completer, Completion
     from prompt_toolkit.history import FileHistory, InMemoryHistory
