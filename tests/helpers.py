@@ -50,3 +50,16 @@ def pip_install_target(sources: list[Path], site: Path) -> Path:
     )
     assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
     return site
+
+
+def one_line_error(out: subprocess.CompletedProcess, code: int = 1) -> tuple[str, str | None]:
+    """Check a failed CLI run: exit `code`, nothing on stdout, one `quill: error:` line and at
+    most a hint line. Returns (message, hint)."""
+    err = out.stderr.decode("utf-8", "replace")
+    assert out.returncode == code, (out.returncode, err[-3000:])
+    assert out.stdout == b""
+    lines = err.splitlines()
+    assert 1 <= len(lines) <= 2 and lines[0].startswith("quill: error: "), err
+    if len(lines) == 2:
+        assert lines[1].startswith("  hint: "), err
+    return lines[0].removeprefix("quill: error: "), lines[1].removeprefix("  hint: ") if len(lines) == 2 else None

@@ -24,7 +24,7 @@ from gpt_runtime.errors import QuillWarning
 from gpt_runtime.generate import generate, generate_text
 from gpt_runtime.model import GPT, GPTConfig
 from gpt_runtime.sampling import build_chain, settings_from_strings
-from helpers import SAMPLE_TEXT
+from helpers import SAMPLE_TEXT, one_line_error
 from plugins.char_tokenizer import CharTokenizer
 from plugins.samplers import SAMPLERS
 
@@ -63,15 +63,8 @@ def ok(out: subprocess.CompletedProcess, warns: bool = False) -> str:
 
 
 def usage_error(out: subprocess.CompletedProcess) -> tuple[str, str | None]:
-    """Exit code 2, nothing on stdout, one `quill: error:` line and at most a hint: (message, hint)."""
-    err = out.stderr.decode("utf-8", "replace")
-    assert out.returncode == 2, (out.returncode, err[-3000:])
-    assert out.stdout == b""
-    lines = err.splitlines()
-    assert 1 <= len(lines) <= 2 and lines[0].startswith("quill: error: "), err
-    if len(lines) == 2:
-        assert lines[1].startswith("  hint: "), err
-    return lines[0].removeprefix("quill: error: "), lines[1].removeprefix("  hint: ") if len(lines) == 2 else None
+    """Exit code 2 with one error line and at most a hint: (message, hint)."""
+    return one_line_error(out, 2)
 
 
 @pytest.fixture(scope="module")

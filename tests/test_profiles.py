@@ -25,7 +25,7 @@ from gpt_runtime.checkpoint import read_metadata
 from gpt_runtime.errors import QuillError
 from gpt_runtime.profiles import ChatTemplate, find_profiles, get_profile, load_profile, user_profile_dir
 from gpt_runtime.sampling import DEFAULT_CHAIN, build_chain
-from helpers import SAMPLE_TEXT, run_quill
+from helpers import SAMPLE_TEXT, one_line_error, run_quill
 
 PROMPT = "First"
 CHAIN = "top_k,temperature"
@@ -95,16 +95,7 @@ def ok(out: subprocess.CompletedProcess) -> str:
     return out.stdout.decode("utf-8")
 
 
-def error(out: subprocess.CompletedProcess, code: int = 1) -> tuple[str, str | None]:
-    """The exit code, nothing on stdout, one `quill: error:` line and at most a hint: (message, hint)."""
-    err = out.stderr.decode("utf-8", "replace")
-    assert out.returncode == code, (out.returncode, err[-3000:])
-    assert out.stdout == b""
-    lines = err.splitlines()
-    assert 1 <= len(lines) <= 2 and lines[0].startswith("quill: error: "), err
-    if len(lines) == 2:
-        assert lines[1].startswith("  hint: "), err
-    return lines[0].removeprefix("quill: error: "), lines[1].removeprefix("  hint: ") if len(lines) == 2 else None
+error = one_line_error  # exit code, one `quill: error:` line, at most a hint
 
 
 @pytest.fixture(scope="module")
