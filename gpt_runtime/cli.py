@@ -34,7 +34,8 @@ def _examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
-def _sub(subparsers, name: str, help: str, examples: tuple[str, ...], description: str | None = None) -> Parser:
+def subcommand(subparsers, name: str, help: str, examples: tuple[str, ...], description: str | None = None) -> Parser:
+    """Add a subcommand whose --help ends with `examples` (also used by `tui.cli`)."""
     return subparsers.add_parser(
         name,
         help=help,
@@ -63,14 +64,14 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     # quill tokenizer ...
-    tok = _sub(commands, "tokenizer", "train, inspect and run tokenizers", (
+    tok = subcommand(commands, "tokenizer", "train, inspect and run tokenizers", (
         "quill tokenizer train corpus.txt --kind char --out chars.json",
         "quill tokenizer encode --tokenizer chars.json 'hello'",
     ))
     tok.set_defaults(help_parser=tok)
     tok_cmds = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=Parser)
 
-    p = _sub(tok_cmds, "train", "train a tokenizer on a UTF-8 text file", (
+    p = subcommand(tok_cmds, "train", "train a tokenizer on a UTF-8 text file", (
         "quill tokenizer train corpus.txt --kind bpe --vocab-size 4096 --out tokenizer.json",
         "quill tokenizer train corpus.txt --kind bpe --vocab-size 1024 --pattern gpt4 --out t.json",
         "quill tokenizer train corpus.txt --kind char --out chars.json",
@@ -83,7 +84,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(run=cmd_tokenizer_train)
 
-    p = _sub(tok_cmds, "encode", "text to token ids (a JSON list)", (
+    p = subcommand(tok_cmds, "encode", "text to token ids (a JSON list)", (
         "quill tokenizer encode --tokenizer tokenizer.json 'To be, or not to be'",
         "cat notes.txt | quill tokenizer encode --tokenizer tokenizer.json -",
     ))
@@ -92,7 +93,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.add_argument("--allow-special", action="store_true", help="turn special-token strings such as <eos> in the text into their ids")
     p.set_defaults(run=cmd_tokenizer_encode)
 
-    p = _sub(tok_cmds, "decode", "token ids (a JSON list) to text", (
+    p = subcommand(tok_cmds, "decode", "token ids (a JSON list) to text", (
         "quill tokenizer decode --tokenizer tokenizer.json '[464, 3290, 11]'",
         "quill tokenizer encode --tokenizer t.json - < a.txt | quill tokenizer decode --tokenizer t.json -",
     ))
@@ -100,7 +101,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.add_argument("ids", help="a JSON list of ids, or - to read it from standard input")
     p.set_defaults(run=cmd_tokenizer_decode)
 
-    p = _sub(tok_cmds, "inspect", "show a tokenizer, and how it splits a text", (
+    p = subcommand(tok_cmds, "inspect", "show a tokenizer, and how it splits a text", (
         "quill tokenizer inspect --tokenizer tokenizer.json",
         "quill tokenizer inspect --tokenizer tokenizer.json 'Wherefore art thou?'",
     ))
@@ -110,7 +111,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.set_defaults(run=cmd_tokenizer_inspect)
 
     # quill prepare
-    p = _sub(commands, "prepare", "tokenize a corpus into a data directory for training", (
+    p = subcommand(commands, "prepare", "tokenize a corpus into a data directory for training", (
         "quill prepare corpus.txt --tokenizer tokenizer.json --out data/shakespeare",
         "quill prepare corpus.txt --tokenizer chars.json --out data/chars --val-fraction 0.05",
     ))
@@ -121,7 +122,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.set_defaults(run=cmd_prepare)
 
     # quill train
-    p = _sub(commands, "train", "train a GPT on a prepared data directory", (
+    p = subcommand(commands, "train", "train a GPT on a prepared data directory", (
         "quill train --data data/shakespeare --out runs/small --n-layer 4 --n-embd 128 --max-steps 2000",
         "quill train --data data/shakespeare --out runs/small --config small.toml --lr 3e-4",
         "quill train --out runs/small --resume --max-steps 4000",
@@ -142,7 +143,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.set_defaults(run=cmd_train)
 
     # quill eval
-    p = _sub(commands, "eval", "loss, perplexity and bits per byte of a checkpoint", (
+    p = subcommand(commands, "eval", "loss, perplexity and bits per byte of a checkpoint", (
         "quill eval runs/small --data data/shakespeare",
         "quill eval runs/small/best.safetensors --data notes.txt --json",
     ))
@@ -155,7 +156,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.set_defaults(run=cmd_eval)
 
     # quill check
-    p = _sub(commands, "check", "describe a checkpoint, and whether a tokenizer matches it", (
+    p = subcommand(commands, "check", "describe a checkpoint, and whether a tokenizer matches it", (
         "quill check runs/small/best.safetensors",
         "quill check runs/small --tokenizer tokenizer.json",
     ))
@@ -165,7 +166,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.set_defaults(run=cmd_check)
 
     # quill generate
-    p = _sub(commands, "generate", "generate text from a checkpoint, streamed as it comes", (
+    p = subcommand(commands, "generate", "generate text from a checkpoint, streamed as it comes", (
         "quill generate runs/small --prompt 'ROMEO:'",
         "quill generate runs/small --prompt 'To be' --sampler top_k,top_p,temperature --set temperature=0.7 --seed 1",
         "quill generate runs/small --prompt 'To be' --sampler repetition_penalty,min_p,temperature --set min_p.p=0.1",
@@ -199,7 +200,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
         extend(commands)
 
     # quill profiles ...
-    prof = _sub(commands, "profiles", "list, show and check chat profiles", (
+    prof = subcommand(commands, "profiles", "list, show and check chat profiles", (
         "quill profiles list",
         "quill profiles show shakespeare",
         "quill profiles validate my-profile.toml",
@@ -208,27 +209,27 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
                    "profile directory (QUILL_PROFILES overrides it).")
     prof.set_defaults(help_parser=prof)
     prof_cmds = prof.add_subparsers(dest="profiles_command", metavar="ACTION", parser_class=Parser)
-    p = _sub(prof_cmds, "list", "list every profile found, and what is wrong with any bad one", (
+    p = subcommand(prof_cmds, "list", "list every profile found, and what is wrong with any bad one", (
         "quill profiles list",
         "QUILL_PROFILES=~/my-profiles quill profiles list --json",
     ))
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_profiles_list)
-    p = _sub(prof_cmds, "show", "show a profile's settings, defaults filled in", (
+    p = subcommand(prof_cmds, "show", "show a profile's settings, defaults filled in", (
         "quill profiles show shakespeare",
         "quill profiles show ./my-profile.toml --json",
     ))
     p.add_argument("name", help="profile name, or a path to a .toml file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_profiles_show)
-    p = _sub(prof_cmds, "validate", "check a profile file: keys, types, files and the tokenizer fingerprint", (
+    p = subcommand(prof_cmds, "validate", "check a profile file: keys, types, files and the tokenizer fingerprint", (
         "quill profiles validate my-profile.toml",
     ))
     p.add_argument("file", help="the profile's .toml file")
     p.set_defaults(run=cmd_profiles_validate)
 
     # quill samplers
-    p = _sub(commands, "samplers", "list samplers with their options and the plugin each came from", (
+    p = subcommand(commands, "samplers", "list samplers with their options and the plugin each came from", (
         "quill samplers",
         "quill samplers --json",
     ))
@@ -236,7 +237,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.set_defaults(run=cmd_samplers)
 
     # quill plugins
-    p = _sub(commands, "plugins", "list plugins: what each registered, and any error", (
+    p = subcommand(commands, "plugins", "list plugins: what each registered, and any error", (
         "quill plugins",
         "quill plugins --json",
         "QUILL_DISABLE_PLUGINS=my_plugin quill plugins",

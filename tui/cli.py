@@ -15,7 +15,7 @@ from gpt_runtime import cli
 
 def add_chat(commands) -> None:
     """Add `quill chat` to the engine's subcommands."""
-    p = cli._sub(commands, "chat", "chat with a model: the plain REPL (the full-screen chat is coming)", (
+    p = cli.subcommand(commands, "chat", "chat with a model: the plain REPL (the full-screen chat is coming)", (
         "quill chat --profile shakespeare",
         "printf 'Good morrow\\n/set temperature 0.5\\nAnd then?\\n' | quill chat --profile shakespeare",
     ), description="Chat with a profile's model. Anything you type is sent to the model; lines starting "
