@@ -4,8 +4,8 @@
 
 - `first_char_ms`: from sending a message to the first streamed character
   (median of 10 messages), through `ChatSession.send`, as both interfaces do;
-- `ready_s`: from launching ``quill chat --plain`` to its having read a
-  script's ``/quit`` (median of 3): an upper bound on the time to be ready for input;
+- `ready_s`: from launching ``quill chat --plain`` on a pseudo-terminal to its
+  prompt appearing, the model loaded (median of 5);
 - `reply_tokens_per_s` without and with a `/train` job running (the job
   trains the classic 6x384 shape on the corpus), and their ratio.
 
@@ -60,6 +60,33 @@ def make_profile(directory: Path, corpus: Path) -> str:
     return "bench"
 
 
+def time_to_prompt(profile: str) -> float:
+    """Seconds from launching the interactive plain chat to its "> " prompt."""
+    import pty
+    import select
+
+    main_fd, child_fd = pty.openpty()
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "tui.cli", "chat", "--plain", "--profile", profile],
+                             stdin=child_fd, stdout=child_fd, stderr=child_fd, close_fds=True)
+    os.close(child_fd)
+    seen = b""
+    try:
+        while b">" not in seen.partition(b"Chatting with")[2]:  # the greeting, then the prompt drawn
+            ready, _, _ = select.select([main_fd], [], [], 30)
+            if not ready:
+                raise SystemExit(f"no prompt after 30 s; the chat said: {seen.decode(errors='replace')}")
+            seen += os.read(main_fd, 4096)
+        elapsed = time.perf_counter() - start
+        os.write(main_fd, b"/quit\r")
+        child.wait(30)
+        return elapsed
+    finally:
+        if child.poll() is None:
+            child.kill()
+        os.close(main_fd)
+
+
 def first_char_ms(session, n: int = 10) -> float:
     from gpt_runtime.generate import Token
 
@@ -99,12 +126,7 @@ def main() -> None:
             profile = make_profile(tmp, corpus)
         else:
             profile = args.profile
-        ready = []
-        for _ in range(3):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "tui.cli", "chat", "--plain", "--profile", profile],
-                           input=b"/quit\n", capture_output=True, check=True)
-            ready.append(time.perf_counter() - start)
+        ready = [time_to_prompt(profile) for _ in range(5)]
 
         from gpt_runtime.data import prepare
         from gpt_runtime.session import ChatSession

@@ -12,6 +12,7 @@ Cancelling sends SIGINT, on which training saves its last checkpoint and stops.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +59,23 @@ class Job:
         return what
 
 
+def check_arguments(kind: str, argv: list[str]) -> argparse.Namespace:
+    """Parse a job's arguments as `quill train` / `quill eval` would, so a mistake is
+    a `UsageError` at once rather than a job that fails; returns them parsed."""
+    from .cli import build_parser
+    from .errors import UsageError
+
+    if kind not in ("train", "eval"):
+        raise QuillError(f"there is no job kind {kind!r}", hint="jobs: train, eval")
+    if any(flag in ("-h", "--help") for flag in argv):
+        raise UsageError(f"/{kind} takes the flags of `quill {kind}`", hint=f"run `quill {kind} --help` to see them")
+    try:
+        return build_parser().parse_args([kind, *argv])
+    except UsageError as exc:
+        message = exc.message.removeprefix(f"quill {kind}: ").removeprefix("quill: ")
+        raise UsageError(f"/{kind}: {message}", hint=f"run `quill {kind} --help` to see its flags") from None
+
+
 class Jobs:
     """The jobs of one session. `events` receives (job, event) as they arrive."""
 
@@ -66,7 +85,8 @@ class Jobs:
         self.events: queue.Queue[tuple[Job, dict[str, Any]]] = queue.Queue()
 
     def start(self, kind: str, argv: list[str]) -> Job:
-        """Start a `train` or `eval` job with command-line arguments `argv`."""
+        """Start a `train` or `eval` job with command-line arguments `argv` (checked first)."""
+        check_arguments(kind, argv)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         # A session of its own: Ctrl-C at the terminal (which stops a reply) goes to the
         # chat's process group and must not stop the jobs; only `cancel` does.
@@ -118,11 +138,19 @@ class Jobs:
         for thread in self._threads:
             thread.join()
 
-    def stop_all(self) -> None:
-        """Cancel the running jobs and wait for them (training saves its last checkpoint)."""
+    def stop_all(self, timeout: float = 60.0) -> None:
+        """Cancel the running jobs and wait for them (training saves its last checkpoint);
+        one still running after `timeout` seconds is killed."""
         for job in self.all():
             if job.status == "running":
                 self.cancel(job.id)
+        deadline = time.monotonic() + timeout
+        for job in self.all():
+            try:
+                job.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                job.error = f"killed: it did not stop within {timeout:g} s of being cancelled"
+                job.process.kill()
         self.wait()
 
     def all(self) -> list[Job]:

@@ -51,7 +51,11 @@ SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 @dataclass
 class ChatTemplate:
-    """How turns are laid out for a base model, and what ends the model's turn."""
+    """How turns are laid out for a base model, and what ends the model's turn.
+
+    ``{user}`` and ``{model}`` in any of the texts and stop strings stand for
+    `user_name` and `model_name`, which the chat can change (`/set user_name ROMEO`).
+    """
 
     system: str = ""
     user_prefix: str = "User: "
@@ -59,14 +63,30 @@ class ChatTemplate:
     model_prefix: str = "Quill: "
     model_suffix: str = "\n"
     stop: list[str] = field(default_factory=lambda: ["\nUser:"])
+    user_name: str = "User"
+    model_name: str = "Quill"
+
+    def _fill(self, text: str) -> str:
+        return text.replace("{user}", self.user_name).replace("{model}", self.model_name)
 
     def render(self, turns: list[tuple[str, str]], message: str) -> str:
         """The prompt for the reply to `message`, after the (user, model) `turns`."""
-        parts = [self.system]
+        user_prefix, user_suffix, model_prefix, model_suffix = (
+            self._fill(text) for text in (self.user_prefix, self.user_suffix, self.model_prefix, self.model_suffix))
+        parts = [self._fill(self.system)]
         for user, model in turns:
-            parts += [self.user_prefix, user, self.user_suffix, self.model_prefix, model, self.model_suffix]
-        parts += [self.user_prefix, message, self.user_suffix, self.model_prefix]
+            parts += [user_prefix, user, user_suffix, model_prefix, model, model_suffix]
+        parts += [user_prefix, message, user_suffix, model_prefix]
         return "".join(parts)
+
+    def stop_strings(self) -> list[str]:
+        """The stop strings, names filled in."""
+        return [self._fill(text) for text in self.stop]
+
+    def uses_names(self) -> bool:
+        """Whether `user_name` or `model_name` appear anywhere in the template."""
+        texts = [self.system, self.user_prefix, self.user_suffix, self.model_prefix, self.model_suffix, *self.stop]
+        return any("{user}" in t or "{model}" in t for t in texts)
 
 
 @dataclass
@@ -95,7 +115,8 @@ class Profile:
             "tokenizer_fingerprint": self.tokenizer_fingerprint, "sampler": {"chain": self.chain, **self.options},
             "backend": {"device": self.device, "dtype": self.dtype, "quantize": self.quantize},
             "generation": {"max_new_tokens": self.max_new_tokens, "seed": self.seed},
-            "template": vars(self.template),
+            "template": {key: value for key, value in vars(self.template).items()
+                         if key not in ("user_name", "model_name") or self.template.uses_names()},
         }
 
 
@@ -106,7 +127,8 @@ SCHEMA: dict[str, dict[str, tuple[type, str]]] = {
                 "quantize": (str, "none or int8")},
     "generation": {"max_new_tokens": (int, "a whole number"), "seed": (int, "a whole number")},
     "template": {"system": (str, "text"), "user_prefix": (str, "text"), "user_suffix": (str, "text"),
-                 "model_prefix": (str, "text"), "model_suffix": (str, "text"), "stop": (list, "a list of strings")},
+                 "model_prefix": (str, "text"), "model_suffix": (str, "text"), "stop": (list, "a list of strings"),
+                 "user_name": (str, "text"), "model_name": (str, "text")},
 }
 TABLES = ("sampler", "backend", "generation", "template")
 
@@ -127,7 +149,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     top = {k: v for k, v in data.items() if k not in TABLES}
     if "checkpoint" not in top:
         raise QuillError(f"{where} has no checkpoint", hint='add a line like: checkpoint = "models/my-model.safetensors"')
-    profile = Profile(name=path.stem, path=path, checkpoint=path.parent, tokenizer_fingerprint="",
+    profile = Profile(name=profile_name(path), path=path, checkpoint=path.parent, tokenizer_fingerprint="",
                       description=top.get("description", ""))
     try:
         profile.checkpoint = resolve_checkpoint_path(path.parent / top["checkpoint"]).resolve()
@@ -190,6 +212,9 @@ def load_profile(path: str | os.PathLike) -> Profile:
     template = data.get("template", {})
     if not all(isinstance(s, str) and s for s in template.get("stop", [])):
         raise QuillError(f"{where}: [template] stop must be a list of non-empty strings")
+    for key in ("user_name", "model_name"):
+        if key in template and not _is_name(template[key]):
+            raise QuillError(f"{where}: [template] {key} must be one line of text, not {template[key]!r}")
     profile.template = ChatTemplate(**template)
     return profile
 
@@ -220,6 +245,10 @@ def _check_value(table: str, key: str, value: Any, where: str, label: str) -> No
         raise QuillError(f"{where}: {label}{key} must be {expected}, not {value!r}")
 
 
+def _is_name(text: str) -> bool:
+    return bool(text.strip()) and "\n" not in text
+
+
 @dataclass
 class ProfileEntry:
     """A profile found on disk: the checked profile, or why it could not be read."""
@@ -244,19 +273,25 @@ def user_profile_dir() -> Path:
     return base / "quill" / "profiles"
 
 
+def profile_name(path: Path) -> str:
+    """A profile's name: NAME for NAME.toml, and for NAME/profile.toml (a profile
+    that keeps its model, recipe and card in a folder of its own)."""
+    return path.parent.name if path.name == "profile.toml" else path.stem
+
+
 def find_profiles() -> list[ProfileEntry]:
     """Every profile, checked; a user profile hides a shipped one of the same name. Sorted by name."""
     found: dict[str, ProfileEntry] = {}
     for origin, directory in (("shipped", SHIPPED_DIR), ("user", user_profile_dir())):
         if not directory.is_dir():
             continue
-        for path in sorted(directory.glob("*.toml")):
-            entry = ProfileEntry(path.stem, path, origin)
+        for path in sorted([*directory.glob("*.toml"), *directory.glob("*/profile.toml")]):
+            entry = ProfileEntry(profile_name(path), path, origin)
             try:
                 entry.profile = load_profile(path)
             except QuillError as exc:
                 entry.error = exc
-            found[path.stem] = entry
+            found[entry.name] = entry
     return [found[name] for name in sorted(found)]
 
 

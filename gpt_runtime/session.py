@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,43 @@ class Provenance:
     template: dict[str, Any] = field(default_factory=dict)  # the chat template the prompt was laid out with
     dtype: str = ""  # what the model computed in: replies in another dtype differ in the last digits
     quantize: str = "none"
+
+
+@dataclass
+class Side:
+    """One side of a `ChatSession.compare`: which chain or profile, its reply, the shared seed, its speed."""
+
+    side: str
+    text: str
+    seed: int
+    tokens_per_second: float
+
+
+class _Reply:
+    """The events of one reply. The session stays busy from `send` until they are
+    exhausted or the stream is closed (or dropped), not just while they are read."""
+
+    def __init__(self, events: Iterator[Any], busy: threading.Lock) -> None:
+        self._events, self._busy, self._open = events, busy, True
+
+    def __iter__(self) -> _Reply:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._events)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop reading the reply and free the session."""
+        if self._open:
+            self._open = False
+            self._events.close()
+            self._busy.release()
+
+    __del__ = close
 
 
 @dataclass
@@ -121,6 +158,7 @@ class ChatSession:
         self.options = {name: dict(values) for name, values in profile.options.items()}
         self.max_new_tokens = profile.max_new_tokens
         self.seed = profile.seed
+        self.template = profile.template  # `/set user_name` changes a copy
 
     @property
     def profile(self) -> Profile:
@@ -145,6 +183,14 @@ class ChatSession:
                 raise QuillError(f"max_new_tokens must be at least 1, not {number}")
             self.max_new_tokens = number
             return f"max_new_tokens = {number}"
+        if name in ("user_name", "model_name"):
+            from .profiles import _is_name
+
+            if not _is_name(value):
+                raise QuillError(f"{name} must be one line of text, not {value!r}")
+            self.template = replace(self.template, **{name: value.strip()})
+            unused = "" if self.template.uses_names() else " (this profile's template does not use the names)"
+            return f"{name} = {value.strip()}{unused}"
         if name == "seed":
             if value.strip().lower() in ("none", "random", ""):
                 self.seed = None
@@ -154,7 +200,7 @@ class ChatSession:
                 raise QuillError(f"seed must be from 0 to 2**64 - 1, not {number}")
             self.seed = number
             return f"seed = {number}"
-        known = ["max_new_tokens", "seed", *(f"{n}.{o}" for n, v in self.options.items() for o in v),
+        known = ["max_new_tokens", "seed", "user_name", "model_name", *(f"{n}.{o}" for n, v in self.options.items() for o in v),
                  *(n for n, v in self.options.items() if len(v) == 1)]
         if name not in known and "." not in name:
             from .plugins import get_registry
@@ -175,7 +221,9 @@ class ChatSession:
         return {"profile": self.profile.name, "checkpoint": str(self.profile.checkpoint), "step": self.loaded.step,
                 "chain": self.chain, "options": self.options, "max_new_tokens": self.max_new_tokens,
                 "seed": self.seed, "device": self.loaded.device, "dtype": self.loaded.dtype,
-                "quantize": self.profile.quantize}
+                "quantize": self.profile.quantize,
+                **({"user_name": self.template.user_name, "model_name": self.template.model_name}
+                   if self.template.uses_names() else {})}
 
     # --- talking ------------------------------------------------------------------
 
@@ -189,9 +237,21 @@ class ChatSession:
         self._cancel.set()
 
     def _idle(self) -> None:
-        """Refuse to start a reply, or to change the conversation, while a reply streams."""
+        """Refuse to change the conversation while a reply streams."""
         if self._busy.locked():
             raise QuillError("a reply is still streaming; wait for it, or cancel it first")
+
+    def _claim(self) -> None:
+        """Mark the session busy, or refuse if a reply is already streaming."""
+        if not self._busy.acquire(blocking=False):
+            raise QuillError("a reply is still streaming; wait for it, or cancel it first")
+
+    def _stream(self, index: int) -> Iterator[Any]:
+        """Claim the session now and stream reply `index`; released when the stream
+        ends or is closed, so nothing can change the conversation in between."""
+        self._claim()
+        self._cancel.clear()  # now, not when the reply starts: a cancel in between is kept
+        return _Reply(self._reply(index), self._busy)
 
     def send(self, message: str) -> Iterator[Any]:
         """Add `message` and stream the reply: `Notice`, `Token` and finally `Done` events.
@@ -199,20 +259,19 @@ class ChatSession:
         Iterate to the end (a cancelled reply ends quickly): the session is busy
         until then, and a second `send` meanwhile is refused, never interleaved.
         """
-        self._idle()
-        self._cancel.clear()  # now, not when the reply starts: a cancel in between is kept
+        stream = self._stream(len(self.turns))  # claims the session before the turn is added
         self.turns.append(Turn(message))
-        return self._reply(len(self.turns) - 1)
+        return stream
 
     def _prompt(self, index: int, first_turn: int | None = None, loaded: _Loaded | None = None,
                 template: ChatTemplate | None = None) -> tuple[str, int, int]:
         """The prompt for turn `index`: (text, first turn it holds, turns dropped to fit).
 
-        `loaded` lays it out for another profile's model and template (for /compare);
-        `template` replaces the profile's (for a replay).
+        `loaded` lays it out for another profile's model (for /compare); `template`
+        replaces the session's (for a replay, or another profile's).
         """
         loaded = loaded or self.loaded
-        template = template or loaded.profile.template
+        template = template or self.template
         block = loaded.model.config.block_size
         room = block - min(self.max_new_tokens, block // 4)  # keep space for the reply
         start = first_turn if first_turn is not None else 0
@@ -227,51 +286,48 @@ class ChatSession:
         from .generate import Done, generate
         from .sampling import build_chain
 
-        with self._busy:
-            self._share_cores()
-            turn = self.turns[index]
-            template = self.profile.template
-            if provenance is None:
-                text, first, dropped = self._prompt(index)
-                if dropped > self._dropped_told:
-                    self._dropped_told = dropped
-                    what = "the oldest turn no longer fits" if dropped == 1 else f"the {dropped} oldest turns no longer fit"
-                    yield Notice(f"{what} in the context window ({self.loaded.model.config.block_size} tokens); "
-                                 "the model no longer sees " + ("it" if dropped == 1 else "them"))
-                chain, options, seed, limit = self.chain, self.options, self.seed, self.max_new_tokens
-            else:
-                if provenance.template:
-                    template = ChatTemplate(**provenance.template)
-                text, first, _ = self._prompt(index, provenance.first_turn, template=template)
-                chain, options, seed, limit = provenance.chain, provenance.options, provenance.seed, provenance.max_new_tokens
-                if provenance.reason == "cancelled":  # the same tokens, up to where it was stopped
-                    limit = provenance.new_tokens
-            events = generate(self.loaded.model, self.loaded.tokenizer, text, chain=build_chain(chain, options),
-                              max_new_tokens=limit, stop=template.stop, seed=seed, cancel=self._cancel)
-            reply = []
-            try:
-                for event in events:
-                    reply.append(event.text)
-                    if isinstance(event, Done):
-                        turn.reply = "".join(reply).strip()
-                        turn.provenance = Provenance(
-                            self.profile.name, str(self.profile.checkpoint), self.loaded.sha256, self.loaded.step,
-                            self.loaded.tokenizer.fingerprint, chain, options, event.seed, limit, first,
-                            event.reason, event.new_tokens, round(event.tokens_per_second, 1), asdict(template),
-                            self.loaded.dtype, self.profile.quantize)
-                    yield event
-            except Exception:
-                if turn.provenance is None and turn is self.turns[-1]:
-                    self.turns.pop()  # a message whose first reply failed: as if it was never sent
-                raise
+        self._share_cores()
+        turn = self.turns[index]
+        template = self.template
+        if provenance is None:
+            text, first, dropped = self._prompt(index)
+            if dropped > self._dropped_told:
+                self._dropped_told = dropped
+                what = "the oldest turn no longer fits" if dropped == 1 else f"the {dropped} oldest turns no longer fit"
+                yield Notice(f"{what} in the context window ({self.loaded.model.config.block_size} tokens); "
+                             "the model no longer sees " + ("it" if dropped == 1 else "them"))
+            chain, options, seed, limit = self.chain, self.options, self.seed, self.max_new_tokens
+        else:
+            if provenance.template:
+                template = ChatTemplate(**provenance.template)
+            text, first, _ = self._prompt(index, provenance.first_turn, template=template)
+            chain, options, seed, limit = provenance.chain, provenance.options, provenance.seed, provenance.max_new_tokens
+            if provenance.reason == "cancelled":  # the same tokens, up to where it was stopped
+                limit = provenance.new_tokens
+        events = generate(self.loaded.model, self.loaded.tokenizer, text, chain=build_chain(chain, options),
+                          max_new_tokens=limit, stop=template.stop_strings(), seed=seed, cancel=self._cancel)
+        reply = []
+        try:
+            for event in events:
+                reply.append(event.text)
+                if isinstance(event, Done):
+                    turn.reply = "".join(reply).strip()
+                    turn.provenance = Provenance(
+                        self.profile.name, str(self.profile.checkpoint), self.loaded.sha256, self.loaded.step,
+                        self.loaded.tokenizer.fingerprint, chain, options, event.seed, limit, first,
+                        event.reason, event.new_tokens, round(event.tokens_per_second, 1), asdict(template),
+                        self.loaded.dtype, self.profile.quantize)
+                yield event
+        except Exception:
+            if turn.provenance is None and turn is self.turns[-1]:
+                self.turns.pop()  # a message whose first reply failed: as if it was never sent
+            raise
 
     def regenerate(self) -> Iterator[Any]:
         """A new reply to the last message (a new seed unless the seed is fixed)."""
         if not self.turns:
             raise QuillError("nothing to regenerate yet")
-        self._idle()
-        self._cancel.clear()
-        return self._reply(len(self.turns) - 1)  # the old reply stays until the new one is done
+        return self._stream(len(self.turns) - 1)  # the old reply stays until the new one is done
 
     def undo(self) -> Turn:
         """Forget the last exchange; returns it."""
@@ -305,6 +361,7 @@ class ChatSession:
                              f"this profile computes in {self.loaded.dtype} (weights: {self.profile.quantize})",
                              hint="replay it with a profile that uses the same dtype and quantization")
         before, provenance = turn.reply, turn.provenance
+        self._claim()
         self._cancel.clear()
         try:
             for _ in self._reply(n - 1, provenance):
@@ -312,9 +369,10 @@ class ChatSession:
             return before, turn.reply
         finally:
             turn.reply, turn.provenance = before, provenance
+            self._busy.release()
 
-    def compare(self, *sides: str) -> list[tuple[str, str]]:
-        """The last message's reply from each side, all with one seed: [(side, text)].
+    def compare(self, *sides: str) -> list[Side]:
+        """The last message's reply from each side, all with one seed.
 
         A side is a sampler chain (run on this profile's model; options of
         samplers in the current chain carry over) or ``profile:NAME`` (that
@@ -322,26 +380,33 @@ class ChatSession:
         """
         import secrets
 
-        from .generate import generate_text
+        from .generate import Done, generate
         from .sampling import build_chain
 
         if not self.turns:
             raise QuillError("say something first: /compare replies to the last message")
-        self._idle()
-        seed = self.seed if self.seed is not None else secrets.randbits(63)
-        results = []
-        for side in sides:
-            if side.startswith("profile:"):
-                loaded = _load(get_profile(side.removeprefix("profile:")))
-                chain = build_chain(loaded.profile.chain, loaded.profile.options)
-            else:
-                loaded = self.loaded
-                chain = build_chain(side, {n: v for n, v in self.options.items() if n in side.split(",")})
-            text, _, _ = self._prompt(len(self.turns) - 1, loaded=loaded)
-            reply = generate_text(loaded.model, loaded.tokenizer, text, chain=chain, seed=seed,
-                                  max_new_tokens=self.max_new_tokens, stop=loaded.profile.template.stop)
-            results.append((side if side.startswith("profile:") else chain.spec, reply.strip()))
-        return results
+        self._claim()
+        try:
+            seed = self.seed if self.seed is not None else secrets.randbits(63)
+            results = []
+            for side in sides:
+                if side.startswith("profile:"):
+                    loaded = _load(get_profile(side.removeprefix("profile:")))
+                    chain = build_chain(loaded.profile.chain, loaded.profile.options)
+                else:
+                    loaded = self.loaded
+                    chain = build_chain(side, {n: v for n, v in self.options.items() if n in side.split(",")})
+                template = self.template if loaded is self.loaded else loaded.profile.template
+                text, _, _ = self._prompt(len(self.turns) - 1, loaded=loaded, template=template)
+                parts = []
+                for event in generate(loaded.model, loaded.tokenizer, text, chain=chain, seed=seed,
+                                      max_new_tokens=self.max_new_tokens, stop=template.stop_strings()):
+                    parts.append(event.text)
+                results.append(Side(side if side.startswith("profile:") else chain.spec, "".join(parts).strip(),
+                                    seed, round(event.tokens_per_second, 1) if isinstance(event, Done) else 0.0))
+            return results
+        finally:
+            self._busy.release()
 
     def to_dict(self) -> dict[str, Any]:
         """The conversation with its provenance, as saved by ``/save FILE.json``."""
@@ -421,10 +486,10 @@ class ChatSession:
         The arguments are checked here first, so a typo or a missing corpus is
         reported at once instead of by a failed job.
         """
-        from .cli import build_parser
         from .errors import UsageError
+        from .jobs import check_arguments
 
-        args = build_parser().parse_args([kind, *argv])
+        args = check_arguments(kind, argv)
         data = getattr(args, "data", None)
         if data is not None and not Path(data).exists():
             raise UsageError(f"no data at {data!r}", hint="prepare a corpus first: quill prepare CORPUS --tokenizer T --out DIR")
@@ -462,7 +527,7 @@ class ChatSession:
         from .profiles import user_profile_dir
 
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run_dir).resolve().name).strip("-.") or "run"
-        t = self.profile.template
+        t = self.template
         lines = [f"description = {json.dumps(f'trained in the chat from profile {self.profile.name}')}",
                  f"checkpoint = {json.dumps(str(Path(run_dir).resolve()))}", "", "[sampler]",
                  f"chain = {json.dumps(self.chain)}"]
@@ -474,7 +539,7 @@ class ChatSession:
         directory = user_profile_dir()
         directory.mkdir(parents=True, exist_ok=True)
         base, n = name, 1
-        while (directory / f"{name}.toml").exists():  # never overwrite a profile
+        while (directory / f"{name}.toml").exists() or (directory / name).exists():  # never overwrite a profile
             n += 1
             name = f"{base}-{n}"
         atomic_write_bytes(directory / f"{name}.toml", ("\n".join(lines) + "\n").encode("utf-8"))

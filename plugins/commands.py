@@ -32,7 +32,7 @@ def _sampler_names(session, partial: str) -> list[str]:
 
 
 def _option_names(session, partial: str) -> list[str]:
-    names = ["max_new_tokens", "seed"]
+    names = ["max_new_tokens", "seed", "user_name", "model_name"]
     for sampler, values in session.options.items():
         names += [f"{sampler}.{option}" for option in values]
         if len(values) == 1:
@@ -75,6 +75,9 @@ def sampler(session, args: str) -> str:
     return f"sampler chain: {session.chain}"
 
 
+SET_HELP = "set a sampler option, max_new_tokens, seed, or the speakers' names (user_name, model_name)"
+
+
 def set_(session, args: str) -> str:
     name, _, value = args.partition(" ")
     if not name or not value.strip():
@@ -91,7 +94,8 @@ def show(session, args: str) -> str:
             f"sampler     {d['chain']}\n"
             f"options     {options or 'none'}\n"
             f"generation  max_new_tokens {d['max_new_tokens']}, seed {seed}\n"
-            f"device      {d['device']}, {d['dtype']}" + (f", {d['quantize']} weights" if d["quantize"] != "none" else ""))
+            f"device      {d['device']}, {d['dtype']}" + (f", {d['quantize']} weights" if d["quantize"] != "none" else "")
+            + (f"\nspeakers    you are {d['user_name']}, the model is {d['model_name']}" if "user_name" in d else ""))
 
 
 def regen(session, args: str):
@@ -133,8 +137,8 @@ def compare(session, args: str) -> str:
     left, bar, right = args.partition("|")
     if not bar or not left.strip() or not right.strip():
         raise UsageError("/compare needs two sampler chains (or profile:NAME) separated by |")
-    results = session.compare(left.replace(" ", ""), right.replace(" ", ""))
-    return "\n\n".join(f"[{chain}]\n{text}" for chain, text in results)
+    sides = session.compare(left.replace(" ", ""), right.replace(" ", ""))
+    return "\n\n".join(f"[{s.side}]  {s.tokens_per_second:.0f} tokens/s, seed {s.seed}\n{s.text}" for s in sides)
 
 
 def tokens(session, args: str) -> str:
@@ -192,8 +196,7 @@ def quill_register_commands(register) -> None:
     register("/profiles", profiles, help="list the profiles", usage="/profiles")
     register("/sampler", sampler, help="show the sampler chain, or set another", usage="/sampler [CHAIN]",
              complete=_sampler_names)
-    register("/set", set_, help="set a sampler option, max_new_tokens or seed", usage="/set NAME VALUE",
-             complete=_option_names)
+    register("/set", set_, help=SET_HELP, usage="/set NAME VALUE", complete=_option_names)
     register("/show", show, help="show the profile, chain, options, device and dtype", usage="/show")
     register("/regen", regen, help="a new reply to the last message", usage="/regen")
     register("/undo", undo, help="forget the last exchange", usage="/undo")

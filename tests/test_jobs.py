@@ -188,7 +188,8 @@ def w(tmp_path_factory, request):
 
         # Through Jobs directly: a bad flag, a job killed outright, and one stopped by stop_all.
         direct = r["direct"] = Jobs()
-        r["bogus"] = direct.start("train", ["--data", str(data), "--bogus-flag"])
+        with pytest.raises(UsageError) as r["bogus"]:
+            direct.start("train", ["--data", str(data), "--bogus-flag"])
         r["killed_job"] = direct.start("train", ["--data", str(data), "--out", str(r["killed"]), *MODEL])
         r["killed_job"].process.kill()
         r["stop_all_job"] = direct.start("train", ["--data", str(data), "--out", str(r["stopped"]), *MODEL,
@@ -375,6 +376,18 @@ def test_stop_all_cancels_the_running_jobs_and_they_run_in_their_own_process_gro
     assert [e["event"] for j, e in w["direct_events"] if j is job][-1] == "cancelled"
 
 
+def test_stop_all_kills_a_job_that_does_not_stop_in_time(w, monkeypatch):
+    jobs = Jobs()
+    job = jobs.start("train", ["--data", str(w["data"]), "--out", str(w["root"] / "runs" / "impatient"), *MODEL,
+                               "--max-steps", str(LONG)])
+    # a job deaf to being cancelled
+    monkeypatch.setattr(jobs, "cancel", lambda job_id: setattr(jobs.get(job_id), "status", "cancelling"))
+    jobs.stop_all(timeout=0.5)
+    assert job.status == "cancelled" and job.process.returncode == -9
+    assert job.error == "killed: it did not stop within 0.5 s of being cancelled"
+    assert job.describe().endswith("[cancelled] killed: it did not stop within 0.5 s of being cancelled")
+
+
 def test_cancel_errors(w):
     session, jobs = w["session"], w["job"]
     unknown = error_of(session, "/cancel 99")
@@ -410,9 +423,11 @@ def test_failed_jobs_report_one_line_and_the_chat_goes_on(w):
 
 
 def test_direct_jobs_that_fail_before_training(w):
-    bogus, killed = w["bogus"], w["killed_job"]
-    assert bogus.status == "failed"
-    assert bogus.error == "quill: unrecognized arguments: --bogus-flag (see `quill --help`)"
+    bogus, killed = w["bogus"].value, w["killed_job"]
+    # a bad flag is refused before any process starts
+    assert (bogus.message, bogus.hint) == ("/train: unrecognized arguments: --bogus-flag",
+                                           "run `quill train --help` to see its flags")
+    assert w["direct"].all()[0] is killed  # no job was made for it
     assert killed.status == "failed" and killed.error == "exited with code -9" and killed.result is None
     assert not w["killed"].exists()
 
@@ -434,7 +449,9 @@ def test_train_or_eval_on_missing_data_is_refused_at_once(w):
         (f"/train --data {missing} --out {never} --max-steps 5", f"no data at {str(missing)!r}"),
         (f"/eval {missing}", f"no data at {str(missing)!r}"),
         ("/train", "/train needs --data DIR and --out RUN"),
-        (f"/train --data {w['data']} --out {never} --bogus", "quill: unrecognized arguments: --bogus"),
+        (f"/train --data {w['data']} --out {never} --bogus", "/train: unrecognized arguments: --bogus"),
+        (f"/train --data {w['data']} --out {never} --n-layer many", "/train: argument --n-layer: invalid int value: 'many'"),
+        (f"/train --data {w['data']} --out {never} --help", "/train takes the flags of `quill train`"),
         ("/eval --split val", "/eval needs the data to evaluate on"),
     ):
         e = error_of(session, line)

@@ -58,7 +58,8 @@ def raw_reply(session: ChatSession, message: str) -> str:
 
 def script(session: ChatSession, text: str) -> tuple[str, str]:
     out, err = io.StringIO(), io.StringIO()
-    repl.run_script(session, io.StringIO(text), out, err)
+    failed = repl.run_script(session, io.StringIO(text), out, err)
+    assert failed == err.getvalue().count("error: ")  # one count per line that failed
     return out.getvalue(), err.getvalue()
 
 
@@ -77,8 +78,9 @@ def test_help_lists_every_command_and_explains_one(s):
     lines = text.splitlines()
     assert lines[-2:] == ["", "Anything else you type is sent to the model."]
     assert [line.split()[0] for line in lines[:-2]] == names  # one line per command, in order
-    assert "/set NAME VALUE" in text and "set a sampler option, max_new_tokens or seed" in text
-    assert commands.run(s, "/help set") == "/set NAME VALUE\n  set a sampler option, max_new_tokens or seed"
+    said = "set a sampler option, max_new_tokens, seed, or the speakers' names (user_name, model_name)"
+    assert "/set NAME VALUE" in text and said in text
+    assert commands.run(s, "/help set") == f"/set NAME VALUE\n  {said}"
     assert commands.run(s, "/help /compare") == (
         "/compare CHAIN_A | CHAIN_B  or  /compare profile:A | profile:B\n"
         "  the last message through two sampler chains or profiles, with the same seed")
@@ -137,7 +139,7 @@ def test_sampler_set_and_show(s, m):
     for line, message, hint in [
         ("/set temperature", "/set needs a name and a value", "for example /set temperature 0.7 or /set top_p.p 0.9"),
         ("/set", "/set needs a name and a value", "for example /set temperature 0.7 or /set top_p.p 0.9"),
-        ("/set nope 1", "there is no setting 'nope'", "settings: max_new_tokens, seed"),
+        ("/set nope 1", "there is no setting 'nope'", "settings: max_new_tokens, seed, user_name, model_name"),
         ("/set greedy 1", "sampler 'greedy' has no options", None),
         ("/set max_new_tokens lots", "max_new_tokens must be a whole number, not 'lots'", None),
         ("/sampler top_k,tempurature", "no sampler named 'tempurature'", "did you mean 'temperature'?"),
@@ -165,9 +167,11 @@ def test_regen_undo_clear_replay_compare_tokens_and_quit(s, m):
     assert (exc.message, exc.hint) == ("/replay takes a reply number, not 'one'", "usage: /replay [N]")
     exc = error_of(s, "/replay 3")
     assert (exc.message, exc.hint) == ("there is no reply 3 to replay", "replies: 1 to 2")
-    same = s.compare("greedy", "greedy")[0][1]
-    assert commands.run(s, "/compare greedy | greedy") == f"[greedy]\n{same}\n\n[greedy]\n{same}"
-    assert commands.run(s, "/compare top_k,temperature|greedy").startswith("[top_k,temperature]\n")
+    same = s.compare("greedy", "greedy")[0].text
+    shown = commands.run(s, "/compare greedy | greedy")
+    assert re.fullmatch(rf"\[greedy\]  \d+ tokens/s, seed (\d+)\n{re.escape(same)}\n\n"
+                        rf"\[greedy\]  \d+ tokens/s, seed \1\n{re.escape(same)}", shown), shown
+    assert commands.run(s, "/compare top_k,temperature|greedy").startswith("[top_k,temperature]  ")
     for bad in ("/compare greedy", "/compare greedy |", "/compare | greedy", "/compare"):
         exc = error_of(s, bad)
         assert isinstance(exc, UsageError)
@@ -236,8 +240,8 @@ def test_completion_of_commands_and_their_arguments(s):
     assert commands.complete(s, "/compare gr") == ["greedy"]
     assert commands.complete(s, "/compare greedy | top_k,te") == ["top_k,temperature"]  # the second chain too
     assert commands.complete(s, "/compare greedy|te") == ["greedy|temperature"]
-    assert commands.complete(s, "/set ") == ["max_new_tokens", "seed", "temperature", "temperature.t", "top_k",
-                                              "top_k.k"]
+    assert commands.complete(s, "/set ") == ["max_new_tokens", "model_name", "seed", "temperature", "temperature.t", "top_k",
+                                              "top_k.k", "user_name"]
     assert commands.complete(s, "/set te") == ["temperature", "temperature.t"]
     s.set_chain("top_p")
     assert commands.complete(s, "/set top") == ["top_p.min_keep", "top_p.p"]  # two options: no shorthand
@@ -379,7 +383,10 @@ def test_quill_chat_runs_a_script_from_stdin(m, monkeypatch):
                     env={"QUILL_PROFILES": str(m["two"]), "OMP_NUM_THREADS": "1"})
     assert out.stderr.decode() == want_err == "error: unknown command /bogus\n  hint: /help lists the commands\n"
     assert out.stdout.decode() == want_out
-    assert out.returncode == 0
+    assert out.returncode == 1  # every line ran, but one failed: a script can tell
+    fine = run_quill("chat", "--profile", "alpha", input=b"/set seed 5\nSpeak\n",
+                     env={"QUILL_PROFILES": str(m["two"]), "OMP_NUM_THREADS": "1"})
+    assert (fine.returncode, fine.stderr) == (0, b"")
 
 
 def chat_main(monkeypatch, capsys, folder: Path, text: str) -> tuple[int, str, str]:

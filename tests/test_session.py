@@ -14,12 +14,14 @@ import hashlib
 import json
 import threading
 import time
+from dataclasses import astuple
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from gpt_runtime import commands
 from gpt_runtime.checkpoint import load_checkpoint, save_checkpoint
 from gpt_runtime.errors import QuillError, UsageError
 from gpt_runtime.generate import Done, Token, generate_text
@@ -289,6 +291,25 @@ def test_a_second_send_while_a_reply_streams_is_refused_never_interleaved(s):
     assert [t.user for t in s.turns] == ["Speak", "hear me speak"]
 
 
+def test_the_session_is_busy_from_send_not_from_the_first_event(s):
+    # a UI hands the stream to a worker; nothing may change the conversation before it starts
+    events = s.send("Speak")
+    assert s.busy
+    for action in (lambda: s.send("again"), s.undo, s.clear, lambda: s.compare("greedy", "greedy")):
+        with pytest.raises(QuillError, match="a reply is still streaming"):
+            action()
+    assert [t.user for t in s.turns] == ["Speak"]
+    assert isinstance(drain(events)[-1], Done) and not s.busy
+    # a stream closed (or dropped) before it was read frees the session
+    events = s.regenerate()
+    assert s.busy
+    events.close()
+    assert not s.busy
+    del events
+    s.send("hear me speak")  # dropped unread
+    assert not s.busy
+
+
 def test_a_second_send_from_another_thread_while_streaming_is_refused(s):
     s.use_profile("beta")
     s.set("max_new_tokens", "100000")
@@ -533,9 +554,10 @@ def test_compare_runs_the_last_message_through_two_chains_with_one_seed(s, m):
     drain(s.send("hear me speak"))
     turns = [(t.user, t.reply, t.provenance) for t in s.turns]
     # a random seed, drawn once: the same sampling chain twice gives the same text
-    (c1, t1), (c2, t2) = s.compare("top_k,temperature", "top_k,temperature")
-    assert c1 == c2 == "top_k,temperature" and t1 == t2
-    greedy = s.compare("greedy", "top_k,greedy")
+    one, two = s.compare("top_k,temperature", "top_k,temperature")
+    assert one.side == two.side == "top_k,temperature" and one.text == two.text and one.seed == two.seed
+    assert one.tokens_per_second > 0 and two.tokens_per_second > 0
+    greedy = [(side.side, side.text) for side in s.compare("greedy", "top_k,greedy")]
     prompt, _, _ = s._prompt(1)
     want = expected(m, prompt, 0, "greedy", {})
     assert greedy == [("greedy", want), ("top_k,greedy", want)]
@@ -544,7 +566,7 @@ def test_compare_runs_the_last_message_through_two_chains_with_one_seed(s, m):
     s.set("temperature", "1.5")
     drain(s.send("Resolved"))
     prompt, _, _ = s._prompt(2)
-    assert s.compare("top_k,temperature", "temperature") == [
+    assert [(side.side, side.text) for side in s.compare("top_k,temperature", "temperature")] == [
         ("top_k,temperature", s.turns[2].reply),
         ("temperature", expected(m, prompt, 9, "temperature", {"temperature": {"t": 1.5}}))]
     assert [(t.user, t.reply, t.provenance) for t in s.turns[:2]] == turns and len(s.turns) == 3
@@ -555,7 +577,8 @@ def test_compare_runs_the_last_message_through_two_chains_with_one_seed(s, m):
 def test_compare_two_profiles_each_with_its_model_chain_and_template(s, m):
     s.set("seed", "5")
     drain(s.send("Speak"))
-    (a, text_a), (b, text_b) = s.compare("profile:alpha", "profile:beta")
+    (a, text_a, seed_a, _), (b, text_b, seed_b, _) = [astuple(side) for side in s.compare("profile:alpha", "profile:beta")]
+    assert seed_a == seed_b == 5
     assert (a, b) == ("profile:alpha", "profile:beta")
     assert text_a == s.turns[0].reply  # alpha is the current profile: the same reply as send gave
     beta_prompt = ChatTemplate(user_prefix="You: ", user_suffix="\n", model_prefix="Bot: ", model_suffix="\n",
@@ -565,6 +588,57 @@ def test_compare_two_profiles_each_with_its_model_chain_and_template(s, m):
     assert s.profile.name == "alpha" and len(s.turns) == 1  # nothing changed
     with pytest.raises(QuillError, match="no profile named 'gamma'"):
         s.compare("greedy", "profile:gamma")
+
+
+PLAY_TOML = r'''checkpoint = "../models/a.safetensors"
+[sampler]
+chain = "temperature"
+[generation]
+max_new_tokens = 12
+seed = 3
+[template]
+user_prefix = "{user}:\n"
+user_suffix = "\n\n"
+model_prefix = "{model}:\n"
+model_suffix = "\n\n"
+stop = ["\n\n", "\n{user}:"]
+user_name = "First"
+model_name = "All"
+'''
+
+
+def test_speakers_names_fill_the_template_and_can_be_changed_mid_chat(m, monkeypatch, tmp_path):
+    folder = tmp_path / "profiles"
+    (folder / "play").mkdir(parents=True)  # a profile in a folder of its own: NAME/profile.toml
+    (folder / "play" / "profile.toml").write_text(PLAY_TOML.replace("../models/a.safetensors", str(m["a"])))
+    monkeypatch.setenv("QUILL_PROFILES", str(folder))
+    s = ChatSession("play")
+    assert s.profile.name == "play"
+    drain(s.send("Speak"))
+    assert s._prompt(0)[0] == "First:\nSpeak\n\nAll:\n"
+    assert s.turns[0].reply == expected(m, "First:\nSpeak\n\nAll:\n", 3, "temperature", {}, 12,
+                                        stop=["\n\n", "\nFirst:"])
+    assert s.set("user_name", " Citizen ") == "user_name = Citizen"
+    assert s.set("model_name", "Before") == "model_name = Before"
+    assert "speakers    you are Citizen, the model is Before" in commands.run(s, "/show")
+    drain(s.send("hear me speak"))
+    want = f"Citizen:\nSpeak\n\nBefore:\n{s.turns[0].reply}\n\nCitizen:\nhear me speak\n\nBefore:\n"
+    assert s._prompt(1, first_turn=0)[0] == want
+    want = s._prompt(1)[0]  # what fits the 64-token context
+    assert want.endswith("Citizen:\nhear me speak\n\nBefore:\n")
+    assert s.turns[1].reply == expected(m, want, 3, "temperature", {}, 12, stop=["\n\n", "\nCitizen:"])
+    assert s.turns[1].provenance.template["user_name"] == "Citizen"
+    # a replay uses the names the reply was made with, whatever they are now
+    s.set("user_name", "Speak")
+    assert commands.run(s, "/replay 2") == "reply 2 replayed: identical"
+    for bad in ("", "two\nlines"):
+        with pytest.raises(QuillError, match="user_name must be one line of text"):
+            s.set("user_name", bad)
+    # names in a template without placeholders change nothing, and say so
+    monkeypatch.setenv("QUILL_PROFILES", str(m["two"]))
+    s.use_profile("alpha")
+    assert s.set("user_name", "X") == "user_name = X (this profile's template does not use the names)"
+    assert "speakers" not in commands.run(s, "/show")
 
 
 def test_the_templates_stop_strings_end_replies_and_are_not_part_of_them(s):

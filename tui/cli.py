@@ -26,7 +26,7 @@ def add_chat(commands) -> None:
     p.set_defaults(run=cmd_chat)
 
 
-def cmd_chat(args: argparse.Namespace) -> None:
+def cmd_chat(args: argparse.Namespace) -> int:
     from gpt_runtime.profiles import default_profile, history_path
     from gpt_runtime.session import ChatSession
 
@@ -35,8 +35,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     session = ChatSession(args.profile or default_profile())
     if sys.stdin.isatty() and sys.stdout.isatty():
         run_interactive(session, str(history_path()))
-    else:
-        run_script(session, sys.stdin)
+        return 0
+    # a script goes on past a failed line, as a chat would, but its exit status tells
+    return 1 if run_script(session, sys.stdin) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,14 +74,16 @@ def show_job_notices(session: ChatSession, out: TextIO) -> None:
     out.flush()
 
 
-def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> bool:
-    """Act on one input line (a message or a command); False when the chat should end."""
+def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> str:
+    """Act on one input line (a message or a command): "ok", "failed" (the error
+    was shown) or "quit"."""
     show_job_notices(session, out)
+    outcome = "ok"
     try:
         if line.startswith("/"):
             result = commands.run(session, line)
             if result is commands.QUIT:
-                return False
+                return "quit"
             if isinstance(result, str):
                 out.write(result + "\n")
             elif result is not None:
@@ -89,27 +91,36 @@ def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> bool:
         elif line.strip():
             _stream(session, session.send(line), out)
     except QuillError as exc:
+        outcome = "failed"
         err.write(f"error: {exc.message}\n" + (f"  hint: {exc.hint}\n" if exc.hint else ""))
     except Exception as exc:  # a bug, here or in a plugin: say so in one line and keep the chat
         if os.environ.get("QUILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
             raise
+        outcome = "failed"
         err.write(f"internal error: {type(exc).__name__}: {exc}\n  hint: run again with QUILL_DEBUG=1 for the traceback\n")
     show_job_notices(session, out)
-    return True
+    return outcome
 
 
-def run_script(session: ChatSession, lines: Iterable[str], out: TextIO | None = None, err: TextIO | None = None) -> None:
-    """Run messages and commands from `lines`, writing the transcript to `out` (default: stdout)."""
+def run_script(session: ChatSession, lines: Iterable[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run messages and commands from `lines`, writing the transcript to `out` (default: stdout).
+
+    Every line runs, even after one fails (as a chat would go on); returns how many failed.
+    """
     out, err = out or sys.stdout, err or sys.stderr  # looked up now: sys.stdout may have been replaced
+    failed = 0
     for raw in lines:
         line = raw.rstrip("\r\n")
         if not line.strip():
             continue
         out.write(f"> {line}\n")
-        if not handle(session, line, out, err):
+        outcome = handle(session, line, out, err)
+        if outcome == "quit":
             break
+        failed += outcome == "failed"
     session.jobs.wait()  # a script's jobs finish before the transcript ends
     show_job_notices(session, out)
+    return failed
 
 
 def run_interactive(session: ChatSession, history_file: str | None = None) -> None:
@@ -166,9 +177,9 @@ def _loop(session: ChatSession, prompt) -> None:
             return
         interrupted = False
         try:
-            going_on = handle(session, line, sys.stdout, sys.stderr)
+            outcome = handle(session, line, sys.stdout, sys.stderr)
         except KeyboardInterrupt:  # Ctrl-C in a command that takes long (/compare, /replay): stop it, not the chat
             print("(interrupted)")
             continue
-        if not going_on:
+        if outcome == "quit":
             return
