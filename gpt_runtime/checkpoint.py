@@ -48,11 +48,11 @@ class Checkpoint:
         return self.model.config
 
 
-def _weights(model: GPT) -> dict[str, torch.Tensor]:
+def _weights(model: GPT, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")  # the same tensor as wte.weight; safetensors stores it once
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return {k: v.detach().to(dtype=dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
 
 
 def save_checkpoint(
@@ -62,8 +62,10 @@ def save_checkpoint(
     step: int,
     val_loss: float | None = None,
     train_args: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Write weights and metadata to `path` atomically."""
+    """Write weights and metadata to `path` atomically; `dtype` (e.g. bfloat16)
+    stores the weights smaller, and loading casts them back to the model's dtype."""
     from safetensors.torch import save
 
     metadata = {
@@ -76,7 +78,7 @@ def save_checkpoint(
         "val_loss": "" if val_loss is None else repr(float(val_loss)),
         "train_args": json.dumps(train_args or {}),
     }
-    atomic_write_bytes(path, save(_weights(model), metadata=metadata))
+    atomic_write_bytes(path, save(_weights(model, dtype), metadata=metadata))
 
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:

@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from dataclasses import fields, replace
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -110,6 +111,25 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_tokenizer_inspect)
 
+    # quill data ...
+    data = subcommand(commands, "data", "download public corpora (any local UTF-8 text file works as well)", (
+        "quill data list",
+        "quill data fetch tinyshakespeare --out data",
+    ))
+    data.set_defaults(help_parser=data)
+    data_cmds = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=Parser)
+    p = subcommand(data_cmds, "list", "the corpora `quill data fetch` knows", ("quill data list",))
+    p.set_defaults(run=cmd_data_list)
+    p = subcommand(data_cmds, "fetch", "download a corpus and check its SHA-256", (
+        "quill data fetch tinyshakespeare --out data",
+        "quill data fetch tinyshakespeare --out data --url https://mirror.example/input.txt",
+    ))
+    p.add_argument("name", help="corpus name (see `quill data list`)")
+    p.add_argument("--out", default="data", help="directory to write it to (default: data)")
+    p.add_argument("--url", help="download from here instead (a mirror); the checksum must still match")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default: 30)")
+    p.set_defaults(run=cmd_data_fetch)
+
     # quill prepare
     p = subcommand(commands, "prepare", "tokenize a corpus into a data directory for training", (
         "quill prepare corpus.txt --tokenizer tokenizer.json --out data/shakespeare",
@@ -154,6 +174,18 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.add_argument("--device", default="auto", help="backend (default: auto)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_eval)
+
+    # quill export
+    p = subcommand(commands, "export", "write a checkpoint's weights in another form: smaller, for shipping", (
+        "quill export runs/small --out small.safetensors",
+        "quill export runs/small/best.safetensors --out small-fp16.safetensors --dtype float16",
+    ))
+    p.add_argument("checkpoint", help="checkpoint file, or a run directory (its best checkpoint)")
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="weights' dtype; loading upcasts where the backend computes in float32 (default: bfloat16)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(run=cmd_export)
 
     # quill check
     p = subcommand(commands, "check", "describe a checkpoint, and whether a tokenizer matches it", (
@@ -377,6 +409,38 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         meta = prepare(args.corpus, args.tokenizer, args.out, args.val_fraction, progress)
     print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
           f"({meta['dtype']}), tokenizer {meta['tokenizer_fingerprint']}, in {time.perf_counter() - start:.1f} s")
+
+
+def cmd_data_list(args: argparse.Namespace) -> None:
+    from .corpora import CORPORA
+
+    for corpus in CORPORA.values():
+        print(f"{corpus.name}  {corpus.about}\n  {corpus.url}\n  sha256 {corpus.sha256}")
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from .corpora import fetch
+    from .progress import progress_bar
+
+    with progress_bar(f"downloading {args.name}", unit="bytes") as progress:
+        path, downloaded = fetch(args.name, args.out, url=args.url, timeout=args.timeout, progress=progress)
+    size = path.stat().st_size
+    print(f"{'downloaded' if downloaded else 'already there:'} {path} ({size:,} bytes, checksum ok)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise QuillError(f"{str(out)!r} already exists", hint="pass --force to overwrite it")
+    ckpt = load_checkpoint(args.checkpoint)
+    save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.step, ckpt.val_loss, ckpt.train_args,
+                    dtype=getattr(torch, args.dtype))
+    print(f"wrote {out}: {ckpt.model.num_params():,} parameters in {args.dtype}, step {ckpt.step}, "
+          f"{out.stat().st_size / 1e6:.1f} MB")
 
 
 def _train_command_line(argv: list[str]) -> list[str]:

@@ -47,6 +47,7 @@ from typing import Any
 from .errors import QuillError, did_you_mean
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
+SHIPPED_DEFAULT = "shakespeare-char"  # what `quill chat` opens when no profile is named
 
 
 @dataclass
@@ -312,11 +313,13 @@ def get_profile(name: str) -> Profile:
 
 
 def default_profile() -> str:
-    """The profile `quill chat` uses when none is named: `default`, or the only good one."""
+    """The profile `quill chat` uses when none is named: one called `default`,
+    else the shipped Shakespeare model, else the only good one."""
     entries = find_profiles()
     good = [e.name for e in entries if e.profile is not None]
-    if "default" in good:
-        return "default"
+    for name in ("default", SHIPPED_DEFAULT):
+        if name in good:
+            return name
     if len(good) == 1:
         return good[0]
     if not good:

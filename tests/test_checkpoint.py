@@ -339,3 +339,40 @@ def test_a_killed_writer_never_leaves_a_partial_checkpoint(tmp_path):
     # Writers saved, and their saves replaced the file (a writer killed before its first save
     # leaves the previous one's; each has its own range of steps).
     assert len(steps_seen) >= 4, steps_seen
+
+
+# --- quill export: compact weights for shipping ----------------------------------------------------
+
+def test_export_writes_bfloat16_weights_that_load_back_as_the_model(tok, tmp_path):
+    from safetensors import safe_open
+
+    from helpers import one_line_error, run_quill
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=64))
+    save_checkpoint(tmp_path / "full.safetensors", model, tok, step=12, val_loss=2.5, train_args={"lr": 0.01})
+    out = run_quill("export", str(tmp_path / "full.safetensors"), "--out", str(tmp_path / "small.safetensors"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode().startswith(f"wrote {tmp_path / 'small.safetensors'}: {model.num_params():,} parameters "
+                                          "in bfloat16, step 12")
+    with safe_open(str(tmp_path / "small.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    full, small = (tmp_path / "full.safetensors").stat().st_size, (tmp_path / "small.safetensors").stat().st_size
+    assert small < 0.6 * full
+    ckpt = load_checkpoint(tmp_path / "small.safetensors")
+    assert (ckpt.step, ckpt.val_loss, ckpt.train_args) == (12, 2.5, {"lr": 0.01})
+    assert next(ckpt.model.parameters()).dtype == torch.float32  # upcast on load
+    for name, p in model.state_dict().items():
+        assert torch.equal(ckpt.model.state_dict()[name], p.to(torch.bfloat16).float()), name
+    idx = torch.randint(0, tok.vocab_size, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(ckpt.model(idx)[0], model(idx)[0], atol=0.05)
+    # an existing file is kept unless --force
+    message, hint = one_line_error(run_quill("export", str(tmp_path / "full.safetensors"), "--out",
+                                             str(tmp_path / "small.safetensors")))
+    assert (message, hint) == (f"{str(tmp_path / 'small.safetensors')!r} already exists", "pass --force to overwrite it")
+    out = run_quill("export", str(tmp_path / "full.safetensors"), "--out", str(tmp_path / "small.safetensors"),
+                    "--dtype", "float16", "--force")
+    assert out.returncode == 0
+    with safe_open(str(tmp_path / "small.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
