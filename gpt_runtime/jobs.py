@@ -38,8 +38,10 @@ class Job:
     process: subprocess.Popen
     status: str = "running"  # running, cancelling, finished, cancelled, failed
     last: dict[str, Any] = field(default_factory=dict)  # the latest progress event
+    history: list[dict[str, Any]] = field(default_factory=list)  # every "step" event, for plots
     result: dict[str, Any] | None = None  # the "done" event
     error: str | None = None
+    profile: str | None = None  # the profile a finished training run became
 
     def describe(self) -> str:
         """One line for `/jobs`."""
@@ -117,6 +119,8 @@ class Jobs:
                 job.error = event.get("message", "failed")
             else:
                 job.last = event
+                if event.get("event") == "step":
+                    job.history.append(event)
             self.events.put((job, event))
         drain.join()
         code = job.process.wait()

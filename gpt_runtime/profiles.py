@@ -46,7 +46,7 @@ from typing import Any
 
 from .errors import QuillError, did_you_mean
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"  # QUILL_SHIPPED_PROFILES overrides it
 SHIPPED_DEFAULT = "shakespeare-char"  # what `quill chat` opens when no profile is named
 
 
@@ -283,7 +283,8 @@ def profile_name(path: Path) -> str:
 def find_profiles() -> list[ProfileEntry]:
     """Every profile, checked; a user profile hides a shipped one of the same name. Sorted by name."""
     found: dict[str, ProfileEntry] = {}
-    for origin, directory in (("shipped", SHIPPED_DIR), ("user", user_profile_dir())):
+    shipped = Path(os.environ.get("QUILL_SHIPPED_PROFILES") or SHIPPED_DIR)
+    for origin, directory in (("shipped", shipped), ("user", user_profile_dir())):
         if not directory.is_dir():
             continue
         for path in sorted([*directory.glob("*.toml"), *directory.glob("*/profile.toml")]):

@@ -143,6 +143,7 @@ class ChatSession:
         self._threads: int | None = None  # torch's thread count before any job ran
         self._dropped_told = 0  # turns left out of the prompt that the user has been told about
         self.turns: list[Turn] = []
+        self.probs = 0  # with N > 0, reply tokens carry their probability and the N likeliest (the TUI's view)
         self._cancel = threading.Event()
         self._busy = threading.Lock()
         self.use_profile(profile)
@@ -263,6 +264,18 @@ class ChatSession:
         self.turns.append(Turn(message))
         return stream
 
+    def context_used(self) -> tuple[int, int]:
+        """(tokens, block size): how much of the context window the conversation fills,
+        counting from the oldest turn the next prompt will hold."""
+        block = self.loaded.model.config.block_size
+        room = block - min(self.max_new_tokens, block // 4)
+        for start in range(len(self.turns) + 1):
+            history = [(t.user, t.reply) for t in self.turns[start:]]
+            used = len(self.loaded.tokenizer.encode(self.template.render(history, "")))
+            if used <= room or start == len(self.turns):
+                return min(used, block), block
+        return 0, block  # not reached: an empty history always fits
+
     def _prompt(self, index: int, first_turn: int | None = None, loaded: _Loaded | None = None,
                 template: ChatTemplate | None = None) -> tuple[str, int, int]:
         """The prompt for turn `index`: (text, first turn it holds, turns dropped to fit).
@@ -305,7 +318,8 @@ class ChatSession:
             if provenance.reason == "cancelled":  # the same tokens, up to where it was stopped
                 limit = provenance.new_tokens
         events = generate(self.loaded.model, self.loaded.tokenizer, text, chain=build_chain(chain, options),
-                          max_new_tokens=limit, stop=template.stop_strings(), seed=seed, cancel=self._cancel)
+                          max_new_tokens=limit, stop=template.stop_strings(), seed=seed, cancel=self._cancel,
+                          probs=self.probs)
         reply = []
         try:
             for event in events:
@@ -506,7 +520,7 @@ class ChatSession:
             job, event = self.jobs.events.get_nowait()
             kind = event.get("event")
             if kind == "finished" and job.kind == "train":
-                name = self._adopt(job.result["out"])
+                name = job.profile = self._adopt(job.result["out"])
                 notices.append(Notice(f"job {job.id} finished training {job.result['out']}; profile {name!r} is ready: "
                                       f"/profile {name}"))
             elif kind == "finished":

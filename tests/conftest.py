@@ -18,6 +18,12 @@ def corpus(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _no_shipped_profiles(monkeypatch, tmp_path_factory):
+    """Tests see only the profiles they make; test_shipped.py looks at the shipped ones."""
+    monkeypatch.setenv("QUILL_SHIPPED_PROFILES", str(tmp_path_factory.getbasetemp() / "no-shipped-profiles"))
+
+
+@pytest.fixture(autouse=True)
 def _fresh_plugin_host(monkeypatch):
     """Each test sees the plugin environment it sets up, not a cached one."""
     for var in ("QUILL_STRICT_PLUGINS", "QUILL_DISABLE_PLUGINS", "QUILL_DEBUG"):

@@ -17,7 +17,8 @@ SAMPLE_TEXT = (
 
 def run_quill(*args: str, input: bytes | None = None, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `quill` CLI in a subprocess; returns bytes stdout/stderr."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_")}
+    # QUILL_SHIPPED_PROFILES stays: tests other than test_shipped hide the shipped profiles
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_") or k == "QUILL_SHIPPED_PROFILES"}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "tui.cli", *args],

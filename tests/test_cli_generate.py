@@ -40,7 +40,7 @@ LONG_PROMPT = SAMPLE_TEXT[:40]
 
 def run_all(commands: dict[str, list[str]], at_once: int = 2) -> dict[str, subprocess.CompletedProcess]:
     """Run `quill` commands side by side, one torch thread each; results by name."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_") or k == "QUILL_SHIPPED_PROFILES"}
     env["OMP_NUM_THREADS"] = "1"
 
     def run(args: list[str]) -> subprocess.CompletedProcess:

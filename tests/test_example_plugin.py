@@ -316,3 +316,19 @@ def test_a_failing_sampler_plugin_is_one_error_naming_it(generated, sampler, pri
         f"  hint: use a chain without {sampler!r}, or report it to the plugin's author",
     ]
     assert len(text) == printed  # what was generated before the failure was streamed out
+
+
+def test_the_plugins_slash_command_works_in_the_chat(xtc, checkpoint, tmp_path):
+    (tmp_path / "tiny.toml").write_text(f'checkpoint = "{checkpoint}"\n[sampler]\nchain = "top_k,temperature"\n'
+                                        '[generation]\nmax_new_tokens = 5\n[template]\nuser_prefix = "A: "\n'
+                                        'model_prefix = "B: "\n')
+    script = "/help xtc\n/xtc on\n/set xtc.threshold 0.2\nhe\n/xtc off\n/xtc maybe\n/x\n"
+    out = run_quill("chat", "--profile", "tiny", input=script.encode(),
+                    env={**ONE_THREAD, "QUILL_PROFILES": str(tmp_path)})
+    text, err = out.stdout.decode(), out.stderr.decode()
+    assert out.returncode == 1  # the bad lines failed; the rest ran
+    assert "> /help xtc\n/xtc on|off\n  put the XTC sampler into the chain, or take it out\n" in text
+    assert "> /xtc on\nsampler chain: top_k,xtc,temperature\n> /set xtc.threshold 0.2\nxtc.threshold = 0.2\n" in text
+    assert "> /xtc off\nsampler chain: top_k,temperature\n" in text
+    assert err == ("error: /xtc takes on or off\n  hint: usage: /xtc on|off\n"
+                   "error: unknown command /x\n  hint: did you mean '/xtc'?\n")

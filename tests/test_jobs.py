@@ -265,6 +265,7 @@ def test_progress_events_arrive_and_match_the_run_log(w):
                     "best_val_loss": min(r["val_loss"] for r in log if "val_loss" in r)}
     assert best.val_loss == done["best_val_loss"]
     assert job.result == done and job.status == "finished" and job.process.returncode == 0
+    assert job.history == steps  # every step kept, for a UI's loss plot
 
 
 def test_jobs_lists_progress_while_running_and_results_at_the_end(w):
@@ -311,7 +312,7 @@ def test_a_finished_run_is_written_as_a_profile_the_chat_can_switch_to(w):
     trained = trained_notices(w)
     assert set(trained) == {str(w["tiny"]), str(w["tiny_again"])}
     job_id, name = trained[str(w["tiny"])]
-    assert job_id == w["job"]["tiny"].id
+    assert job_id == w["job"]["tiny"].id and w["job"]["tiny"].profile == name
     path = w["profiles"] / f"{name}.toml"
     assert path.is_file()
     base, profile = load_profile(w["profiles"] / "base.toml"), load_profile(path)

@@ -509,7 +509,7 @@ class Terminal:
 
 @pytest.fixture
 def terminal(m, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_") or k == "QUILL_SHIPPED_PROFILES"}
     env.update(QUILL_PROFILES=str(m["two"]), TERM="xterm", HOME=str(tmp_path / "home"),
                XDG_DATA_HOME=str(tmp_path / "data"), XDG_CONFIG_HOME=str(tmp_path / "config"),
                PROMPT_TOOLKIT_NO_CPR="1", OMP_NUM_THREADS="1", COLUMNS="120", LINES="40")
@@ -530,7 +530,7 @@ def test_interactive_chat_on_a_terminal(terminal, m, tmp_path, monkeypatch):
     twin.set("seed", "5")
     reply = raw_reply(twin, "Speak")
     assert len(reply.strip()) >= 3
-    t = terminal("chat", "--profile", "alpha")
+    t = terminal("chat", "--plain", "--profile", "alpha")
     t.expect("Chatting with alpha. /help lists the commands; Esc Enter adds a line; Ctrl-D leaves.")
     t.type("/set seed 5")
     t.expect("seed = 5\n")
@@ -581,7 +581,7 @@ def test_interactive_chat_on_a_terminal(terminal, m, tmp_path, monkeypatch):
 
 
 def test_ctrl_c_twice_at_an_empty_prompt_leaves(terminal, m):
-    t = terminal("chat", QUILL_PROFILES=str(m["one"]))  # the only profile: no --profile needed
+    t = terminal("chat", "--plain", QUILL_PROFILES=str(m["one"]))  # the only profile: no --profile needed
     t.expect("Chatting with alpha.")
     t.at_prompt()
     t.keys(b"\x03")
@@ -598,7 +598,7 @@ def test_ctrl_c_twice_at_an_empty_prompt_leaves(terminal, m):
 
 
 def test_ctrl_d_leaves(terminal):
-    t = terminal("chat", "--profile", "beta")
+    t = terminal("chat", "--plain", "--profile", "beta")
     t.expect("Chatting with beta.")
     t.at_prompt()
     t.keys(b"\x04")

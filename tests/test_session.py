@@ -172,6 +172,19 @@ def test_every_reply_gets_a_new_random_seed_unless_one_is_set(s, m):
     assert s.turns[-1].provenance.tokens_per_second > 0 or s.turns[-1].provenance.new_tokens <= 1
 
 
+def test_probabilities_come_with_the_tokens_when_asked_and_change_nothing(s):
+    s.set("seed", "4")
+    plain = drain(s.send("Speak"))
+    s.undo()
+    s.probs = 3
+    shown = drain(s.send("Speak"))
+    assert [e.text for e in shown] == [e.text for e in plain]  # the same reply
+    tokens = [e for e in shown if isinstance(e, Token)]
+    assert tokens and all(0 < t.prob <= 1 and len(t.top) == 3 for t in tokens)
+    assert all(t.top[0][2] >= t.top[1][2] >= t.top[2][2] for t in tokens)
+    assert all(t.prob is None for t in plain if isinstance(t, Token))
+
+
 def test_the_speed_is_recorded(s):
     s.set("max_new_tokens", "40")
     s.set_chain("temperature")  # no stop until the limit or <eos>

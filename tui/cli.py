@@ -15,14 +15,18 @@ from gpt_runtime import cli
 
 def add_chat(commands) -> None:
     """Add `quill chat` to the engine's subcommands."""
-    p = cli.subcommand(commands, "chat", "chat with a model: the plain REPL (the full-screen chat is coming)", (
-        "quill chat --profile shakespeare",
-        "printf 'Good morrow\\n/set temperature 0.5\\nAnd then?\\n' | quill chat --profile shakespeare",
+    p = cli.subcommand(commands, "chat", "chat with a model, full-screen (or --plain, line by line)", (
+        "quill chat",
+        "quill chat --profile shakespeare-bpe",
+        "quill chat --plain",
+        "printf 'Good morrow\\n/set temperature 0.5\\nAnd then?\\n' | quill chat",
     ), description="Chat with a profile's model. Anything you type is sent to the model; lines starting "
-                   "with / are commands (/help lists them). When stdin or stdout is not a terminal, stdin is "
-                   "read as a script of messages and commands and the transcript is written to stdout.")
-    p.add_argument("--profile", help="profile to chat with (default: the one named `default`, or the only one)")
-    p.add_argument("--plain", action="store_true", help="the plain line-based REPL (the only one so far)")
+                   "with / are commands (/help lists them; F1 in the full-screen chat lists the keys). "
+                   "When stdin or stdout is not a terminal, stdin is read as a script of messages and "
+                   "commands and the transcript is written to stdout.")
+    p.add_argument("--profile", help="profile to chat with (default: one named `default`, else shakespeare-char)")
+    p.add_argument("--plain", action="store_true", help="the plain line-based REPL, for dumb terminals, "
+                                                        "screen readers and scripts")
     p.set_defaults(run=cmd_chat)
 
 
@@ -32,8 +36,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     from .repl import run_interactive, run_script
 
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive and not args.plain:
+        from .app import run_app
+
+        run_app(args.profile)  # loads the model itself, showing the screen meanwhile
+        return 0
     session = ChatSession(args.profile or default_profile())
-    if sys.stdin.isatty() and sys.stdout.isatty():
+    if interactive:
         run_interactive(session, str(history_path()))
         return 0
     # a script goes on past a failed line, as a chat would, but its exit status tells

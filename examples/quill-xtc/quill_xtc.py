@@ -13,8 +13,9 @@ Use it after the filters that cut the tail and before temperature::
 
     quill generate RUN --sampler top_k,xtc,temperature --set xtc.threshold=0.1
 
-This file is a complete plugin: a `Sampler` subclass, and a hook that registers
-it. The entry point in pyproject.toml tells Quill to load this module.
+or, in the chat, ``/xtc on``. This file is a complete plugin: a `Sampler`
+subclass and a slash command, and the hooks that register them. The entry
+point in pyproject.toml tells Quill to load this module.
 """
 
 from __future__ import annotations
@@ -82,3 +83,24 @@ class ExcludeTopChoices(Sampler):
 def quill_register_samplers(register):
     """Called once per process by Quill's plugin host: name -> sampler class."""
     register("xtc", ExcludeTopChoices)
+
+
+def xtc_command(session, args: str) -> str:
+    """/xtc on|off: put XTC into the chat's sampler chain (before temperature) or take it out."""
+    from gpt_runtime.errors import UsageError
+
+    chain = [name for name in session.chain.split(",") if name != "xtc"]
+    if args == "on":
+        at = chain.index("temperature") if "temperature" in chain else len(chain)
+        chain.insert(at, "xtc")
+    elif args != "off":
+        raise UsageError("/xtc takes on or off")
+    session.set_chain(",".join(chain))
+    return f"sampler chain: {session.chain}"
+
+
+@hookimpl
+def quill_register_commands(register):
+    """Plugins can add slash commands too: they appear in /help and in completion."""
+    register("/xtc", xtc_command, help="put the XTC sampler into the chain, or take it out", usage="/xtc on|off",
+             complete=lambda session, partial: [w for w in ("on", "off") if w.startswith(partial)])

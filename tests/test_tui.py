@@ -1,0 +1,393 @@
+"""The full-screen chat, driven through Textual's Pilot as a user would drive it.
+
+The models are the small ones of test_session (profiles alpha and beta); the
+third-party plugin is the installed example, quill-xtc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import SAMPLE_TEXT
+from test_session import write_chat_models
+
+from gpt_runtime.data import prepare
+from gpt_runtime.tokenizer import train_tokenizer
+from tui.app import QuillApp
+from tui.panels import JobCard, SidePanel
+from tui.screens import (
+    CompareScreen,
+    ConfirmScreen,
+    HelpScreen,
+    ProbabilityScreen,
+    ProvenanceScreen,
+    TokensScreen,
+)
+from tui.widgets import MessageView
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def m(tmp_path_factory) -> dict:
+    return write_chat_models(tmp_path_factory.mktemp("tui"))
+
+
+@pytest.fixture
+def profiles(m, monkeypatch, tmp_path):
+    """Profiles alpha and beta in a user directory of their own (finished runs are written there)."""
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    for name in ("alpha", "beta"):
+        (folder / f"{name}.toml").write_text((m["two"] / f"{name}.toml").read_text().replace(
+            f"../models/{name[0]}.safetensors", str(m[name[0]])))
+    monkeypatch.setenv("QUILL_PROFILES", str(folder))
+    return folder
+
+
+def run(app: QuillApp, steps: Callable, size: tuple[int, int] = (100, 32)) -> None:
+    """Drive `app` with the coroutine function `steps(pilot)`, once the model has loaded."""
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await until(pilot, lambda: app.session is not None and app.profile_name is not None)
+            await steps(pilot)
+    asyncio.run(main())
+
+
+async def until(pilot, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            app = pilot.app
+            jobs = [(j.status, j.error, j.last) for j in app.session.jobs.all()] if app.session else None
+            raise AssertionError(f"timed out waiting in the app; messages: {[v.text for v in views(app)][-3:]}; "
+                                 f"jobs: {jobs}")
+        await pilot.pause(0.05)
+    await pilot.pause(0.1)  # let the last updates draw
+
+
+def views(app: QuillApp, role: str | None = None) -> list[MessageView]:
+    return [v for v in app.query(MessageView) if role is None or v.role == role]
+
+
+async def say(pilot, text: str) -> None:
+    app = pilot.app
+    before, errors = len(views(app, "model")), len(views(app, "error"))
+    await pilot.press(*text, "enter")
+    await until(pilot, lambda: not app.streaming and (len(views(app, "model")) > before
+                                                      or len(views(app, "error")) > errors))
+    assert len(views(app, "error")) == errors, views(app, "error")[-1].text
+
+
+async def type_command(pilot, line: str) -> None:
+    box = pilot.app.query_one("#input")
+    box.text = line
+    await pilot.press("enter")
+    await pilot.pause(0.2)
+
+
+def test_a_message_streams_its_reply_and_the_status_line_tells(profiles):
+    app = QuillApp("beta")  # beta always says 20 tokens
+
+    async def steps(pilot):
+        empty = len(app.session.loaded.tokenizer.encode("You: \nBot: "))  # the template alone
+        assert f"beta │ logit_bias,top_k,temperature │ cpu float32 │ – tok/s │ context {empty}/64" in str(
+            app.query_one("#status").render())
+        await say(pilot, "Speak")
+        user, reply = views(app, "user")[-1], views(app, "model")[-1]
+        session = app.session
+        assert user.text == "Speak" and user.border_title == "User" and reply.border_title == "Quill"
+        assert reply.text == session.turns[0].reply and reply.text
+        assert len(reply.tokens) == session.turns[0].provenance.new_tokens  # streamed token by token
+        assert all(t.prob is not None and len(t.top) == 5 for t in reply.tokens)
+        status = str(app.query_one("#status").render())
+        assert f"{session.turns[0].provenance.tokens_per_second:.0f} tok/s" in status
+        used, block = session.context_used()
+        assert f"context {used}/{block}" in status and used > 0
+        assert reply.border_subtitle.startswith(f"{session.turns[0].provenance.new_tokens} tokens · ")
+
+    run(app, steps)
+
+
+def test_escape_stops_a_reply_and_the_chat_goes_on(profiles):
+    app = QuillApp("beta")
+
+    async def steps(pilot):
+        await type_command(pilot, "/set max_new_tokens 100000")
+        await pilot.press(*"Speak", "enter")
+        await until(pilot, lambda: bool(app.streaming) and len(app.streaming[0].tokens) > 3)
+        await pilot.press("escape")
+        await until(pilot, lambda: not app.streaming)
+        reply = views(app, "model")[-1]
+        assert reply.border_subtitle.endswith("· stopped")
+        assert app.session.turns[0].provenance.reason == "cancelled" and not app.session.busy
+        await type_command(pilot, "/set max_new_tokens 3")
+        await say(pilot, "hear me")
+        assert app.session.turns[1].provenance.new_tokens == 3
+
+    run(app, steps)
+
+
+def test_a_message_sent_while_a_reply_streams_is_refused_not_interleaved(profiles):
+    app = QuillApp("beta")
+
+    async def steps(pilot):
+        await type_command(pilot, "/set max_new_tokens 100000")
+        await pilot.press(*"Speak", "enter")
+        await until(pilot, lambda: bool(app.streaming))
+        await pilot.press(*"again", "enter")
+        await pilot.pause(0.2)
+        assert views(app, "notice")[-1].text == "A reply is still streaming: wait for it, or press Escape to stop it."
+        await pilot.press("escape")
+        await until(pilot, lambda: not app.streaming)
+        assert [t.user for t in app.session.turns] == ["Speak"]
+
+    run(app, steps)
+
+
+def test_switching_profile_and_sampler_mid_chat_keeps_the_conversation(profiles):
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await say(pilot, "Speak")
+        await type_command(pilot, "/profile beta")
+        await until(pilot, lambda: app.profile_name == "beta")
+        assert app.session.profile.name == "beta" and len(app.session.turns) == 1
+        assert "switched to profile beta" in views(app, "output")[-1].text
+        await type_command(pilot, "/sampler greedy")
+        await until(pilot, lambda: app.session.chain == "greedy")
+        await say(pilot, "hear me")
+        assert app.session.turns[1].provenance.chain == "greedy" and app.session.turns[1].provenance.profile == "beta"
+        assert "beta │ greedy │" in str(app.query_one("#status").render())
+        assert [v.text for v in views(app, "user")] == ["Speak", "hear me"]
+
+    run(app, steps)
+
+
+def test_the_side_panel_edits_options_in_place_and_switches_profile(profiles):
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await pilot.press("f2")
+        await pilot.pause(0.2)
+        panel = app.query_one(SidePanel)
+        assert panel.display
+        temperature = panel.query_one("#set-temperature-t")
+        assert temperature.value == "0.9"
+        temperature.focus()
+        temperature.value = "0.5"
+        await pilot.press("enter")
+        await until(pilot, lambda: app.session.options["temperature"] == {"t": 0.5})
+        bad = panel.query_one("#set-top_k-k")
+        bad.focus()
+        bad.value = "-3"
+        await pilot.press("enter")
+        await until(pilot, lambda: bool(views(app, "error")))
+        assert "top_k.k" in views(app, "error")[-1].text and app.session.options["top_k"] == {"k": 20}
+        chain = panel.query_one("#chain")
+        chain.focus()
+        chain.value = "top_k,xtc,temperature"  # a third-party sampler, with no UI code of its own
+        await pilot.press("enter")
+        await until(pilot, lambda: app.session.chain == "top_k,xtc,temperature")
+        await pilot.pause(0.2)
+        panel = app.query_one(SidePanel)
+        labels = [str(label.render()) for label in panel.query("Label")]
+        assert "xtc  [xtc]" in labels and any(text.startswith("threshold: ") for text in labels)
+        assert "xtc" in str(panel.query_one("#sampler-names").render())
+        assert panel.query_one("#set-xtc-threshold").value == "0.1"
+        panel.query_one("#profile-select").value = "beta"
+        await until(pilot, lambda: app.profile_name == "beta")
+        assert app.session.profile.name == "beta"
+
+    run(app, steps)
+
+
+def test_completion_as_you_type_and_tab(profiles):
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await pilot.press("/", "p", "r", "o")
+        await pilot.pause(0.1)
+        assert str(app.query_one("#suggestions").render()) == "Tab: /profile  /profiles"
+        await pilot.press("f", "i", "l", "e", "space", "b")
+        await pilot.pause(0.1)
+        await pilot.press("tab")
+        assert app.query_one("#input").text == "/profile beta"
+        app.query_one("#input").text = "/x"
+        await pilot.pause(0.1)
+        await pilot.press("tab")
+        assert app.query_one("#input").text == "/xtc "  # a plugin's command completes too
+
+    run(app, steps)
+
+
+def test_the_tokenizer_inspector_and_the_probability_view(profiles):
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await type_command(pilot, "/tokens Speak")
+        screen = app.screen
+        assert isinstance(screen, TokensScreen)
+        tok = app.session.loaded.tokenizer
+        ids = tok.encode("Speak")
+        table = screen.table
+        assert [str(c) for c in table.columns[1].cells] == [str(i) for i in ids]
+        assert str(screen.query_one("#pieces").render()).replace("·", " ") == "Speak"
+        await pilot.press("escape")
+        await say(pilot, "Speak")
+        reply = views(app, "model")[-1]
+        reply.focus()
+        await pilot.press("p")
+        screen = app.screen
+        assert isinstance(screen, ProbabilityScreen)
+        first = reply.tokens[0]
+        alternatives = screen.shown
+        assert alternatives.title.startswith(f"token 1 of {len(reply.tokens)}")
+        chosen = [] if first.id in [i for i, _, _ in first.top] else [first.prob]  # sampled from outside the top 5
+        assert [c for c in alternatives.columns[2].cells] == [f"{p:.1%}" for p in [p for _, _, p in first.top] + chosen]
+        await pilot.press("right")
+        alternatives = screen.shown
+        assert alternatives.title.startswith(f"token 2 of {len(reply.tokens)}")
+        await pilot.press("escape")
+        reply.focus()
+        await pilot.press("i")
+        assert isinstance(app.screen, ProvenanceScreen)
+        await pilot.press("escape")
+
+    run(app, steps)
+
+
+def test_compare_shows_two_replies_side_by_side(profiles):
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await say(pilot, "Speak")
+        await type_command(pilot, "/compare greedy | top_k,greedy")
+        await until(pilot, lambda: isinstance(app.screen, CompareScreen))
+        sides = app.screen.sides
+        assert [s.side for s in sides] == ["greedy", "top_k,greedy"] and sides[0].text == sides[1].text
+        shown = [v for v in app.screen.query(".side")]
+        assert [v.border_title for v in shown] == ["greedy", "top_k,greedy"]
+        assert all(v.border_subtitle.endswith("tokens/s") for v in shown)
+
+    run(app, steps)
+
+
+def test_errors_are_notices_and_the_app_goes_on(profiles):
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        for line, said in (("/bogus", "unknown command /bogus\nhint: /help lists the commands"),
+                           ("/profile gamma", "no profile named 'gamma'"),
+                           ("/set nope 1", "there is no setting 'nope'"),
+                           ("/cancel 9", "there is no job 9"),
+                           ("/train --data /nowhere --out /tmp/x", "no data at '/nowhere'")):
+            await type_command(pilot, line)
+            await until(pilot, lambda: bool(views(app, "error")) and said in views(app, "error")[-1].text)
+        await say(pilot, "Speak")  # and the chat goes on
+        assert app.session.turns[-1].reply == views(app, "model")[-1].text
+
+    run(app, steps)
+
+
+def test_help_lists_keys_and_every_command_plugins_included(profiles):
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        from rich.console import Console
+
+        from gpt_runtime import commands
+
+        console = Console(width=200, record=True, file=io.StringIO())
+        for table in app.screen.tables:
+            console.print(table)
+        text = console.export_text()
+
+        for entry in commands.commands():
+            assert entry.meta["usage"] in text and entry.meta["help"] in text
+        assert "/xtc on|off" in text  # the installed plugin's command
+        for key in ("F1", "F2", "F3", "F4", "Escape", "Ctrl+P", "Alt+Enter, Ctrl+J", "Ctrl+Y"):
+            assert key in text
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+    run(app, steps)
+
+
+def test_a_terminal_too_small_says_so(profiles):
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        assert app.query_one("#too-small").display and not app.query_one("#main").display
+        await pilot.resize_terminal(100, 30)
+        await pilot.pause(0.1)
+        assert not app.query_one("#too-small").display and app.query_one("#main").display
+
+    run(app, steps, size=(50, 12))
+
+
+def tiny_data(root: Path) -> Path:
+    tok = train_tokenizer("char", SAMPLE_TEXT)
+    corpus = root / "corpus.txt"
+    corpus.write_text(SAMPLE_TEXT * 4)
+    prepare(corpus, tok, root / "data", val_fraction=0.2)
+    return root / "data"
+
+
+def test_a_training_job_runs_in_the_jobs_panel_and_its_model_opens_in_the_chat(profiles, tmp_path):
+    data = tiny_data(tmp_path)
+    run_dir = tmp_path / "runs" / "tiny"
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await type_command(pilot, f"/train --data {data} --out {run_dir} --n-layer 1 --n-head 2 --n-embd 16 "
+                                  "--block-size 16 --batch-size 4 --max-steps 20 --eval-interval 10 --log-interval 5")
+        await until(pilot, lambda: app.query_one("#jobs").display and bool(app.query(JobCard)))
+        card = app.query_one(JobCard)
+        await until(pilot, lambda: card.job.profile is not None, timeout=120)
+        await pilot.pause(0.4)
+        assert card.job.status == "finished" and len(card.job.history) == 4
+        plot = card.query_one("#plot")
+        assert [p[0] for p in plot.points] == [5, 10, 15, 20] and plot.points[1][2] is not None
+        assert "•" in str(plot.render()) and "o" in str(plot.render())
+        assert card.query_one("#progress").percentage == 1.0
+        assert card.query_one("#open").display and not card.query_one("#cancel").display
+        assert any(f"profile {card.job.profile!r} is ready" in v.text for v in views(app, "notice"))
+        await pilot.click("#open")
+        await until(pilot, lambda: app.profile_name == card.job.profile)
+        assert app.session.profile.checkpoint == (run_dir / "best.safetensors").resolve()
+        await say(pilot, "Speak")
+        assert app.session.turns[-1].provenance.profile == card.job.profile
+
+    run(app, steps)
+
+
+def test_quitting_while_a_job_runs_asks_first(profiles, tmp_path):
+    data = tiny_data(tmp_path)
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await type_command(pilot, f"/train --data {data} --out {tmp_path / 'long'} --n-layer 1 --n-head 2 "
+                                  "--n-embd 16 --block-size 16 --batch-size 4 --max-steps 100000")
+        await until(pilot, lambda: bool(app.session.jobs.all()))
+        job = app.session.jobs.all()[0]
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.2)
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        await pilot.pause(0.1)
+        assert job.status == "running" and not isinstance(app.screen, ConfirmScreen)
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.2)
+        await pilot.press("y")
+        await pilot.pause(0.5)
+        assert job.status in ("cancelled", "finished") and job.process.poll() is not None
+
+    run(app, steps)

@@ -1,0 +1,472 @@
+"""The full-screen chat: `quill chat`.
+
+One `ChatSession` (gpt_runtime) does the work; this app shows it. Replies and
+commands run on worker threads, so the screen never waits on torch: streamed
+text is collected by the worker and drawn by a 20 Hz timer, in batches, not
+once per token. Everything a user can type is a slash command of the shared
+registry; the side panel, the jobs panel and the command palette send those
+same commands.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from textual import events, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Static
+
+from .panels import JobsPanel, RunCommand, SidePanel
+from .screens import CompareScreen, ConfirmScreen, HelpScreen, ProbabilityScreen, ProvenanceScreen, TokensScreen
+from .widgets import ChatInput, MessageView
+
+MIN_WIDTH, MIN_HEIGHT = 60, 16
+PROBS = 5  # alternatives kept per token for the probability view
+
+
+class QuillApp(App):
+    """Chat with a profile's model; switch profiles and samplers; run jobs; look inside."""
+
+    TITLE = "Quill"
+    CSS_PATH = "app.tcss"
+    BINDINGS = [
+        Binding("escape", "stop_reply", "Stop reply"),
+        Binding("f1", "help", "Help"),
+        Binding("f2", "toggle_side", "Sampler"),
+        Binding("f3", "toggle_jobs", "Jobs"),
+        Binding("f4", "inspect_input", "Tokens"),
+        Binding("ctrl+y", "copy_last", "Copy reply"),
+        Binding("ctrl+t", "toggle_theme", "Theme", show=False),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(self, profile: str | None = None) -> None:
+        super().__init__()
+        self.profile_arg = profile
+        self.session: Any = None
+        self.profile_name: str | None = None
+        self.streaming: list[MessageView] = []  # the reply being streamed, if any
+        self.suggestions: list[str] = []
+        self.last_speed = ""
+
+    # --- layout ---------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="main"):
+            with Vertical(id="chat-column"):
+                yield VerticalScroll(id="conversation")
+                yield Static("", id="suggestions", markup=False)
+                yield ChatInput(id="input", soft_wrap=True, show_line_numbers=False)
+                yield Static("", id="status", markup=False)
+            yield SidePanel(id="side")
+            yield JobsPanel(id="jobs")
+        yield Static(f"The terminal is too small: Quill needs at least {MIN_WIDTH}x{MIN_HEIGHT}.", id="too-small")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#side").display = False
+        self.query_one("#jobs").display = False
+        self.query_one("#input").border_title = "Message (Enter sends, Alt+Enter new line, Tab completes)"
+        self.loading = self.add_message("notice", "Loading the model… you can type meanwhile.")
+        self.status("loading…")
+        self.set_interval(0.05, self.tick)
+        self.query_one(ChatInput).focus()
+        self.load(self.profile_arg)
+
+    def on_resize(self, event: events.Resize) -> None:
+        small = event.size.width < MIN_WIDTH or event.size.height < MIN_HEIGHT
+        self.query_one("#too-small").display = small
+        self.query_one("#main").display = not small
+
+    # --- the model ------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="load")
+    def load(self, name: str | None) -> None:
+        """Import torch and load a profile's model off the event loop."""
+        try:
+            from gpt_runtime.profiles import default_profile
+            from gpt_runtime.session import ChatSession
+
+            name = name or default_profile()
+            self.call_from_thread(self.status, f"loading {name}…")
+            if self.session is None:
+                session = ChatSession(name)
+                session.probs = PROBS
+                self.session = session
+            else:
+                self.session.use_profile(name)
+        except Exception as exc:  # noqa: BLE001 - shown in the app, which goes on
+            self.call_from_thread(self.show_error, exc)
+            return
+        self.call_from_thread(self.loaded)
+
+    def loaded(self) -> None:
+        p = self.session.profile
+        self.profile_name = p.name
+        self.loading.finish(f"Profile {p.name}: {p.description or p.checkpoint}. /help lists the commands; F1 the keys; "
+                            "F2 the sampler panel.")
+        self.refresh_panels()
+
+    def profiles(self) -> list[str]:
+        from gpt_runtime.profiles import find_profiles
+
+        return [e.name for e in find_profiles() if e.profile is not None]
+
+    def refresh_panels(self) -> None:
+        if self.session is None:
+            return
+        if self.query_one("#side").display:
+            self.query_one(SidePanel).show(self.session, self.profiles())
+        self.update_status()
+
+    # --- the conversation -----------------------------------------------------------
+
+    def add_message(self, role: str, text: str, turn: int | None = None, title: str = "",
+                    before: MessageView | None = None) -> MessageView:
+        view = MessageView(role, text, turn, title)
+        conversation = self.query_one("#conversation", VerticalScroll)
+        conversation.mount(view, before=before)
+        conversation.scroll_end(animate=False)
+        return view
+
+    def rebuild_conversation(self) -> None:
+        """Show the session's turns afresh (after /undo, /clear, /load)."""
+        conversation = self.query_one("#conversation", VerticalScroll)
+        conversation.remove_children()
+        names = self.session.template
+        for n, turn in enumerate(self.session.turns):
+            self.add_message("user", turn.user, title=names.user_name)
+            self.add_message("model", turn.reply, turn=n, title=names.model_name)
+
+    def status(self, text: str) -> None:
+        self.query_one("#status", Static).update(text)
+
+    def update_status(self) -> None:
+        s = self.session
+        used, block = s.context_used()
+        d = s.describe()
+        busy = " │ streaming (Esc stops)" if self.streaming else ""
+        self.status(f"{d['profile']} │ {d['chain']} │ {d['device']} {d['dtype']} │ "
+                    f"{self.last_speed or '– tok/s'} │ context {used}/{block}{busy}")
+
+    def tick(self) -> None:
+        """20 times a second: draw streamed text, and what the jobs reported."""
+        if self.streaming and self.streaming[0].flush():
+            self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+        if self.session is not None:
+            for notice in self.session.job_notices():
+                self.add_message("notice", notice.text)
+                self.refresh_panels()
+            jobs = self.session.jobs.all()
+            if jobs and self.query_one("#jobs").display:
+                self.query_one(JobsPanel).show(jobs)
+
+    def show_error(self, exc: BaseException) -> None:
+        from gpt_runtime.errors import QuillError
+
+        if os.environ.get("QUILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
+            import traceback
+
+            text = "".join(traceback.format_exception(exc))
+        elif isinstance(exc, QuillError):
+            text = exc.message + (f"\nhint: {exc.hint}" if exc.hint else "")
+        else:
+            text = f"internal error: {type(exc).__name__}: {exc} (QUILL_DEBUG=1 shows the traceback)"
+        self.add_message("error", text)
+        if self.session is None:
+            self.status("no model loaded: pick a profile with /profile NAME")
+
+    # --- input ----------------------------------------------------------------------
+
+    def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
+        text = event.text.strip()
+        if not text:
+            return
+        box = self.query_one(ChatInput)
+        box.clear()
+        self.query_one("#suggestions", Static).update("")
+        self.run_line(text)
+
+    def on_run_command(self, event: RunCommand) -> None:
+        self.run_line(event.line)
+        if event.line.startswith("/profile"):  # "Chat with it", or a profile picked: go on typing
+            self.query_one(ChatInput).focus()
+
+    def on_text_area_changed(self, event) -> None:
+        text = self.query_one(ChatInput).text
+        if self.session is None or not text.startswith("/") or "\n" in text:
+            self.suggestions = []
+            self.query_one("#suggestions", Static).update("")
+            return
+        from gpt_runtime import commands
+
+        try:
+            self.suggestions = commands.complete(self.session, text)[:12]
+        except Exception:  # noqa: BLE001 - a plugin's completer failing must not break typing
+            self.suggestions = []
+        self.query_one("#suggestions", Static).update("Tab: " + "  ".join(self.suggestions) if self.suggestions else "")
+
+    def on_chat_input_complete(self, event: ChatInput.Complete) -> None:
+        import os.path
+
+        if not self.suggestions:
+            return
+        box = self.query_one(ChatInput)
+        text = box.text
+        typed = text.rpartition(" ")[2] if " " in text else text
+        choice = self.suggestions[0] if len(self.suggestions) == 1 else os.path.commonprefix(self.suggestions)
+        if len(choice) <= len(typed):
+            return
+        box.text = text[: len(text) - len(typed)] + choice + (" " if len(self.suggestions) == 1 and " " not in text else "")
+        box.move_cursor(box.document.end)
+
+    def run_line(self, line: str) -> None:
+        """A message to the model, or a slash command."""
+        if self.session is None:
+            self.add_message("notice", "The model is still loading; send it again in a moment.")
+            return
+        if not line.startswith("/"):
+            if self.streaming:
+                self.add_message("notice", "A reply is still streaming: wait for it, or press Escape to stop it.")
+                return
+            try:
+                events = self.session.send(line)
+            except Exception as exc:  # noqa: BLE001
+                self.show_error(exc)
+                return
+            names = self.session.template
+            self.add_message("user", line, title=names.user_name)
+            self.stream(events, self.add_message("model", "", turn=len(self.session.turns) - 1, title=names.model_name))
+            return
+        name, _, args = line.partition(" ")
+        args = args.strip()
+        if name == "/quit":
+            self.action_quit()
+        elif name == "/help" and not args:
+            self.push_screen(HelpScreen())
+        elif name == "/tokens" and args:
+            self.push_screen(TokensScreen(self.session.loaded.tokenizer, args))
+        elif name in ("/jobs", "/train", "/eval", "/cancel"):
+            self.show_panel("jobs", toggle=False)
+            self.command(line)
+        elif name == "/compare" and "|" in args and all(side.strip() for side in args.split("|", 1)):
+            left, _, right = args.partition("|")
+            self.add_message("output", f"comparing {left.strip()} and {right.strip()}…")
+            self.compare(left.replace(" ", ""), right.replace(" ", ""))
+        else:
+            self.command(line)
+
+    @work(thread=True, group="command")
+    def command(self, line: str) -> None:
+        """Run a slash command off the event loop (switching profile loads a model)."""
+        from gpt_runtime import commands
+
+        name = line.partition(" ")[0]
+        if name == "/profile" and line.strip() != "/profile":
+            self.call_from_thread(self.status, f"loading {line.partition(' ')[2].strip()}…")
+        try:
+            result = commands.run(self.session, line)
+        except Exception as exc:  # noqa: BLE001 - shown in the app, which goes on
+            self.call_from_thread(self.show_error, exc)
+            self.call_from_thread(self.update_status)
+            return
+        self.call_from_thread(self.command_done, name, result)
+
+    def command_done(self, name: str, result: Any) -> None:
+        from gpt_runtime import commands
+
+        if result is commands.QUIT:
+            self.action_quit()
+            return
+        if isinstance(result, str):
+            self.add_message("output", result)
+        elif result is not None:  # a reply to stream: /regen
+            models = [v for v in self.query(MessageView) if v.role == "model"]
+            if models:
+                models[-1].remove()
+            self.stream(result, self.add_message("model", "", turn=len(self.session.turns) - 1,
+                                                 title=self.session.template.model_name))
+        if name in ("/undo", "/clear", "/load"):
+            self.rebuild_conversation()
+        if name == "/profile":
+            self.profile_name = self.session.profile.name
+        self.refresh_panels()
+
+    @work(thread=True, group="reply")
+    def stream(self, events: Any, view: MessageView) -> None:
+        from gpt_runtime.generate import Done, Token
+        from gpt_runtime.session import Notice
+
+        self.streaming[:] = [view]
+        self.call_from_thread(self.update_status)
+        done = None
+        try:
+            for event in events:
+                if isinstance(event, Token):
+                    view.tokens.append(event)
+                    view.pending.append(event.text)
+                elif isinstance(event, Notice):
+                    self.call_from_thread(self.add_message, "notice", event.text, None, "", view)
+                elif isinstance(event, Done):
+                    done = event
+        except Exception as exc:  # noqa: BLE001
+            self.call_from_thread(self.show_error, exc)
+        finally:
+            self.call_from_thread(self.reply_done, view, done)
+
+    def reply_done(self, view: MessageView, done: Any) -> None:
+        self.streaming.clear()
+        view.flush()
+        if done is None:
+            view.remove()
+        else:
+            turn = self.session.turns[view.turn] if view.turn is not None and view.turn < len(self.session.turns) else None
+            self.last_speed = f"{done.tokens_per_second:.0f} tok/s"
+            stopped = " · stopped" if done.reason == "cancelled" else ""
+            view.finish(turn.reply if turn else view.text.strip(),
+                        f"{done.new_tokens} tokens · {done.tokens_per_second:.0f} tok/s{stopped}")
+        self.update_status()
+
+    @work(thread=True, group="command")
+    def compare(self, left: str, right: str) -> None:
+        try:
+            sides = self.session.compare(left, right)
+        except Exception as exc:  # noqa: BLE001
+            self.call_from_thread(self.show_error, exc)
+            return
+        self.call_from_thread(self.push_screen, CompareScreen(sides))
+
+    # --- actions --------------------------------------------------------------------
+
+    def action_stop_reply(self) -> None:
+        if self.session is not None and self.streaming:
+            self.session.cancel()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_toggle_side(self) -> None:
+        self.show_panel("side")
+
+    def action_toggle_jobs(self) -> None:
+        self.show_panel("jobs")
+
+    def show_panel(self, name: str, toggle: bool = True) -> None:
+        """Show one panel on the right (or hide it, if it shows and `toggle`)."""
+        panel, other = self.query_one(f"#{name}"), self.query_one("#jobs" if name == "side" else "#side")
+        panel.display = not (panel.display and toggle)
+        other.display = False
+        self.refresh_panels()
+        if name == "jobs" and self.session is not None:
+            self.query_one(JobsPanel).show(self.session.jobs.all())
+
+    def action_toggle_theme(self) -> None:
+        self.theme = "textual-light" if self.theme != "textual-light" else "textual-dark"
+
+    def action_inspect_input(self) -> None:
+        text = self.query_one(ChatInput).text or self.last_reply_text()
+        if self.session is None or not text:
+            self.notify("Type some text first: F4 shows how the tokenizer splits the message box.")
+            return
+        self.push_screen(TokensScreen(self.session.loaded.tokenizer, text))
+
+    def _selected_message(self, role: str | None = None) -> MessageView | None:
+        focused = self.focused
+        if isinstance(focused, MessageView) and (role is None or focused.role == role):
+            return focused
+        views = [v for v in self.query(MessageView) if role is None or v.role == role]
+        return views[-1] if views else None
+
+    def last_reply_text(self) -> str:
+        view = self._selected_message("model")
+        return view.text if view else ""
+
+    def action_copy_message(self) -> None:
+        view = self._selected_message()
+        if view is not None:
+            self.copy_to_clipboard(view.text)
+            self.notify("Copied the message.")
+
+    def action_copy_last(self) -> None:
+        views = [v for v in self.query(MessageView) if v.role == "model"]
+        if not views:
+            self.notify("There is no reply to copy yet.")
+            return
+        self.copy_to_clipboard(views[-1].text)
+        self.notify("Copied the last reply.")
+
+    def action_probabilities(self) -> None:
+        view = self._selected_message("model")
+        if view is None or not view.tokens:
+            self.notify("No token probabilities for this reply: they are kept for replies made in this window.")
+            return
+        self.push_screen(ProbabilityScreen(view.tokens))
+
+    def action_provenance(self) -> None:
+        view = self._selected_message("model")
+        turn = view.turn if view is not None else None
+        if turn is None or turn >= len(self.session.turns) or self.session.turns[turn].provenance is None:
+            self.notify("This reply has no provenance yet.")
+            return
+        self.push_screen(ProvenanceScreen(turn + 1, self.session.turns[turn].provenance))
+
+    def action_inspect_tokens(self) -> None:
+        view = self._selected_message()
+        if self.session is not None and view is not None and view.text:
+            self.push_screen(TokensScreen(self.session.loaded.tokenizer, view.text))
+
+    def action_quit(self) -> None:
+        if self.session is not None and any(j.status == "running" for j in self.session.jobs.all()):
+            def answer(yes: bool | None) -> None:
+                if yes:
+                    self.session.jobs.stop_all()
+                    self.exit()
+
+            self.push_screen(ConfirmScreen("A job is still running. Quit, and stop it (training saves its last "
+                                           "checkpoint)?"), answer)
+            return
+        self.exit()
+
+    def get_system_commands(self, screen: Screen):
+        """The command palette (Ctrl+P): every action, each profile, common commands."""
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Help", "keys and commands (F1)", self.action_help)
+        yield SystemCommand("Side panel", "profile, sampler chain and options (F2)", self.action_toggle_side)
+        yield SystemCommand("Jobs panel", "training and evaluation jobs (F3)", self.action_toggle_jobs)
+        yield SystemCommand("Tokenizer inspector", "how the message box's text splits into tokens (F4)",
+                            self.action_inspect_input)
+        yield SystemCommand("Probabilities of the last reply", "each token coloured by probability",
+                            self.action_probabilities)
+        yield SystemCommand("Provenance of the last reply", "checkpoint, sampler, seed", self.action_provenance)
+        yield SystemCommand("Copy the last reply", "to the clipboard (Ctrl+Y)", self.action_copy_last)
+        for line, what in (("/regen", "a new reply to the last message"), ("/undo", "forget the last exchange"),
+                           ("/clear", "forget the conversation"), ("/save", "write the transcript"),
+                           ("/jobs", "list the jobs"), ("/show", "profile, sampler, device")):
+            yield SystemCommand(line, what, lambda line=line: self.run_line(line))
+        for line, what in (("/train --data  --out ", "start training in the background: fill in the paths"),
+                           ("/eval  --data ", "evaluate a checkpoint in the background"),
+                           ("/compare greedy | ", "the last message through two sampler chains")):
+            yield SystemCommand(line.strip(), what, lambda line=line: self.prefill(line))
+        if self.session is not None:
+            for name in self.profiles():
+                yield SystemCommand(f"Profile {name}", "switch the model, keeping the conversation",
+                                    lambda name=name: self.run_line(f"/profile {name}"))
+
+    def prefill(self, text: str) -> None:
+        box = self.query_one(ChatInput)
+        box.text = text
+        box.focus()
+        box.move_cursor(box.document.end)
+
+    def on_unmount(self) -> None:
+        if self.session is not None:
+            self.session.jobs.stop_all()
+
+
+def run_app(profile: str | None = None) -> None:
+    """Run the full-screen chat."""
+    QuillApp(profile).run()

@@ -1,0 +1,214 @@
+"""Modal screens: help, the tokenizer inspector, the probability view, /compare,
+a reply's provenance, and a yes/no question. Escape closes each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widget import Widget
+from textual.widgets import Button, Label, Static
+
+from .widgets import probability_style, token_text
+
+KEYS = [
+    ("Enter", "send the message (or run the /command)"),
+    ("Alt+Enter, Ctrl+J", "new line in the message"),
+    ("Tab", "complete a /command, profile, sampler or option"),
+    ("Escape", "stop the reply in flight; close a window"),
+    ("Ctrl+P", "command palette: every action"),
+    ("F1", "this help"),
+    ("F2", "side panel: profile, sampler chain, options"),
+    ("F3", "jobs panel: training and evaluation"),
+    ("F4", "tokenizer inspector for the message box's text"),
+    ("Ctrl+Y", "copy the last reply"),
+    ("Ctrl+T", "light or dark theme"),
+    ("Shift+Tab / Tab", "move between messages; on a message: c copy, p probabilities, i provenance, t tokens"),
+    ("Ctrl+Q", "quit (asks first while a job runs)"),
+]
+
+
+class Closable(ModalScreen):
+    BINDINGS = [Binding("escape,q", "dismiss", "Close")]
+    DEFAULT_CSS = """
+    Closable { align: center middle; }
+    Closable > .box { width: 90%; max-width: 120; height: auto; max-height: 90%; border: round $accent;
+                      background: $surface; padding: 0 1; }
+    """
+
+
+class HelpScreen(Closable):
+    """F1: the keys and every slash command, plugins' included."""
+
+    def compose(self) -> ComposeResult:
+        from gpt_runtime import commands
+
+        keys = Table.grid(padding=(0, 2))
+        for key, what in KEYS:
+            keys.add_row(Text(key, style="bold"), what)
+        cmds = Table.grid(padding=(0, 2))
+        for entry in commands.commands():
+            cmds.add_row(Text(entry.meta.get("usage", entry.name), style="bold"), entry.meta.get("help", ""))
+        self.tables = (keys, cmds)
+        with VerticalScroll(classes="box") as box:
+            box.border_title = "Quill help (Escape closes)"
+            yield Static(Text("Keys", style="bold underline"))
+            yield Static(keys)
+            yield Static(Text("\nCommands", style="bold underline"))
+            yield Static(cmds)
+            yield Static(Text("\nAnything else you type is sent to the model.", style="dim"))
+
+
+class TokensScreen(Closable):
+    """How the active tokenizer splits a text: coloured pieces, then their ids."""
+
+    def __init__(self, tokenizer: Any, text: str) -> None:
+        super().__init__()
+        self.tokenizer, self.text = tokenizer, text
+
+    def compose(self) -> ComposeResult:
+        ids = self.tokenizer.encode(self.text)
+        pieces = [self.tokenizer.pieces[i].decode("utf-8", "replace") for i in ids]
+        colours = ["on #3b4d7a", "on #6b3b7a", "on #3b7a5a", "on #7a5a3b"]
+        coloured = token_text([(p, f"white {colours[n % len(colours)]}") for n, p in enumerate(pieces)])
+        table = Table("#", "id", "piece", box=None, padding=(0, 1))
+        for n, (i, p) in enumerate(zip(ids, pieces)):
+            table.add_row(str(n), str(i), repr(p))
+        chars = len(self.text)
+        self.table = table  # for tests and the curious
+        with VerticalScroll(classes="box") as box:
+            box.border_title = f"{len(ids)} tokens for {chars} characters ({self.tokenizer.kind} tokenizer)"
+            yield Static(coloured, id="pieces")
+            yield Static(table, id="ids")
+
+
+class ProbabilityView(Widget, can_focus=True):
+    """A reply's tokens coloured by the probability the model gave each; ← → select one."""
+
+    BINDINGS = [Binding("left", "move(-1)", "Previous", show=False), Binding("right", "move(1)", "Next", show=False),
+                Binding("home", "move(-100000)", show=False), Binding("end", "move(100000)", show=False)]
+    DEFAULT_CSS = "ProbabilityView { height: auto; }"
+
+    def __init__(self, tokens: list, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.tokens, self.index = tokens, 0
+
+    def action_move(self, delta: int) -> None:
+        self.index = max(0, min(len(self.tokens) - 1, self.index + delta))
+        self.refresh(layout=True)
+        self.screen.query_one("#alternatives", Static).update(self.screen.alternatives(self.index))
+
+    def render(self) -> Text:
+        pieces = []
+        for n, token in enumerate(self.tokens):
+            style = probability_style(token.prob or 0.0) + (" reverse" if n == self.index else "")
+            pieces.append((token.text or "∅", style))
+        return token_text(pieces)
+
+
+class ProbabilityScreen(Closable):
+    """Each token of a reply by probability; the selected one's top alternatives."""
+
+    def __init__(self, tokens: list) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+    def alternatives(self, index: int) -> Table:
+        token = self.tokens[index]
+        table = Table("", "token", "probability", box=None, padding=(0, 1))
+        for tid, text, p in token.top or []:
+            mark = "→" if tid == token.id else ""
+            table.add_row(mark, Text(repr(text), style=probability_style(p)), f"{p:.1%}")
+        if token.id not in [t[0] for t in token.top or []]:
+            table.add_row("→", Text(repr(token.text), style=probability_style(token.prob or 0)), f"{token.prob or 0:.1%}")
+        table.title = f"token {index + 1} of {len(self.tokens)}: the model's likeliest choices"
+        self.shown = table
+        return table
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="box") as box:
+            box.border_title = "Probabilities: red unlikely … green likely; ← → select a token"
+            yield ProbabilityView(self.tokens, id="probabilities")
+            yield Static(self.alternatives(0), id="alternatives")
+
+    def on_mount(self) -> None:
+        self.query_one(ProbabilityView).focus()
+
+
+class CompareScreen(Closable):
+    """Two replies to the same message and seed, side by side."""
+
+    DEFAULT_CSS = """
+    CompareScreen Horizontal { height: auto; }
+    CompareScreen .side { width: 1fr; height: auto; border: round $primary; padding: 0 1; margin: 0 1 0 0; }
+    """
+
+    def __init__(self, sides: list) -> None:
+        super().__init__()
+        self.sides = sides
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="box") as box:
+            box.border_title = f"/compare: one message, one seed ({self.sides[0].seed})"
+            with Horizontal():
+                for side in self.sides:
+                    view = Static(side.text or "(no reply)", classes="side", markup=False)
+                    view.border_title = side.side
+                    view.border_subtitle = f"{side.tokens_per_second:.0f} tokens/s"
+                    yield view
+
+
+class ProvenanceScreen(Closable):
+    """What produced one reply."""
+
+    def __init__(self, number: int, provenance: Any) -> None:
+        super().__init__()
+        self.number, self.provenance = number, provenance
+
+    def compose(self) -> ComposeResult:
+        p = self.provenance
+        table = Table.grid(padding=(0, 2))
+        options = "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for n, o in p.options.items() if o)
+        for key, value in [("profile", p.profile), ("checkpoint", p.checkpoint), ("sha-256", p.checkpoint_sha256),
+                           ("step", p.step), ("tokenizer", p.tokenizer_fingerprint), ("sampler chain", p.chain),
+                           ("options", options or "none"), ("seed", p.seed), ("max_new_tokens", p.max_new_tokens),
+                           ("dtype", f"{p.dtype}, {p.quantize} quantization"), ("ended", p.reason),
+                           ("tokens", p.new_tokens), ("speed", f"{p.tokens_per_second} tokens/s")]:
+            table.add_row(Text(key, style="bold"), str(value))
+        with Vertical(classes="box") as box:
+            box.border_title = f"Reply {self.number}: where it came from (/replay {self.number} redoes it)"
+            yield Static(table)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question."""
+
+    BINDINGS = [Binding("escape,n", "answer(False)", "No"), Binding("y", "answer(True)", "Yes")]
+    DEFAULT_CSS = """
+    ConfirmScreen { align: center middle; }
+    ConfirmScreen > Vertical { width: 60; height: auto; border: thick $warning; background: $surface; padding: 1 2; }
+    ConfirmScreen Horizontal { height: auto; align: center middle; margin-top: 1; }
+    ConfirmScreen Button { margin: 0 2; }
+    """
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.question)
+            with Horizontal():
+                yield Button("Yes (y)", id="yes", variant="error")
+                yield Button("No (n)", id="no", variant="primary")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
