@@ -21,12 +21,9 @@ $(VENV)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml $(EXAMPLE_PL
 	$(PIP) install --quiet --no-deps --no-build-isolation ./$(EXAMPLE_PLUGIN)
 	@touch $@
 
-# Until the chat lands, `make chat` shows the most complete thing there is:
-# the plugins, and a BPE tokenizer trained on this README at work.
+# The full-screen chat on the shipped Shakespeare model (the plain REPL when not on a terminal).
 chat: $(VENV)/.installed
-	@$(VENV)/bin/quill plugins
-	@$(VENV)/bin/quill tokenizer train README.md --kind bpe --vocab-size 400 --out $(VENV)/demo-tokenizer.json --force
-	@$(VENV)/bin/quill tokenizer inspect --tokenizer $(VENV)/demo-tokenizer.json "To be, or not to be: that is the question."
+	@$(VENV)/bin/quill chat
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -34,6 +31,8 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/tokenizer_bench.py
 	$(PY) benchmarks/generate_bench.py
+	$(PY) benchmarks/chat_bench.py --profile shakespeare-char
+	$(PY) benchmarks/tui_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

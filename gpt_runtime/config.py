@@ -31,7 +31,7 @@ class TrainConfig:
     n_head: int = _opt(6, "attention heads per block")
     n_embd: int = _opt(384, "embedding width")
     block_size: int = _opt(256, "context length in tokens")
-    dropout: float = _opt(0.0, "dropout probability")
+    dropout: float = _opt(0.0, "dropout probability on embeddings and residual branches")
     bias: bool = _opt(False, "biases in linear and norm layers")
     position: str = _opt("learned", "position encoding: learned or rope")
     norm: str = _opt("layernorm", "normalisation: layernorm or rmsnorm")

@@ -69,7 +69,8 @@ def check_arguments(kind: str, argv: list[str]) -> argparse.Namespace:
 
     if kind not in ("train", "eval"):
         raise QuillError(f"there is no job kind {kind!r}", hint="jobs: train, eval")
-    if any(flag in ("-h", "--help") for flag in argv):
+    # (argparse also takes abbreviations: --he is --help, which would print and exit)
+    if any(flag == "-h" or (len(flag) >= 3 and "--help".startswith(flag)) for flag in argv):
         raise UsageError(f"/{kind} takes the flags of `quill {kind}`", hint=f"run `quill {kind} --help` to see them")
     try:
         return build_parser().parse_args([kind, *argv])

@@ -146,20 +146,25 @@ class ChatSession:
         self.probs = 0  # with N > 0, reply tokens carry their probability and the N likeliest (the TUI's view)
         self._cancel = threading.Event()
         self._busy = threading.Lock()
+        self._busy_with = ""  # "reply" or "loading", while busy
         self.use_profile(profile)
 
     # --- settings -----------------------------------------------------------------
 
     def use_profile(self, profile: Profile | str) -> None:
         """Switch to another profile (its model, chain and limits); the conversation stays."""
-        self._idle()
         profile = get_profile(profile) if isinstance(profile, str) else profile
-        self.loaded = _load(profile)
-        self.chain = profile.chain
-        self.options = {name: dict(values) for name, values in profile.options.items()}
-        self.max_new_tokens = profile.max_new_tokens
-        self.seed = profile.seed
-        self.template = profile.template  # `/set user_name` changes a copy
+        self._claim("loading")  # loading takes seconds: nothing may start a reply meanwhile
+        try:
+            self.loaded = _load(profile)
+            self.chain = profile.chain
+            self.options = {name: dict(values) for name, values in profile.options.items()}
+            self.max_new_tokens = profile.max_new_tokens
+            self.seed = profile.seed
+            self.template = profile.template  # `/set user_name` changes a copy
+            self._dropped_told = 0
+        finally:
+            self._busy.release()
 
     @property
     def profile(self) -> Profile:
@@ -237,15 +242,21 @@ class ChatSession:
         """Stop the reply in flight (from any thread) within one token; it keeps what it said."""
         self._cancel.set()
 
-    def _idle(self) -> None:
-        """Refuse to change the conversation while a reply streams."""
-        if self._busy.locked():
-            raise QuillError("a reply is still streaming; wait for it, or cancel it first")
+    def _refusal(self) -> QuillError:
+        if self._busy_with == "loading":
+            return QuillError("a model is still loading; wait a moment")
+        return QuillError("a reply is still streaming; wait for it, or cancel it first")
 
-    def _claim(self) -> None:
-        """Mark the session busy, or refuse if a reply is already streaming."""
+    def _idle(self) -> None:
+        """Refuse to change the conversation while a reply streams or a model loads."""
+        if self._busy.locked():
+            raise self._refusal()
+
+    def _claim(self, what: str = "reply") -> None:
+        """Mark the session busy with `what`, or refuse if it already is."""
         if not self._busy.acquire(blocking=False):
-            raise QuillError("a reply is still streaming; wait for it, or cancel it first")
+            raise self._refusal()
+        self._busy_with = what
 
     def _stream(self, index: int) -> Iterator[Any]:
         """Claim the session now and stream reply `index`; released when the stream
@@ -348,12 +359,14 @@ class ChatSession:
         if not self.turns:
             raise QuillError("nothing to undo")
         self._idle()
+        self._dropped_told = min(self._dropped_told, len(self.turns) - 1)
         return self.turns.pop()
 
     def clear(self) -> None:
         """Forget the whole conversation (the settings stay)."""
         self._idle()
         self.turns.clear()
+        self._dropped_told = 0
 
     def replay(self, n: int) -> tuple[str, str]:
         """Redo reply `n` (1-based) from its provenance: (the reply then, the reply now).
@@ -476,6 +489,7 @@ class ChatSession:
             hint = "load a .json transcript written by /save FILE.json" if Path(path).suffix != ".json" else None
             raise QuillError(f"{where} is not a Quill JSON transcript ({exc})", hint=hint) from None
         self.turns = turns
+        self._dropped_told = 0
         return len(turns)
 
 
@@ -538,7 +552,7 @@ class ChatSession:
         import re
 
         from .fileio import atomic_write_bytes
-        from .profiles import user_profile_dir
+        from .profiles import find_profiles, user_profile_dir
 
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run_dir).resolve().name).strip("-.") or "run"
         t = self.template
@@ -553,7 +567,8 @@ class ChatSession:
         directory = user_profile_dir()
         directory.mkdir(parents=True, exist_ok=True)
         base, n = name, 1
-        while (directory / f"{name}.toml").exists() or (directory / name).exists():  # never overwrite a profile
+        taken = {entry.name for entry in find_profiles()}  # never overwrite a profile, nor hide a shipped one
+        while name in taken or (directory / f"{name}.toml").exists() or (directory / name).exists():
             n += 1
             name = f"{base}-{n}"
         atomic_write_bytes(directory / f"{name}.toml", ("\n".join(lines) + "\n").encode("utf-8"))

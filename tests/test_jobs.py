@@ -453,6 +453,7 @@ def test_train_or_eval_on_missing_data_is_refused_at_once(w):
         (f"/train --data {w['data']} --out {never} --bogus", "/train: unrecognized arguments: --bogus"),
         (f"/train --data {w['data']} --out {never} --n-layer many", "/train: argument --n-layer: invalid int value: 'many'"),
         (f"/train --data {w['data']} --out {never} --help", "/train takes the flags of `quill train`"),
+        (f"/train --data {w['data']} --out {never} --he", "/train takes the flags of `quill train`"),
         ("/eval --split val", "/eval needs the data to evaluate on"),
     ):
         e = error_of(session, line)

@@ -142,7 +142,8 @@ def test_a_message_sent_while_a_reply_streams_is_refused_not_interleaved(profile
         await until(pilot, lambda: bool(app.streaming))
         await pilot.press(*"again", "enter")
         await pilot.pause(0.2)
-        assert views(app, "notice")[-1].text == "A reply is still streaming: wait for it, or press Escape to stop it."
+        assert app.query_one("#input").text == "again"  # refused, and kept for later
+        assert [v.text for v in views(app, "user")] == ["Speak"]
         await pilot.press("escape")
         await until(pilot, lambda: not app.streaming)
         assert [t.user for t in app.session.turns] == ["Speak"]
@@ -391,3 +392,89 @@ def test_quitting_while_a_job_runs_asks_first(profiles, tmp_path):
         assert job.status in ("cancelled", "finished") and job.process.poll() is not None
 
     run(app, steps)
+
+
+def test_copy_theme_palette_and_moving_to_a_message(profiles, monkeypatch):
+    app = QuillApp("beta")
+    copied = []
+    monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
+
+    async def steps(pilot):
+        await pilot.press("ctrl+y")
+        await say(pilot, "Speak")
+        await say(pilot, "hear me")
+        await pilot.press("ctrl+y")
+        assert copied == [app.session.turns[1].reply]
+        await pilot.press("shift+tab")  # from the message box up to the last message
+        assert isinstance(app.focused, MessageView) and app.focused.text == app.session.turns[1].reply
+        for _ in range(4):  # up past "hear me" (and a notice, if the context filled up)
+            await pilot.press("shift+tab")
+            if app.focused.text == app.session.turns[0].reply:
+                break
+        assert app.focused.text == app.session.turns[0].reply
+        await pilot.press("c")
+        assert copied[-1] == app.session.turns[0].reply
+        theme = app.theme
+        await pilot.press("ctrl+t")
+        assert {theme, app.theme} == {"textual-dark", "textual-light"}
+        await pilot.press("ctrl+p")
+        await pilot.pause(0.2)
+        await pilot.press(*"Side panel")
+        await pilot.pause(0.3)
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+        assert app.query_one("#side").display
+
+    run(app, steps)
+
+
+def test_a_plugin_that_raises_in_the_ui_is_named_and_the_app_goes_on(profiles, monkeypatch):
+    import sys
+
+    from gpt_runtime import plugins as host_mod
+    from gpt_runtime.hookspecs import hookimpl
+
+    def boom(session, args):
+        return 1 / 0
+
+    class Boomer:
+        @hookimpl
+        def quill_register_commands(self, register):
+            register("/boom", boom, help="always fails", usage="/boom")
+
+    monkeypatch.setitem(sys.modules, "_quill_test_boomer", Boomer())
+    monkeypatch.setattr(host_mod, "BUILTINS", host_mod.BUILTINS + (("boomer", "_quill_test_boomer"),))
+    host_mod.get_plugin_host.cache_clear()
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await type_command(pilot, "/boom")
+        await until(pilot, lambda: bool(views(app, "error")))
+        assert views(app, "error")[-1].text == ("command /boom (plugin 'boomer') failed: ZeroDivisionError: division by "
+                                                "zero")
+        await say(pilot, "Speak")
+
+    run(app, steps)
+
+
+def test_a_profile_that_fails_to_load_leaves_a_way_out(profiles):
+    app = QuillApp("gamma")  # there is no such profile
+
+    async def steps(pilot):
+        await until(pilot, lambda: bool(views(app, "error")))
+        assert views(app, "error")[-1].text.startswith("no profile named 'gamma'")
+        assert app.session is None and "/profile NAME" in str(app.query_one("#status").render())
+        await pilot.press(*"Speak", "enter")  # refused, the text kept
+        assert app.query_one("#input").text == "Speak"
+        await type_command(pilot, "/profiles")
+        assert views(app, "output")[-1].text == "profiles: alpha, beta"
+        await type_command(pilot, "/profile alpha")
+        await until(pilot, lambda: app.profile_name == "alpha")
+        await type_command(pilot, "/set user_name [/]")  # markup characters are just text
+        await say(pilot, "Speak")
+        assert views(app, "user")[-1].text == "Speak" and "[/]" in views(app, "user")[-1].border_title
+
+    async def main() -> None:
+        async with app.run_test(size=(100, 32)) as pilot:
+            await steps(pilot)
+    asyncio.run(main())

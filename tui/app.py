@@ -39,7 +39,7 @@ class QuillApp(App):
         Binding("f2", "toggle_side", "Sampler"),
         Binding("f3", "toggle_jobs", "Jobs"),
         Binding("f4", "inspect_input", "Tokens"),
-        Binding("ctrl+y", "copy_last", "Copy reply"),
+        Binding("ctrl+y", "copy_last", "Copy reply", priority=True),  # over the message box's redo
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
@@ -50,6 +50,8 @@ class QuillApp(App):
         self.session: Any = None
         self.profile_name: str | None = None
         self.streaming: list[MessageView] = []  # the reply being streamed, if any
+        self.loading_model = True  # the first model is loading (False once loaded, or failed)
+        self.panel_state: tuple = ()  # what the side panel shows, to rebuild it only on change
         self.suggestions: list[str] = []
         self.last_speed = ""
 
@@ -100,11 +102,18 @@ class QuillApp(App):
             else:
                 self.session.use_profile(name)
         except Exception as exc:  # noqa: BLE001 - shown in the app, which goes on
-            self.call_from_thread(self.show_error, exc)
+            self.call_from_thread(self.load_failed, exc)
             return
         self.call_from_thread(self.loaded)
 
+    def load_failed(self, exc: BaseException) -> None:
+        self.loading_model = False
+        if self.session is None:
+            self.loading.finish("No model is loaded.")
+        self.show_error(exc)
+
     def loaded(self) -> None:
+        self.loading_model = False
         p = self.session.profile
         self.profile_name = p.name
         self.loading.finish(f"Profile {p.name}: {p.description or p.checkpoint}. /help lists the commands; F1 the keys; "
@@ -158,7 +167,12 @@ class QuillApp(App):
         if self.streaming and self.streaming[0].flush():
             self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
         if self.session is not None:
-            for notice in self.session.job_notices():
+            try:
+                notices = self.session.job_notices()
+            except Exception as exc:  # noqa: BLE001 - e.g. the profile directory is not writable
+                self.show_error(exc)
+                notices = []
+            for notice in notices:
                 self.add_message("notice", notice.text)
                 self.refresh_panels()
             jobs = self.session.jobs.all()
@@ -177,8 +191,8 @@ class QuillApp(App):
         else:
             text = f"internal error: {type(exc).__name__}: {exc} (QUILL_DEBUG=1 shows the traceback)"
         self.add_message("error", text)
-        if self.session is None:
-            self.status("no model loaded: pick a profile with /profile NAME")
+        if self.session is None and not self.loading_model:
+            self.status("no model loaded: pick a profile with /profile NAME (/profiles lists them)")
 
     # --- input ----------------------------------------------------------------------
 
@@ -186,10 +200,9 @@ class QuillApp(App):
         text = event.text.strip()
         if not text:
             return
-        box = self.query_one(ChatInput)
-        box.clear()
-        self.query_one("#suggestions", Static).update("")
-        self.run_line(text)
+        if self.run_line(text):
+            self.query_one(ChatInput).clear()
+            self.query_one("#suggestions", Static).update("")
 
     def on_run_command(self, event: RunCommand) -> None:
         self.run_line(event.line)
@@ -224,26 +237,38 @@ class QuillApp(App):
         box.text = text[: len(text) - len(typed)] + choice + (" " if len(self.suggestions) == 1 and " " not in text else "")
         box.move_cursor(box.document.end)
 
-    def run_line(self, line: str) -> None:
-        """A message to the model, or a slash command."""
+    def run_line(self, line: str) -> bool:
+        """A message to the model, or a slash command; False if it was refused (keep the text)."""
+        name, _, args = line.partition(" ")
+        args = args.strip()
         if self.session is None:
-            self.add_message("notice", "The model is still loading; send it again in a moment.")
-            return
+            if self.loading_model:
+                self.notify("The model is still loading: send it in a moment (your text is kept).")
+                return False
+            if name == "/profile" and args:  # the first model failed to load: try another
+                self.loading_model = True
+                self.load(args)
+                return True
+            if name == "/profiles":
+                self.add_message("output", "profiles: " + (", ".join(self.profiles()) or "none"))
+                return True
+            if name not in ("/help", "/quit"):
+                self.notify("No model is loaded: pick one with /profile NAME (/profiles lists them).")
+                return False
         if not line.startswith("/"):
-            if self.streaming:
-                self.add_message("notice", "A reply is still streaming: wait for it, or press Escape to stop it.")
-                return
+            if self.streaming or self.session.busy:
+                self.notify("A reply is still streaming (or a model loading): wait, or press Escape to stop it.")
+                return False
             try:
                 events = self.session.send(line)
             except Exception as exc:  # noqa: BLE001
                 self.show_error(exc)
-                return
+                return True
             names = self.session.template
             self.add_message("user", line, title=names.user_name)
-            self.stream(events, self.add_message("model", "", turn=len(self.session.turns) - 1, title=names.model_name))
-            return
-        name, _, args = line.partition(" ")
-        args = args.strip()
+            self.start_stream(events, self.add_message("model", "", turn=len(self.session.turns) - 1,
+                                                       title=names.model_name))
+            return True
         if name == "/quit":
             self.action_quit()
         elif name == "/help" and not args:
@@ -259,6 +284,7 @@ class QuillApp(App):
             self.compare(left.replace(" ", ""), right.replace(" ", ""))
         else:
             self.command(line)
+        return True
 
     @work(thread=True, group="command")
     def command(self, line: str) -> None:
@@ -272,7 +298,7 @@ class QuillApp(App):
             result = commands.run(self.session, line)
         except Exception as exc:  # noqa: BLE001 - shown in the app, which goes on
             self.call_from_thread(self.show_error, exc)
-            self.call_from_thread(self.update_status)
+            self.call_from_thread(self.refresh_panels)
             return
         self.call_from_thread(self.command_done, name, result)
 
@@ -288,21 +314,24 @@ class QuillApp(App):
             models = [v for v in self.query(MessageView) if v.role == "model"]
             if models:
                 models[-1].remove()
-            self.stream(result, self.add_message("model", "", turn=len(self.session.turns) - 1,
-                                                 title=self.session.template.model_name))
+            self.start_stream(result, self.add_message("model", "", turn=len(self.session.turns) - 1,
+                                                       title=self.session.template.model_name))
         if name in ("/undo", "/clear", "/load"):
             self.rebuild_conversation()
         if name == "/profile":
             self.profile_name = self.session.profile.name
         self.refresh_panels()
 
+    def start_stream(self, events: Any, view: MessageView) -> None:
+        self.streaming[:] = [view]  # now, so Escape and a second Enter see it at once
+        self.update_status()
+        self.stream(events, view)
+
     @work(thread=True, group="reply")
     def stream(self, events: Any, view: MessageView) -> None:
         from gpt_runtime.generate import Done, Token
         from gpt_runtime.session import Notice
 
-        self.streaming[:] = [view]
-        self.call_from_thread(self.update_status)
         done = None
         try:
             for event in events:
@@ -319,10 +348,11 @@ class QuillApp(App):
             self.call_from_thread(self.reply_done, view, done)
 
     def reply_done(self, view: MessageView, done: Any) -> None:
-        self.streaming.clear()
+        if self.streaming and self.streaming[0] is view:
+            self.streaming.clear()
         view.flush()
-        if done is None:
-            view.remove()
+        if done is None:  # it failed (the error is shown): show what the session kept
+            self.rebuild_conversation()
         else:
             turn = self.session.turns[view.turn] if view.turn is not None and view.turn < len(self.session.turns) else None
             self.last_speed = f"{done.tokens_per_second:.0f} tok/s"
@@ -343,7 +373,7 @@ class QuillApp(App):
     # --- actions --------------------------------------------------------------------
 
     def action_stop_reply(self) -> None:
-        if self.session is not None and self.streaming:
+        if self.session is not None and (self.streaming or self.session.busy):  # a reply, /replay, /compare
             self.session.cancel()
 
     def action_help(self) -> None:
@@ -375,10 +405,15 @@ class QuillApp(App):
         self.push_screen(TokensScreen(self.session.loaded.tokenizer, text))
 
     def _selected_message(self, role: str | None = None) -> MessageView | None:
+        """The focused message (for a reply: the focused one, or the one answering the
+        focused message), else the last one."""
+        every = list(self.query(MessageView))
         focused = self.focused
-        if isinstance(focused, MessageView) and (role is None or focused.role == role):
-            return focused
-        views = [v for v in self.query(MessageView) if role is None or v.role == role]
+        if isinstance(focused, MessageView) and focused in every:
+            for view in every[every.index(focused):]:
+                if role is None or view.role == role:
+                    return view
+        views = [v for v in every if role is None or v.role == role]
         return views[-1] if views else None
 
     def last_reply_text(self) -> str:
@@ -423,13 +458,21 @@ class QuillApp(App):
         if self.session is not None and any(j.status == "running" for j in self.session.jobs.all()):
             def answer(yes: bool | None) -> None:
                 if yes:
-                    self.session.jobs.stop_all()
-                    self.exit()
+                    self.session.cancel()
+                    self.add_message("notice", "Stopping the jobs (training saves its last checkpoint)…")
+                    self.stop_jobs_and_exit()
 
             self.push_screen(ConfirmScreen("A job is still running. Quit, and stop it (training saves its last "
                                            "checkpoint)?"), answer)
             return
+        if self.session is not None:
+            self.session.cancel()
         self.exit()
+
+    @work(thread=True, group="quit")
+    def stop_jobs_and_exit(self) -> None:
+        self.session.jobs.stop_all()
+        self.call_from_thread(self.exit)
 
     def get_system_commands(self, screen: Screen):
         """The command palette (Ctrl+P): every action, each profile, common commands."""

@@ -29,10 +29,17 @@ class SidePanel(VerticalScroll):
     """The active profile and sampler chain, every option an input: Enter applies it."""
 
     def show(self, session: Any, profiles: list[str]) -> None:
-        """Rebuild for the session's current profile, chain and options."""
+        """Rebuild for the session's current profile, chain and options (if they changed)."""
         from gpt_runtime.plugins import get_registry
 
+        state = (session.profile.name, tuple(profiles), session.chain, repr(session.options), session.max_new_tokens,
+                 session.seed, session.template.user_name, session.template.model_name)
+        if state == getattr(self, "_state", None):
+            return
+        self._state = state
         registry = get_registry()
+        if session.profile.name not in profiles:  # e.g. a profile given as a path
+            profiles = [session.profile.name, *profiles]
         widgets: list = [Label("Profile", classes="heading"),
                          Select([(name, name) for name in profiles], value=session.profile.name, allow_blank=False,
                                 id="profile-select", compact=True),
@@ -47,7 +54,7 @@ class SidePanel(VerticalScroll):
             widgets.append(Label(f"{sampler}  [{entry.plugin}]", classes="sampler", markup=False))
             for option, value in values.items():
                 spec = entry.obj.options[option]
-                widgets.append(Label(f"{option}: {spec.help}", classes="option-help"))
+                widgets.append(Label(f"{option}: {spec.help}", classes="option-help", markup=False))
                 widgets.append(Input(str(value), id=f"set-{sampler}-{option}", classes="option",
                                      name=f"{sampler}.{option}", compact=True))
         widgets.append(Label("Generation", classes="heading"))
@@ -59,8 +66,11 @@ class SidePanel(VerticalScroll):
         self.app.call_later(self._replace, widgets)
 
     async def _replace(self, widgets: list) -> None:
+        focused = self.app.focused.id if self.app.focused in self.query("Input") else None
         await self.remove_children()
         await self.mount_all(widgets)
+        if focused and self.query(f"#{focused}"):
+            self.query_one(f"#{focused}").focus()  # keep editing where you were
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         event.stop()
@@ -104,7 +114,13 @@ class JobCard(Vertical):
     def update_from_job(self) -> None:
         from gpt_runtime.progress import describe_step
 
+        if not self.query("#plot"):
+            return  # not composed yet: drawn on the next tick
         job = self.job
+        state = (job.status, len(job.history), repr(job.last), job.profile, job.error, job.result is not None)
+        if state == getattr(self, "_state", None):
+            return  # nothing new: no redraw
+        self._state = state
         self.border_subtitle = job.status
         last = job.last
         bar = self.query_one("#progress", ProgressBar)

@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.content import Content
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widget import Widget
@@ -28,7 +29,8 @@ KEYS = [
     ("F4", "tokenizer inspector for the message box's text"),
     ("Ctrl+Y", "copy the last reply"),
     ("Ctrl+T", "light or dark theme"),
-    ("Shift+Tab / Tab", "move between messages; on a message: c copy, p probabilities, i provenance, t tokens"),
+    ("Shift+Tab", "from the message box up to the messages (Tab goes down); on a message: c copy, p token "
+                  "probabilities, i provenance, t tokens"),
     ("Ctrl+Q", "quit (asks first while a job runs)"),
 ]
 
@@ -158,7 +160,7 @@ class CompareScreen(Closable):
             with Horizontal():
                 for side in self.sides:
                     view = Static(side.text or "(no reply)", classes="side", markup=False)
-                    view.border_title = side.side
+                    view.border_title = Content(side.side)
                     view.border_subtitle = f"{side.tokens_per_second:.0f} tokens/s"
                     yield view
 

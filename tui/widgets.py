@@ -9,6 +9,7 @@ from collections import deque
 
 from rich.text import Text
 from textual.binding import Binding
+from textual.content import Content
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Static, TextArea
@@ -60,7 +61,7 @@ class MessageView(Static, can_focus=True):
         super().__init__(classes=role, markup=False)
         self.role, self.text, self.turn, self.tokens = role, text, turn, []
         self.pending: deque[str] = deque()  # text streamed in (by a worker thread) but not drawn yet
-        self.border_title = title or None
+        self.border_title = Content(title) if title else None  # a name like "[/]" is text, not markup
         self.update(text or ("…" if role == "model" else ""))
 
     def flush(self) -> bool:

@@ -1,0 +1,88 @@
+"""Snapshots of the chat's main screens at 80x24 and 120x40 (pytest-textual-snapshot).
+
+Only screens that are the same on every run: no speeds, no random replies. The
+conversation comes from a saved transcript. After a deliberate change to the
+look, review the new SVGs by eye and accept them with `pytest --snapshot-update`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from test_tui import profiles, m  # noqa: F401 - fixtures
+from tui.app import QuillApp
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TRANSCRIPT = {"format": "quill-transcript", "turns": [
+    {"user": "Speak, speak.", "reply": "You are all resolved rather to die than to famish?"},
+    {"user": "Resolved. resolved.", "reply": "First, you know Caius Marcius is chief enemy to the people."},
+]}
+
+
+def loaded(*then: str):
+    """A run_before that waits for the model, then presses keys."""
+    async def run_before(pilot) -> None:
+        deadline = time.monotonic() + 60
+        while pilot.app.profile_name is None and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        if then:
+            await pilot.press(*then)
+        await pilot.pause(0.3)
+    return run_before
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+def test_the_chat_on_start(snap_compare, profiles, size):  # noqa: F811
+    assert snap_compare(QuillApp("alpha"), terminal_size=size, run_before=loaded())
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+def test_a_conversation(snap_compare, profiles, tmp_path, size):  # noqa: F811
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(TRANSCRIPT))
+
+    async def run_before(pilot) -> None:
+        await loaded()(pilot)
+        pilot.app.query_one("#input").text = f"/load {path}"
+        await pilot.press("enter")
+        deadline = time.monotonic() + 30
+        while len(pilot.app.session.turns) < 2 and time.monotonic() < deadline:
+            await pilot.pause(0.05)
+        await pilot.pause(0.3)
+        pilot.app.query_one("#conversation").scroll_home(animate=False)
+        pilot.app.query("MessageView.output").remove()  # "loaded ... from /tmp/...": a path that changes
+        await pilot.pause(0.2)
+
+    assert snap_compare(QuillApp("alpha"), terminal_size=size, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+def test_the_side_panel(snap_compare, profiles, size):  # noqa: F811
+    assert snap_compare(QuillApp("alpha"), terminal_size=size, run_before=loaded("f2"))
+
+
+def test_the_jobs_panel_empty(snap_compare, profiles):  # noqa: F811
+    assert snap_compare(QuillApp("alpha"), terminal_size=(120, 40), run_before=loaded("f3"))
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+def test_the_help_screen(snap_compare, profiles, size):  # noqa: F811
+    assert snap_compare(QuillApp("alpha"), terminal_size=size, run_before=loaded("f1"))
+
+
+def test_the_tokenizer_inspector(snap_compare, profiles):  # noqa: F811
+    async def run_before(pilot) -> None:
+        await loaded()(pilot)
+        pilot.app.query_one("#input").text = "/tokens You are all resolved"
+        await pilot.press("enter")
+        await pilot.pause(0.3)
+
+    assert snap_compare(QuillApp("alpha"), terminal_size=(80, 24), run_before=run_before)
+
+
+def test_too_small(snap_compare, profiles):  # noqa: F811
+    assert snap_compare(QuillApp("alpha"), terminal_size=(50, 12), run_before=loaded())
