@@ -39,7 +39,7 @@ class QuillApp(App):
         Binding("f2", "toggle_side", "Sampler"),
         Binding("f3", "toggle_jobs", "Jobs"),
         Binding("f4", "inspect_input", "Tokens"),
-        Binding("ctrl+y", "copy_last", "Copy reply", priority=True),  # over the message box's redo
+        Binding("ctrl+y", "copy_last", "Copy reply", priority=True, show=False),  # over the message box's redo
         Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
