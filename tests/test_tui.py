@@ -478,3 +478,14 @@ def test_a_profile_that_fails_to_load_leaves_a_way_out(profiles):
         async with app.run_test(size=(100, 32)) as pilot:
             await steps(pilot)
     asyncio.run(main())
+
+
+def test_warnings_are_shown_as_notices(profiles):
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await say(pilot, "Speak Q")  # Q is not in the model's vocabulary
+        assert any(v.text == "warning: 1 character(s) not in the char vocabulary became <unk>: 'Q'"
+                   for v in views(app, "notice"))
+
+    run(app, steps)

@@ -70,6 +70,11 @@ class QuillApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
+        import warnings
+
+        # Warnings (characters the tokenizer lacks, a prompt cut to fit) become notices:
+        # stderr is not visible under the app.
+        self._showwarning, warnings.showwarning = warnings.showwarning, self.show_warning
         self.query_one("#side").display = False
         self.query_one("#jobs").display = False
         self.query_one("#input").border_title = "Message (Enter sends, Alt+Enter new line, Tab completes)"
@@ -505,7 +510,19 @@ class QuillApp(App):
         box.focus()
         box.move_cursor(box.document.end)
 
+    def show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        import threading
+
+        text = f"warning: {message}"
+        if threading.get_ident() == self._thread_id:
+            self.add_message("notice", text)
+        else:
+            self.call_from_thread(self.add_message, "notice", text)
+
     def on_unmount(self) -> None:
+        import warnings
+
+        warnings.showwarning = self._showwarning
         if self.session is not None:
             self.session.jobs.stop_all()
 
