@@ -42,6 +42,7 @@ def main() -> None:
 
     from safetensors import safe_open
 
+    from gpt_runtime.checkpoint import load_checkpoint
     from gpt_runtime.data import prepare
     from gpt_runtime.evaluate import evaluate
     from gpt_runtime.session import ChatSession
@@ -70,7 +71,8 @@ def main() -> None:
             sample = session.profile.template.render([], MESSAGES[0]) + reply
     print(json.dumps({
         "machine": machine_info(), "profile": profile.name, "checkpoint": str(profile.checkpoint),
-        "parameters": loaded.model.num_params(), "file_mb": round(profile.checkpoint.stat().st_size / 1e6, 2),
+        # counted on the checkpoint: the session's model has packed linears, not parameters
+        "parameters": load_checkpoint(profile.checkpoint).model.num_params(), "file_mb": round(profile.checkpoint.stat().st_size / 1e6, 2),
         "weights_dtype": dtypes, "tokenizer": f"{loaded.tokenizer.kind}, {loaded.tokenizer.vocab_size} tokens",
         "val_loss": round(result.loss, 4), "bits_per_byte": round(result.bits_per_byte, 4),
         "val_tokens": result.tokens, "val_bytes": result.bytes,

@@ -52,7 +52,9 @@ class Job:
             return f"{what} {self.error}"
         if self.result is not None:
             if self.kind == "train":
-                return f"{what} {self.result.get('steps', '?')} steps, best val loss {self.result.get('best_val_loss')}, in {self.result.get('out')}"
+                best = self.result.get("best_val_loss")
+                best = "none" if best is None else f"{best:.4f}"
+                return f"{what} {self.result.get('steps', '?')} steps, best val loss {best}, in {self.result.get('out')}"
             return f"{what} loss {self.result['loss']:.4f}, bits/byte {self.result['bits_per_byte']:.4f}"
         if self.last.get("event") == "step":
             return f"{what} {describe_step(self.last)}"

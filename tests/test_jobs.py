@@ -287,7 +287,7 @@ def test_jobs_lists_progress_while_running_and_results_at_the_end(w):
     at_end = {line.split(":", 1)[0]: line for line in w["jobs_at_end"].splitlines()}
     tiny = jobs["tiny"].result
     assert at_end[f"job {jobs['tiny'].id}"].endswith(
-        f"[finished] 30 steps, best val loss {tiny['best_val_loss']}, in {w['tiny']}")
+        f"[finished] 30 steps, best val loss {tiny['best_val_loss']:.4f}, in {w['tiny']}")
     assert f"[cancelled] {jobs['long'].result['steps']} steps" in at_end[f"job {jobs['long'].id}"]
     assert at_end[f"job {jobs['bad'].id}"].endswith(f"[failed] {jobs['bad'].error}")
     ev = jobs["eval"].result

@@ -248,12 +248,13 @@ def test_the_tokenizer_inspector_and_the_probability_view(profiles):
         assert isinstance(screen, ProbabilityScreen)
         first = reply.tokens[0]
         alternatives = screen.shown
-        assert alternatives.title.startswith(f"token 1 of {len(reply.tokens)}")
+        assert str(screen.query_one("#token").render()).startswith(f"token 1 of {len(reply.tokens)}: ")
         chosen = [] if first.id in [i for i, _, _ in first.top] else [first.prob]  # sampled from outside the top 5
         assert [c for c in alternatives.columns[2].cells] == [f"{p:.1%}" for p in [p for _, _, p in first.top] + chosen]
         await pilot.press("right")
-        alternatives = screen.shown
-        assert alternatives.title.startswith(f"token 2 of {len(reply.tokens)}")
+        assert str(screen.query_one("#token").render()).startswith(f"token 2 of {len(reply.tokens)}: ")
+        tok = app.session.loaded.tokenizer
+        assert screen.pieces == [tok.pieces[t.id].decode() for t in reply.tokens]  # each token's own text
         await pilot.press("escape")
         reply.focus()
         await pilot.press("i")

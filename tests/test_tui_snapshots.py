@@ -11,26 +11,28 @@ import json
 import time
 
 import pytest
+from test_tui import m, profiles  # noqa: F401 - fixtures
 
-from test_tui import profiles, m  # noqa: F401 - fixtures
 from tui.app import QuillApp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TRANSCRIPT = {"format": "quill-transcript", "turns": [
     {"user": "Speak, speak.", "reply": "You are all resolved rather to die than to famish?"},
-    {"user": "Resolved. resolved.", "reply": "First, you know Caius Marcius is chief enemy to the people."},
+    {"user": "Resolved. resolved.", "reply": "First, you know Caius is chief enemy to the people."},
 ]}
 
 
-def loaded(*then: str):
-    """A run_before that waits for the model, then presses keys."""
+def loaded(*then: str, ready=lambda app: True):
+    """A run_before that waits for the model, presses keys, then waits for `ready(app)`."""
     async def run_before(pilot) -> None:
         deadline = time.monotonic() + 60
         while pilot.app.profile_name is None and time.monotonic() < deadline:
             await pilot.pause(0.05)
         if then:
             await pilot.press(*then)
+        while not ready(pilot.app) and time.monotonic() < deadline:
+            await pilot.pause(0.05)
         await pilot.pause(0.3)
     return run_before
 
@@ -62,7 +64,8 @@ def test_a_conversation(snap_compare, profiles, tmp_path, size):  # noqa: F811
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 def test_the_side_panel(snap_compare, profiles, size):  # noqa: F811
-    assert snap_compare(QuillApp("alpha"), terminal_size=size, run_before=loaded("f2"))
+    has_options = lambda app: bool(app.query("#set-model_name"))  # noqa: E731 - the panel is built
+    assert snap_compare(QuillApp("alpha"), terminal_size=size, run_before=loaded("f2", ready=has_options))
 
 
 def test_the_jobs_panel_empty(snap_compare, profiles):  # noqa: F811

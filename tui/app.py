@@ -118,6 +118,11 @@ class QuillApp(App):
         self.show_error(exc)
 
     def loaded(self) -> None:
+        import gc
+
+        # torch and the app leave many long-lived objects; a full garbage collection
+        # walking them all stalled the screen for 100-200 ms mid-reply. Freeze them out of it.
+        gc.freeze()
         self.loading_model = False
         p = self.session.profile
         self.profile_name = p.name
@@ -444,7 +449,7 @@ class QuillApp(App):
         if view is None or not view.tokens:
             self.notify("No token probabilities for this reply: they are kept for replies made in this window.")
             return
-        self.push_screen(ProbabilityScreen(view.tokens))
+        self.push_screen(ProbabilityScreen(view.tokens, self.session.loaded.tokenizer))
 
     def action_provenance(self) -> None:
         view = self._selected_message("model")

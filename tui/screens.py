@@ -9,8 +9,8 @@ from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.content import Content
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, Label, Static
@@ -96,29 +96,39 @@ class ProbabilityView(Widget, can_focus=True):
                 Binding("home", "move(-100000)", show=False), Binding("end", "move(100000)", show=False)]
     DEFAULT_CSS = "ProbabilityView { height: auto; }"
 
-    def __init__(self, tokens: list, **kwargs) -> None:
+    def __init__(self, tokens: list, pieces: list[str], **kwargs) -> None:
         super().__init__(**kwargs)
-        self.tokens, self.index = tokens, 0
+        self.tokens, self.pieces, self.index = tokens, pieces, 0
 
     def action_move(self, delta: int) -> None:
         self.index = max(0, min(len(self.tokens) - 1, self.index + delta))
         self.refresh(layout=True)
-        self.screen.query_one("#alternatives", Static).update(self.screen.alternatives(self.index))
+        self.screen.show_token(self.index)
 
     def render(self) -> Text:
         pieces = []
-        for n, token in enumerate(self.tokens):
+        for n, (token, piece) in enumerate(zip(self.tokens, self.pieces)):
             style = probability_style(token.prob or 0.0) + (" reverse" if n == self.index else "")
-            pieces.append((token.text or "∅", style))
+            pieces.append((piece, style))
         return token_text(pieces)
 
 
 class ProbabilityScreen(Closable):
     """Each token of a reply by probability; the selected one's top alternatives."""
 
-    def __init__(self, tokens: list) -> None:
+    def __init__(self, tokens: list, tokenizer: Any) -> None:
         super().__init__()
         self.tokens = tokens
+        # each token's own piece: its released text can be empty (held back, in case a
+        # stop string was starting) or carry earlier tokens' text
+        self.pieces = [tokenizer.pieces[t.id].decode("utf-8", "replace") for t in tokens]
+
+    def show_token(self, index: int) -> None:
+        token = self.tokens[index]
+        self.query_one("#token", Static).update(Text(
+            f"token {index + 1} of {len(self.tokens)}: {self.pieces[index]!r}, probability {token.prob or 0:.1%}; "
+            "the model's likeliest choices here:", style="bold"))
+        self.query_one("#alternatives", Static).update(self.alternatives(index))
 
     def alternatives(self, index: int) -> Table:
         token = self.tokens[index]
@@ -128,17 +138,18 @@ class ProbabilityScreen(Closable):
             table.add_row(mark, Text(repr(text), style=probability_style(p)), f"{p:.1%}")
         if token.id not in [t[0] for t in token.top or []]:
             table.add_row("→", Text(repr(token.text), style=probability_style(token.prob or 0)), f"{token.prob or 0:.1%}")
-        table.title = f"token {index + 1} of {len(self.tokens)}: the model's likeliest choices"
         self.shown = table
         return table
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(classes="box") as box:
             box.border_title = "Probabilities: red unlikely … green likely; ← → select a token"
-            yield ProbabilityView(self.tokens, id="probabilities")
-            yield Static(self.alternatives(0), id="alternatives")
+            yield ProbabilityView(self.tokens, self.pieces, id="probabilities")
+            yield Static("", id="token")
+            yield Static("", id="alternatives")
 
     def on_mount(self) -> None:
+        self.show_token(0)
         self.query_one(ProbabilityView).focus()
 
 
