@@ -328,6 +328,10 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
         if log_file:
             log_file.close()
         if world > 1 and torch.distributed.is_initialized():
+            if sys.exc_info()[0] is None:
+                # Leave together: a rank that tore down its group while rank 0 was still
+                # saving the last checkpoint was seen to abort ("terminate called ...").
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     emit({"event": "done", "step": step, "best_val_loss": best_val, "val_loss": last_val})
     return TrainResult(out, step, best_val, last_val, None, history)
