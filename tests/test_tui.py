@@ -228,7 +228,7 @@ def test_completion_as_you_type_and_tab(profiles):
 
 
 def test_the_tokenizer_inspector_and_the_probability_view(profiles):
-    app = QuillApp("alpha")
+    app = QuillApp("beta")  # replies of 20 tokens: there is a second token to move to
 
     async def steps(pilot):
         await type_command(pilot, "/tokens Speak")
