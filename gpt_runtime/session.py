@@ -280,12 +280,13 @@ class ChatSession:
         counting from the oldest turn the next prompt will hold."""
         block = self.loaded.model.config.block_size
         room = block - min(self.max_new_tokens, block // 4)
-        for start in range(len(self.turns) + 1):
+        start = 0
+        while True:
             history = [(t.user, t.reply) for t in self.turns[start:]]
             used = len(self.loaded.tokenizer.encode(self.template.render(history, "")))
             if used <= room or start == len(self.turns):
                 return min(used, block), block
-        return 0, block  # not reached: an empty history always fits
+            start += 1
 
     def _prompt(self, index: int, first_turn: int | None = None, loaded: _Loaded | None = None,
                 template: ChatTemplate | None = None) -> tuple[str, int, int]:

@@ -234,8 +234,6 @@ class QuillApp(App):
         self.query_one("#suggestions", Static).update("Tab: " + "  ".join(self.suggestions) if self.suggestions else "")
 
     def on_chat_input_complete(self, event: ChatInput.Complete) -> None:
-        import os.path
-
         if not self.suggestions:
             return
         box = self.query_one(ChatInput)
