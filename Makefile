@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml $(EXAMPLE_PL
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,interop]"
 	$(PIP) install --quiet --no-deps --no-build-isolation ./$(EXAMPLE_PLUGIN)
 	@touch $@
 
@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml $(EXAMPLE_PL
 chat: $(VENV)/.installed
 	@$(VENV)/bin/quill chat
 
+# One test worker per core: most tests wait on subprocesses and the screen, not the CPU.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/tokenizer_bench.py

@@ -35,7 +35,7 @@ class TrainConfig:
     bias: bool = _opt(False, "biases in linear and norm layers")
     position: str = _opt("learned", "position encoding: learned or rope")
     norm: str = _opt("layernorm", "normalisation: layernorm or rmsnorm")
-    mlp: str = _opt("gelu", "feed-forward layer: gelu, swiglu or relu2")
+    mlp: str = _opt("gelu", "feed-forward layer: gelu, gelu_tanh (GPT-2's), swiglu or relu2")
     tie_embeddings: bool = _opt(True, "share the input embedding and output head")
     # optimisation
     batch_size: int = _opt(16, "sequences per micro-batch, per process")

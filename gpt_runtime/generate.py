@@ -39,6 +39,13 @@ from .tokenizer import Tokenizer
 
 # Never produced as text: padding, markers and the unknown-character token.
 BANNED_SPECIALS = ("<pad>", "<bos>", "<unk>")
+# What ends a text: Quill's <eos>, or GPT-2's <|endoftext|> (which also starts one).
+END_OF_TEXT = ("<eos>", "<|endoftext|>")
+
+
+def eos_id(tokenizer: Tokenizer) -> int | None:
+    """The id that ends a text for this tokenizer, if it has one."""
+    return next((tokenizer.special_tokens[name] for name in END_OF_TEXT if name in tokenizer.special_tokens), None)
 
 
 @dataclass
@@ -86,11 +93,11 @@ class Batch:
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Encode a prompt; an empty prompt starts from <bos> (or <eos>, or id 0)."""
+    """Encode a prompt; an empty prompt starts from <bos> (or the end-of-text token, or id 0)."""
     ids = tokenizer.encode(prompt)
     if ids:
         return ids
-    for name in ("<bos>", "<eos>"):
+    for name in ("<bos>", *END_OF_TEXT):
         if name in tokenizer.special_tokens:
             return [tokenizer.special_tokens[name]]
     return [0]
@@ -283,7 +290,7 @@ def _sample_events(model, tokenizer, ids, dropped, chain, max_new_tokens, stop, 
     t0 = time.perf_counter()
     first = None
     banned = _banned_ids(tokenizer, model.config.vocab_size)
-    eos = tokenizer.special_tokens.get("<eos>")
+    eos = eos_id(tokenizer)
     text = TextStream(stop)
     window = Window(model, ids, 1)
     ban = _ban_mask(banned, model.config.vocab_size, window.tokens_buf.device)
@@ -341,7 +348,7 @@ def generate_batch(
     if chain.beam is not None:
         raise QuillError("generate_batch samples; for beam search use generate with `beam` in the chain")
     banned = _banned_ids(tokenizer, model.config.vocab_size)
-    eos = tokenizer.special_tokens.get("<eos>")
+    eos = eos_id(tokenizer)
     streams = [TextStream(stop) for _ in range(n)]
     outputs = [""] * n
     running = [True] * n
@@ -395,7 +402,7 @@ def _beam_search(
     """
     k = beam.num_beams
     banned = _banned_ids(tokenizer, model.config.vocab_size)
-    eos = tokenizer.special_tokens.get("<eos>")
+    eos = eos_id(tokenizer)
     window = Window(model, ids, k)
     device = window.tokens_buf.device
     ban = _ban_mask(banned, model.config.vocab_size, device)

@@ -4,7 +4,8 @@
     Block:  x + Attention(norm(x)), then x + MLP(norm(x))    (pre-norm residuals)
 
 Architecture choices live in `GPTConfig`: learned or rotary (RoPE) positions,
-LayerNorm or RMSNorm, a GELU, SwiGLU or squared-ReLU MLP, tied or separate
+LayerNorm or RMSNorm, a GELU (exact, or GPT-2's tanh approximation), SwiGLU or
+squared-ReLU MLP, tied or separate
 input/output embeddings. `n_layer = 0` leaves only the embeddings and the output
 head: a bigram model, the baseline that shows what attention buys.
 """
@@ -26,7 +27,7 @@ from .errors import QuillError, did_you_mean
 CHOICES = {
     "position": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "swiglu", "relu2"),
+    "mlp": ("gelu", "gelu_tanh", "swiglu", "relu2"),
 }
 
 
@@ -94,10 +95,15 @@ class Rotary(nn.Module):
 
     def __init__(self, head_size: int, block_size: int, base: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)
-        angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (T, hs/2)
+        self.head_size, self.block_size, self.base = head_size, block_size, base
+        self.fill()
+
+    def fill(self, device: torch.device | str | None = None) -> None:
+        """Compute the angle tables (on `device`); they derive from the config, so are not saved."""
+        hs = self.head_size
+        inv_freq = 1.0 / self.base ** (torch.arange(0, hs, 2, device=device).float() / hs)
+        angles = torch.outer(torch.arange(self.block_size, device=device).float(), inv_freq)  # (T, hs/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, hs): both halves of each pair
-        # Derived from the config, so not saved in checkpoints.
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
@@ -184,6 +190,8 @@ class MLP(nn.Module):
             h = F.silu(self.gate(x)) * self.up(x)
         elif self.kind == "relu2":
             h = F.relu(self.up(x)).square()
+        elif self.kind == "gelu_tanh":  # GPT-2's GELU: imported GPT-2 models need it
+            h = F.gelu(self.up(x), approximate="tanh")
         else:
             h = F.gelu(self.up(x))
         return dropout(self.down(h), self.dropout, self.training)
@@ -281,6 +289,20 @@ class GPT(nn.Module):
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+
+def empty_model(config: GPTConfig) -> GPT:
+    """A GPT on the CPU whose weights are left uninitialised, to load a checkpoint
+    into: the random init it skips takes seconds for a model of GPT-2's size."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    if config.tie_embeddings:  # to_empty gives each module a tensor of its own
+        model.lm_head.weight = model.wte.weight
+    for module in model.modules():
+        if isinstance(module, Rotary):
+            module.fill("cpu")
+    return model
 
 
 class KVCache:

@@ -329,6 +329,43 @@ def default_profile() -> str:
     raise QuillError("several profiles: say which with --profile NAME", hint=f"profiles: {', '.join(good)}")
 
 
+def free_profile_name(name: str, exact: bool = False) -> str:
+    """`name` made fit for a file name, and not yet a profile's (a user's or a shipped
+    one): else NAME-2, NAME-3, ..., or with `exact` an error."""
+    import re
+
+    directory = user_profile_dir()
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "model"
+    taken = {entry.name for entry in find_profiles()}
+    name, n = base, 1
+    while name in taken or (directory / f"{name}.toml").exists() or (directory / name).exists():
+        if exact:
+            raise QuillError(f"there is already a profile named {name!r}", hint="choose another name with --profile NAME")
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def write_profile(name: str, checkpoint: Path, description: str, chain: str, options: dict[str, dict[str, Any]],
+                  max_new_tokens: int, template: ChatTemplate) -> None:
+    """Write NAME.toml for `checkpoint` in the user's profile directory (take the
+    name from `free_profile_name`: a profile is never overwritten, nor a shipped one hidden)."""
+    import json
+
+    from .fileio import atomic_write_bytes
+
+    lines = [f"description = {json.dumps(description)}", f"checkpoint = {json.dumps(str(Path(checkpoint).resolve()))}",
+             "", "[sampler]", f"chain = {json.dumps(chain)}"]
+    for sampler, values in options.items():
+        if values:
+            lines.append(f"{sampler} = {{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + " }")
+    lines += ["", "[generation]", f"max_new_tokens = {max_new_tokens}", "", "[template]"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in vars(template).items()]
+    directory = user_profile_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(directory / f"{name}.toml", ("\n".join(lines) + "\n").encode("utf-8"))
+
+
 def history_path() -> Path:
     """The chat's input history file (XDG data directory on Linux), its folder created."""
     if sys.platform == "win32":

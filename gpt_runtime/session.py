@@ -549,30 +549,11 @@ class ChatSession:
 
     def _adopt(self, run_dir: str) -> str:
         """Write a profile for a freshly trained run; returns its name."""
-        import json
-        import re
+        from .profiles import free_profile_name, write_profile
 
-        from .fileio import atomic_write_bytes
-        from .profiles import find_profiles, user_profile_dir
-
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run_dir).resolve().name).strip("-.") or "run"
-        t = self.template
-        lines = [f"description = {json.dumps(f'trained in the chat from profile {self.profile.name}')}",
-                 f"checkpoint = {json.dumps(str(Path(run_dir).resolve()))}", "", "[sampler]",
-                 f"chain = {json.dumps(self.chain)}"]
-        for sampler, values in self.options.items():
-            if values:
-                lines.append(f"{sampler} = {{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + " }")
-        lines += ["", "[generation]", f"max_new_tokens = {self.max_new_tokens}", "", "[template]"]
-        lines += [f"{key} = {json.dumps(value)}" for key, value in vars(t).items()]
-        directory = user_profile_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        base, n = name, 1
-        taken = {entry.name for entry in find_profiles()}  # never overwrite a profile, nor hide a shipped one
-        while name in taken or (directory / f"{name}.toml").exists() or (directory / name).exists():
-            n += 1
-            name = f"{base}-{n}"
-        atomic_write_bytes(directory / f"{name}.toml", ("\n".join(lines) + "\n").encode("utf-8"))
+        name = free_profile_name(Path(run_dir).resolve().name or "run")
+        write_profile(name, Path(run_dir), f"trained in the chat from profile {self.profile.name}", self.chain,
+                      self.options, self.max_new_tokens, self.template)
         return name
 
 

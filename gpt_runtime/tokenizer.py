@@ -69,6 +69,12 @@ class Tokenizer:
         """Extra facts for `quill tokenizer inspect`, e.g. ``{"pre_split": "gpt2"}``; optional."""
         return {}
 
+    def hf_tokenizer_json(self) -> dict[str, Any]:
+        """This tokenizer as a HuggingFace ``tokenizer.json`` with the same ids, for
+        ``quill export --format hf``; optional (`gpt_runtime.hf_tokenizer` helps)."""
+        raise QuillError(f"the {self.kind!r} tokenizer has no HuggingFace form",
+                         hint="its plugin does not implement Tokenizer.hf_tokenizer_json()")
+
     # --- provided -----------------------------------------------------------
     @property
     def vocab_size(self) -> int:

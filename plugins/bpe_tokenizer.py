@@ -1,7 +1,8 @@
 """Built-in plugin `bpe`: byte-level byte-pair encoding, written from scratch.
 
 Ids 0-255 are the raw bytes, so no text is ever unknown; each learned merge adds
-one id (256, 257, ...); the special tokens come last. Text is first pre-split by a
+one id (256, 257, ...); the special tokens come last. A tokenizer imported from
+GPT-2 keeps GPT-2's numbering instead (the optional ``ids`` of its file). Text is first pre-split by a
 regular expression (GPT-2's by default) and merges never cross those boundaries.
 
 Training counts the distinct pre-split chunks once, then keeps pair counts up to
@@ -25,6 +26,7 @@ from typing import Any
 import regex
 
 from gpt_runtime.errors import QuillError, UsageError, did_you_mean
+from gpt_runtime.hf_tokenizer import GPT2_PATTERN, byte_alphabet, spell, tokenizer_json
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.tokenizer import Progress, Tokenizer
 
@@ -32,7 +34,7 @@ from gpt_runtime.tokenizer import Progress, Tokenizer
 # custom pattern given as a regular expression round-trips too.
 PATTERNS = {
     # GPT-2: contractions, letters, digits, other symbols, each with one leading space.
-    "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    "gpt2": GPT2_PATTERN,
     # GPT-4 style: case-insensitive contractions, digits in groups of at most three,
     # newlines kept apart from other whitespace.
     "gpt4": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""",
@@ -104,25 +106,51 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
     progress_unit = "merges"
 
-    def __init__(self, merges: list[tuple[int, int]], pattern: str = PATTERNS[DEFAULT_PATTERN], special_tokens: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        merges: list[tuple[int, int]],
+        pattern: str = PATTERNS[DEFAULT_PATTERN],
+        special_tokens: dict[str, int] | None = None,
+        ids: list[int] | None = None,
+    ) -> None:
+        """`merges` pairs ids in rank order. Quill numbers byte b as id b and merge r's
+        result as 256 + r; `ids` gives another numbering (the id of each byte, then of
+        each merge's result), as a tokenizer imported from GPT-2 needs."""
         self.merges = [tuple(m) for m in merges]
         self.pattern = pattern
+        self.ids = None if ids is None else list(ids)
         self._splitter = _Splitter(pattern)
-        pieces = [bytes([i]) for i in range(256)]
-        for rank, (a, b) in enumerate(self.merges):  # checked before chr() sees the ids
-            if not (0 <= a < 256 + rank and 0 <= b < 256 + rank):
+        if ids is None:
+            byte_ids, made = range(256), range(256, 256 + len(self.merges))
+        elif len(ids) != 256 + len(self.merges):
+            raise QuillError(f"'ids' must hold 256 byte ids and one id per merge ({256 + len(self.merges)} in all), not {len(ids)}")
+        else:
+            byte_ids, made = ids[:256], ids[256:]
+        piece_of = {i: bytes([b]) for b, i in enumerate(byte_ids)}
+        if len(piece_of) != 256:
+            raise QuillError("the 256 bytes must have 256 different ids")
+        for rank, ((a, b), new) in enumerate(zip(self.merges, made)):  # checked before chr() sees the ids
+            if a not in piece_of or b not in piece_of:
                 raise QuillError(f"merge {rank} ({a}, {b}) refers to an id not yet defined")
-            pieces.append(pieces[a] + pieces[b])
-        self._char_ranks = {(chr(a), chr(b)): rank for rank, (a, b) in enumerate(self.merges)}
-        self._char_merges = [(chr(a) + chr(b), chr(256 + rank)) for rank, (a, b) in enumerate(self.merges)]
-        n = len(pieces)
+            piece = piece_of[a] + piece_of[b]
+            if piece_of.setdefault(new, piece) != piece:
+                raise QuillError(f"merge {rank} makes id {new}, which already stands for {piece_of[new]!r}")
         if special_tokens is None:
-            special_tokens = {name: n + i for i, name in enumerate(SPECIALS)}
-        if sorted(special_tokens.values()) != list(range(n, n + len(special_tokens))):
-            raise QuillError(f"BPE special token ids must follow the merges, from {n} up")
+            special_tokens = {name: len(piece_of) + i for i, name in enumerate(SPECIALS)}
+        for name, i in special_tokens.items():
+            if i in piece_of:
+                raise QuillError(f"special token {name!r} has id {i}, which a byte or a merge already uses")
+            piece_of[i] = name.encode("utf-8")
+        gap = next((i for i in range(len(piece_of)) if i not in piece_of), None)
+        if gap is not None:
+            raise QuillError(f"BPE ids must run from 0 to {len(piece_of) - 1} without gaps: "
+                             f"id {gap} is neither a byte, a merge nor a special token")
         self.special_tokens = dict(special_tokens)
-        pieces.extend(name.encode("utf-8") for name, _ in sorted(special_tokens.items(), key=lambda kv: kv[1]))
-        self.pieces = pieces
+        self.pieces = [piece_of[i] for i in range(len(piece_of))]
+        self._char_ranks = {(chr(a), chr(b)): rank for rank, (a, b) in enumerate(self.merges)}
+        self._char_merges = [(chr(a) + chr(b), chr(new)) for (a, b), new in zip(self.merges, made)]
+        # Bytes to ids for str.translate, when they are not the identity.
+        self._byte_ids = None if ids is None else dict(enumerate(byte_ids))
         self._cache = _ChunkCache(self._bpe)
 
     # --- training ---------------------------------------------------------------
@@ -153,14 +181,44 @@ class BPETokenizer(Tokenizer):
         pattern = content["pattern"]
         if not isinstance(pattern, str):
             raise QuillError("'pattern' must be a regular expression string")
-        return cls([tuple(m) for m in merges], pattern, special_tokens)
+        ids = content.get("ids")
+        if ids is not None and not (isinstance(ids, list) and all(type(i) is int and 0 <= i < 0x110000 for i in ids)):
+            raise QuillError("'ids' must be a list of token ids")
+        return cls([tuple(m) for m in merges], pattern, special_tokens, ids)
 
     def content(self) -> dict[str, Any]:
-        return {"pattern": self.pattern, "merges": [list(m) for m in self.merges]}
+        content = {"pattern": self.pattern, "merges": [list(m) for m in self.merges]}
+        if self.ids is not None:
+            content["ids"] = self.ids
+        return content
 
     def describe(self) -> dict[str, str]:
         name = next((name for name, p in PATTERNS.items() if p == self.pattern), None)
-        return {"pre_split": name or self.pattern, "merges": str(len(self.merges))}
+        facts = {"pre_split": name or self.pattern, "merges": str(len(self.merges))}
+        if self.ids is not None:
+            facts["numbering"] = "imported (not byte order)"
+        return facts
+
+    def hf_tokenizer_json(self) -> dict[str, Any]:
+        """Byte-level BPE as GPT-2 writes it, with these ids; a pre-split pattern other
+        than GPT-2's becomes a Split step before the byte-level one."""
+        alphabet, specials = byte_alphabet(), set(self.special_tokens.values())
+        vocab: dict[str, int] = {}
+        for i, piece in enumerate(self.pieces):
+            if i not in specials and vocab.setdefault(spell(piece, alphabet), i) != i:
+                raise QuillError(f"ids {vocab[spell(piece, alphabet)]} and {i} both stand for {piece!r}, "
+                                 "which a HuggingFace vocabulary cannot hold")
+        merges = [f"{spell(self.pieces[a], alphabet)} {spell(self.pieces[b], alphabet)}" for a, b in self.merges]
+        gpt2 = self.pattern == GPT2_PATTERN
+        pre = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": gpt2}
+        if not gpt2:
+            split = {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}
+            pre = {"type": "Sequence", "pretokenizers": [split, pre]}
+        model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                 "vocab": vocab, "merges": merges}
+        decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+        return tokenizer_json(model, self, pre, decoder)
 
     # --- encoding ---------------------------------------------------------------
     def encode_ordinary(self, text: str) -> list[int]:
@@ -175,6 +233,8 @@ class BPETokenizer(Tokenizer):
         # each byte to its own id, and str.replace applies a merge left to right
         # in C. The same trick drives training.
         s = chunk.encode("utf-8").decode("latin-1")
+        if self._byte_ids is not None:
+            s = s.translate(self._byte_ids)
         if len(s) > _LONG_CHUNK:
             return self._bpe_long(s)
         get_rank, merges = self._char_ranks.get, self._char_merges

@@ -200,7 +200,7 @@ def test_flops_per_token():
     ({"n_embd": 30, "n_head": 4}, r"n_embd \(30\) must be a multiple of n_head \(4\)"),
     ({"position": "alibi"}, r"model position 'alibi' is not one of learned, rope"),
     ({"norm": "batchnorm"}, r"model norm 'batchnorm' is not one of layernorm, rmsnorm"),
-    ({"mlp": "GELU"}, r"model mlp 'GELU' is not one of gelu, swiglu, relu2"),
+    ({"mlp": "GELU"}, r"model mlp 'GELU' is not one of gelu, gelu_tanh, swiglu, relu2"),
     ({"position": "rope", "n_embd": 18, "n_head": 6}, r"rope needs an even head size; n_embd / n_head is 3"),
     ({"vocab_size": 0}, r"vocab_size must be at least 1, not 0"),
     ({"block_size": 0}, r"block_size must be at least 1"),

@@ -282,7 +282,7 @@ def test_merges_referring_to_undefined_ids(tmp_path, bad):
         (lambda d: d.pop("pattern"), "malformed"),
         (lambda d: d.update(pattern=5), "'pattern' must be"),
         (lambda d: d.update(pattern="(unclosed"), "invalid pre-split pattern"),
-        (lambda d: d.update(special_tokens={"<pad>": 0}), "special token ids must follow the merges"),
+        (lambda d: d.update(special_tokens={"<pad>": 0}), "which a byte or a merge already uses"),
         (lambda d: d.update(special_tokens=["<pad>"]), "malformed special_tokens"),
         (lambda d: d.update(special_tokens={"<pad>": "x"}), "malformed special_tokens"),
     ],

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from test_tui import m, profiles  # noqa: F401 - fixtures
 
+import tui.app
 from tui.app import QuillApp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,13 +35,31 @@ def loaded(*then: str, ready=lambda app: True):
             await pilot.press(*then)
         while not ready(pilot.app) and time.monotonic() < deadline:
             await pilot.pause(0.05)
+        steady_cursors(pilot.app)
         await pilot.pause(0.3)
     return run_before
 
 
+def steady_cursors(app) -> None:
+    """A blinking cursor is drawn or not depending on when the picture is taken."""
+    for screen in app.screen_stack:
+        for box in screen.query("TextArea, Input"):
+            box.cursor_blink = False
+            box.refresh()  # its lines are cached with the cursor as it was
+
+
+class SteadyApp(QuillApp):
+    """The app with a message box whose cursor never blinks, from the first frame."""
+
+    CSS_PATH = Path(tui.app.__file__).with_name(QuillApp.CSS_PATH)
+
+    def on_mount(self) -> None:  # runs after QuillApp.on_mount
+        steady_cursors(self)
+
+
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 def test_the_chat_on_start(snap_compare, profiles, size):  # noqa: F811
-    assert snap_compare(QuillApp("alpha"), terminal_size=size, run_before=loaded())
+    assert snap_compare(SteadyApp("alpha"), terminal_size=size, run_before=loaded())
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
@@ -59,22 +79,22 @@ def test_a_conversation(snap_compare, profiles, tmp_path, size):  # noqa: F811
         pilot.app.query("MessageView.output").remove()  # "loaded ... from /tmp/...": a path that changes
         await pilot.pause(0.2)
 
-    assert snap_compare(QuillApp("alpha"), terminal_size=size, run_before=run_before)
+    assert snap_compare(SteadyApp("alpha"), terminal_size=size, run_before=run_before)
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 def test_the_side_panel(snap_compare, profiles, size):  # noqa: F811
     has_options = lambda app: bool(app.query("#set-model_name"))  # noqa: E731 - the panel is built
-    assert snap_compare(QuillApp("alpha"), terminal_size=size, run_before=loaded("f2", ready=has_options))
+    assert snap_compare(SteadyApp("alpha"), terminal_size=size, run_before=loaded("f2", ready=has_options))
 
 
 def test_the_jobs_panel_empty(snap_compare, profiles):  # noqa: F811
-    assert snap_compare(QuillApp("alpha"), terminal_size=(120, 40), run_before=loaded("f3"))
+    assert snap_compare(SteadyApp("alpha"), terminal_size=(120, 40), run_before=loaded("f3"))
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 def test_the_help_screen(snap_compare, profiles, size):  # noqa: F811
-    assert snap_compare(QuillApp("alpha"), terminal_size=size, run_before=loaded("f1"))
+    assert snap_compare(SteadyApp("alpha"), terminal_size=size, run_before=loaded("f1"))
 
 
 def test_the_tokenizer_inspector(snap_compare, profiles):  # noqa: F811
@@ -84,8 +104,8 @@ def test_the_tokenizer_inspector(snap_compare, profiles):  # noqa: F811
         await pilot.press("enter")
         await pilot.pause(0.3)
 
-    assert snap_compare(QuillApp("alpha"), terminal_size=(80, 24), run_before=run_before)
+    assert snap_compare(SteadyApp("alpha"), terminal_size=(80, 24), run_before=run_before)
 
 
 def test_too_small(snap_compare, profiles):  # noqa: F811
-    assert snap_compare(QuillApp("alpha"), terminal_size=(50, 12), run_before=loaded())
+    assert snap_compare(SteadyApp("alpha"), terminal_size=(50, 12), run_before=loaded())
