@@ -25,9 +25,9 @@ $(VENV)/.installed: pyproject.toml $(EXAMPLE_PLUGIN)/pyproject.toml $(EXAMPLE_PL
 chat: $(VENV)/.installed
 	@$(VENV)/bin/quill chat
 
-# One test worker per core: most tests wait on subprocesses and the screen, not the CPU.
+# One test worker per core; a module stays on one worker, so its shared fixtures are built once.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --dist loadscope
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/tokenizer_bench.py

@@ -35,17 +35,10 @@ from .errors import QuillError, QuillWarning
 from .inference import cache_dtype
 from .model import GPT, KVCache
 from .sampling import DEFAULT_CHAIN, BeamSearch, Chain, SamplerState, build_chain
-from .tokenizer import Tokenizer
+from .tokenizer import END_OF_TEXT, Tokenizer, eos_id
 
 # Never produced as text: padding, markers and the unknown-character token.
 BANNED_SPECIALS = ("<pad>", "<bos>", "<unk>")
-# What ends a text: Quill's <eos>, or GPT-2's <|endoftext|> (which also starts one).
-END_OF_TEXT = ("<eos>", "<|endoftext|>")
-
-
-def eos_id(tokenizer: Tokenizer) -> int | None:
-    """The id that ends a text for this tokenizer, if it has one."""
-    return next((tokenizer.special_tokens[name] for name in END_OF_TEXT if name in tokenizer.special_tokens), None)
 
 
 @dataclass

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import QuillError
-from .fileio import atomic_write_bytes, read_user_file
-from .hf_tokenizer import read_gpt2_tokenizer
-from .tokenizer import Tokenizer
+from .fileio import atomic_write_bytes
+from .hf_tokenizer import read_gpt2_tokenizer, read_json_object
+from .tokenizer import END_OF_TEXT, Tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +37,10 @@ _BLOCK_NAMES = {
     "mlp.up.weight": ("mlp.c_fc.weight", True), "mlp.up.bias": ("mlp.c_fc.bias", False),
     "mlp.down.weight": ("mlp.c_proj.weight", True), "mlp.down.bias": ("mlp.c_proj.bias", False),
 }
+# What a HuggingFace model directory may hold: export clears them first.
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+            "pytorch_model.bin", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "added_tokens.json", "vocab.json", "merges.txt")
 # GPT-2's defaults, for keys a config.json leaves out (as transformers does).
 GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
                  "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True}
@@ -44,8 +48,9 @@ GPT2_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_lay
 
 def _names(config: GPTConfig) -> dict[str, tuple[str, bool]]:
     """Every GPT-2 weight, keyed by the Quill weight it comes from (biases included)."""
-    names = {"wte.weight": ("wte.weight", False), "wpe.weight": ("wpe.weight", False),
-             "norm_f.weight": ("ln_f.weight", False), "norm_f.bias": ("ln_f.bias", False)}
+    names = {"wte.weight": ("wte.weight", False), "norm_f.weight": ("ln_f.weight", False), "norm_f.bias": ("ln_f.bias", False)}
+    if config.n_layer > 0:  # Quill's bigram model (no layers) has no positions
+        names["wpe.weight"] = ("wpe.weight", False)
     for i in range(config.n_layer):
         names.update({f"blocks.{i}.{q}": (f"h.{i}.{h}", t) for q, (h, t) in _BLOCK_NAMES.items()})
     if not config.tie_embeddings:
@@ -81,17 +86,19 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: Path, dtype: torch.dtype) -
     tensors = {}
     for quill, (name, transposed) in _names(config).items():
         t = state.get(quill)
-        if t is None and quill == "wpe.weight":  # a bigram model: no positions, so zero ones
-            t = torch.zeros(config.block_size, config.n_embd)
-        elif t is None:  # a model without biases: zero biases compute the same
+        if t is None:  # a model without biases: zero biases compute the same
             t = torch.zeros(state[quill.replace(".bias", ".weight")].shape[0])
         t = t.t() if transposed else t
         key = name if name == "lm_head.weight" else f"transformer.{name}"
         tensors[key] = t.detach().to(dtype=dtype, device="cpu").contiguous()
+    if config.n_layer == 0:  # GPT-2 always adds positions: zero ones add nothing
+        tensors["transformer.wpe.weight"] = torch.zeros(config.block_size, config.n_embd, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in HF_FILES:  # from an earlier export (--force): they would be read with this model's
+        (out / stale).unlink(missing_ok=True)
     atomic_write_bytes(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
-    eos = _special(tokenizer, "<eos>", "<|endoftext|>")
-    bos = _special(tokenizer, "<bos>", "<|endoftext|>")
+    eos = _special(tokenizer, *END_OF_TEXT)
+    bos = _special(tokenizer, "<bos>", *END_OF_TEXT)
     _write_json(out / "config.json", {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
@@ -105,8 +112,6 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: Path, dtype: torch.dtype) -
     try:
         tokenizer_json = tokenizer.hf_tokenizer_json()
     except QuillError as exc:
-        for stale in ("tokenizer.json", "tokenizer_config.json"):  # from an earlier export: not this model's
-            (out / stale).unlink(missing_ok=True)
         return [f"no tokenizer written: {exc.message}"]
     _write_json(out / "tokenizer.json", tokenizer_json)
     specials = {"bos_token": bos[0], "eos_token": eos[0], "unk_token": _special(tokenizer, "<unk>")[0],
@@ -158,6 +163,10 @@ def import_hf(directory: str | Path) -> tuple[GPT, Tokenizer]:
                              f"needs {list(shape)}")
         state[quill] = t.t() if transposed else t
     weights.pop("lm_head.weight", None)  # tied: the same matrix as wte
+    wpe = weights.pop("wpe.weight", None) if config.n_layer == 0 else None
+    if wpe is not None and bool(wpe.any()):
+        raise QuillError(f"{source}: a GPT-2 with no layers that adds position embeddings is not a model Quill runs",
+                         hint="Quill's model with no layers (a bigram model) has no positions")
     if weights:
         raise QuillError(f"{source} has weights GPT-2 does not have: {', '.join(sorted(weights)[:5])}")
     if config.tie_embeddings:
@@ -173,21 +182,24 @@ def gpt2_config(path: Path) -> GPTConfig:
 
     if not path.is_file():
         raise QuillError(f"{path.parent} has no config.json: it is not a HuggingFace model directory")
-    try:
-        raw = json.loads(read_user_file(path, "config file").decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise QuillError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise QuillError(f"{path} should hold a JSON object")
+    raw = read_json_object(path)
     kind = raw.get("model_type")
     if kind != "gpt2":
-        architectures = ", ".join(raw.get("architectures") or []) or "no architectures listed"
-        raise QuillError(f"{path} describes a {kind or 'model of no model_type'} model ({architectures}), not GPT-2",
+        names = raw.get("architectures")
+        names = ", ".join(map(str, names)) if isinstance(names, list) else str(names or "")
+        described = f"a {kind} model" if isinstance(kind, str) and kind else "a model with no model_type"
+        raise QuillError(f"{path} describes {described}{f' ({names})' if names else ''}, not GPT-2",
                          hint="quill import reads GPT-2 models (model_type \"gpt2\")")
     c = {**GPT2_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
-    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-        if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] < (0 if key == "n_layer" else 1):
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+        if key in c and not (type(c[key]) is int and c[key] >= (0 if key == "n_layer" else 1)):
             raise QuillError(f"{path}: {key} must be a positive whole number, not {c[key]!r}")
+    for key, kind, what in (("activation_function", str, "a name"), ("layer_norm_epsilon", (int, float), "a number"),
+                            ("tie_word_embeddings", bool, "true or false"), ("scale_attn_weights", bool, "true or false"),
+                            ("scale_attn_by_inverse_layer_idx", bool, "true or false"),
+                            ("add_cross_attention", bool, "true or false")):
+        if key in c and (not isinstance(c[key], kind) or (kind is not bool and isinstance(c[key], bool))):
+            raise QuillError(f"{path}: {key} must be {what}, not {c[key]!r}")
     refusals = [
         (c["activation_function"] not in IMPORT_ACTIVATION, f"activation_function {c['activation_function']!r} "
                                                             f"(Quill runs {', '.join(IMPORT_ACTIVATION)})"),
@@ -203,7 +215,7 @@ def gpt2_config(path: Path) -> GPTConfig:
     try:
         return GPTConfig(vocab_size=c["vocab_size"], block_size=c["n_positions"], n_layer=c["n_layer"],
                          n_head=c["n_head"], n_embd=c["n_embd"], bias=True, position="learned", norm="layernorm",
-                         mlp=IMPORT_ACTIVATION[c["activation_function"]], tie_embeddings=bool(c["tie_word_embeddings"]))
+                         mlp=IMPORT_ACTIVATION[c["activation_function"]], tie_embeddings=c["tie_word_embeddings"])
     except QuillError as exc:
         raise QuillError(f"{path}: {exc.message}", hint=exc.hint) from None
 

@@ -11,6 +11,7 @@ text gets the same ids as in transformers. Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from .errors import QuillError
 from .fileio import read_user_file
 from .tokenizer import Tokenizer, tokenizer_class
 
+# What a special token looks like in a vocabulary: <|endoftext|>, <pad>, ...
+_SPECIAL_LOOK = re.compile(r"<\|?[^\s<>]+\|?>")
 # GPT-2's pre-split pattern (also Quill's `bpe` default, "gpt2").
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -44,6 +47,13 @@ def spell(piece: bytes, alphabet: list[str]) -> str:
     return "".join(alphabet[b] for b in piece)
 
 
+def bpe_model(vocab: dict[str, int], merges: list[str], unk_token: str | None = None) -> dict[str, Any]:
+    """The `model` part of a `tokenizer.json`: plain BPE, merges as "left right" lines."""
+    return {"type": "BPE", "dropout": None, "unk_token": unk_token, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab, "merges": merges}
+
+
 def tokenizer_json(model: dict[str, Any], tokenizer: Tokenizer, pre_tokenizer: dict | None, decoder: dict) -> dict[str, Any]:
     """A whole HuggingFace `tokenizer.json` around `model`, with `tokenizer`'s special tokens."""
     added = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
@@ -58,7 +68,7 @@ def read_gpt2_tokenizer(directory: Path) -> Tokenizer:
     else a byte-level BPE tokenizer.json. Errors name the file and what is wrong."""
     vocab_file, merges_file, json_file = (directory / n for n in ("vocab.json", "merges.txt", "tokenizer.json"))
     if vocab_file.is_file() and merges_file.is_file():
-        vocab = _json_object(vocab_file)
+        vocab = read_json_object(vocab_file)
         merges = _merges_txt(merges_file)
         return _build(vocab, merges, {}, GPT2_PATTERN, f"{vocab_file} and {merges_file.name}")
     if json_file.is_file():
@@ -68,7 +78,8 @@ def read_gpt2_tokenizer(directory: Path) -> Tokenizer:
                      hint="a GPT-2 directory holds vocab.json and merges.txt (or tokenizer.json) beside config.json")
 
 
-def _json_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object, with errors naming it."""
     try:
         data = json.loads(read_user_file(path, "file").decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -95,19 +106,21 @@ def _merges_txt(path: Path) -> list[tuple[str, str]]:
 
 
 def _from_tokenizer_json(path: Path) -> Tokenizer:
-    data = _json_object(path)
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise QuillError(f"{path} holds a {model.get('type')!r} model, not byte-level BPE: quill import reads GPT-2's tokenizer")
+    data = read_json_object(path)
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise QuillError(f"{path} holds a {kind or 'malformed'} model, not byte-level BPE: quill import reads GPT-2's tokenizer")
     for key, allowed in (("continuing_subword_prefix", (None, "")), ("end_of_word_suffix", (None, "")),
                          ("dropout", (None, 0)), ("byte_fallback", (None, False)), ("ignore_merges", (None, False))):
         if model.get(key) not in allowed:
             raise QuillError(f"{path}: model.{key} is {json.dumps(model.get(key))}; GPT-2's tokenizer has none")
     if data.get("normalizer") is not None:
-        raise QuillError(f"{path} has a normalizer ({data['normalizer'].get('type')}); GPT-2's tokenizer has none")
+        raise QuillError(f"{path} has a normalizer ({json.dumps(data['normalizer'])[:80]}); GPT-2's tokenizer has none")
     pattern = _pattern_of(data.get("pre_tokenizer"), path)
     merges = []
-    for m in model.get("merges", []):
+    raw_merges = model.get("merges")
+    for m in raw_merges if isinstance(raw_merges, list) else [raw_merges]:
         parts = m.split(" ") if isinstance(m, str) else m
         if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) and p for p in parts)):
             raise QuillError(f"{path}: malformed merge {m!r}")
@@ -115,20 +128,28 @@ def _from_tokenizer_json(path: Path) -> Tokenizer:
     vocab = model.get("vocab")
     if not isinstance(vocab, dict):
         raise QuillError(f"{path} has no model.vocab")
-    specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if isinstance(t, dict)}
-    return _build(vocab, merges, specials, pattern, str(path))
+    added = data.get("added_tokens") or []
+    if not (isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                            and type(t.get("id")) is int for t in added)):
+        raise QuillError(f"{path}: added_tokens must be a list of {{\"id\": ..., \"content\": ...}} entries")
+    return _build(vocab, merges, {t["content"]: t["id"] for t in added}, pattern, str(path))
 
 
-def _pattern_of(pre: dict | None, path: Path) -> str:
+def _pattern_of(pre: Any, path: Path) -> str:
     """The pre-split pattern of a byte-level pre-tokenizer: GPT-2's, or a Split's regex."""
-    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre]
-    if steps and steps[-1] and steps[-1].get("type") == "ByteLevel" and not steps[-1].get("add_prefix_space"):
+    if pre is None:
+        raise QuillError(f"{path} is not byte-level BPE (it has no pre-tokenizer): quill import reads GPT-2's kind of tokenizer",
+                         hint="a char model exported by Quill needs no import: use its Quill checkpoint")
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    steps = steps if isinstance(steps, list) and all(isinstance(step, dict) for step in steps) else []
+    if steps and steps[-1].get("type") == "ByteLevel" and not steps[-1].get("add_prefix_space"):
         if len(steps) == 1 and steps[0].get("use_regex", True):
             return GPT2_PATTERN
-        split = steps[0] if len(steps) == 2 else None
-        if (split and split.get("type") == "Split" and "Regex" in split.get("pattern", {})
-                and split.get("behavior") == "Isolated" and not split.get("invert") and not steps[1].get("use_regex", True)):
-            return split["pattern"]["Regex"]
+        split = steps[0] if len(steps) == 2 else {}
+        regex = split.get("pattern", {}).get("Regex") if isinstance(split.get("pattern"), dict) else None
+        if (split.get("type") == "Split" and isinstance(regex, str) and split.get("behavior") == "Isolated"
+                and not split.get("invert") and not steps[1].get("use_regex", True)):
+            return regex
     raise QuillError(f"{path} does not pre-split text as GPT-2 does (pre_tokenizer {json.dumps(pre)[:120]})",
                      hint="quill import reads byte-level BPE tokenizers without a prefix space")
 
@@ -151,11 +172,15 @@ def _build(vocab: dict[str, Any], merges: list[tuple[str, str]], specials: dict[
         pairs.append((vocab[left], vocab[right]))
         ids.append(vocab[left + right])
     made = set(ids)
-    # Tokens no byte or merge makes are special tokens (GPT-2's <|endoftext|>).
-    for name, i in vocab.items():
-        if i not in made:
-            specials.setdefault(name, i)
     specials = {name: i for name, i in specials.items() if i not in made}
+    # A token no byte or merge makes is a special token if it looks like one (GPT-2's
+    # <|endoftext|>); any other could never be produced, and would decode wrongly.
+    for name, i in vocab.items():
+        if i not in made and i not in specials.values():
+            if not _SPECIAL_LOOK.fullmatch(name):
+                raise QuillError(f"{source}: the vocabulary's {name!r} (id {i}) is made by no merge and is not a "
+                                 "special token, which Quill's BPE cannot hold")
+            specials[name] = i
     try:
         return tokenizer_class("bpe").from_content({"pattern": pattern, "merges": [list(p) for p in pairs], "ids": ids}, specials)
     except QuillError as exc:

@@ -29,6 +29,8 @@ RESERVED_KEYS = frozenset({"format", "version", "kind", "special_tokens", "finge
 
 AllowedSpecial = Literal["all"] | Collection[str]
 Progress = Callable[[int, int], None]
+# The special token that ends a text: Quill's <eos>, or GPT-2's <|endoftext|> (which also starts one).
+END_OF_TEXT = ("<eos>", "<|endoftext|>")
 
 
 class Tokenizer:
@@ -252,6 +254,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     except RecursionError:
         raise QuillError(f"{source} is not a tokenizer file (JSON nested too deeply)") from None
     return tokenizer_from_dict(data, source)
+
+
+def eos_id(tokenizer: Tokenizer) -> int | None:
+    """The id that ends a text for this tokenizer, if it has one (see `END_OF_TEXT`)."""
+    return next((tokenizer.special_tokens[name] for name in END_OF_TEXT if name in tokenizer.special_tokens), None)
 
 
 def check_ids(ids: Sequence[Any]) -> list[int]:

@@ -26,7 +26,7 @@ from typing import Any
 import regex
 
 from gpt_runtime.errors import QuillError, UsageError, did_you_mean
-from gpt_runtime.hf_tokenizer import GPT2_PATTERN, byte_alphabet, spell, tokenizer_json
+from gpt_runtime.hf_tokenizer import GPT2_PATTERN, bpe_model, byte_alphabet, spell, tokenizer_json
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.tokenizer import Progress, Tokenizer
 
@@ -124,6 +124,8 @@ class BPETokenizer(Tokenizer):
             byte_ids, made = range(256), range(256, 256 + len(self.merges))
         elif len(ids) != 256 + len(self.merges):
             raise QuillError(f"'ids' must hold 256 byte ids and one id per merge ({256 + len(self.merges)} in all), not {len(ids)}")
+        elif not all(type(i) is int and 0 <= i < 0x110000 for i in ids):  # each id becomes a character (chr)
+            raise QuillError("'ids' must be token ids from 0 to 1114111")
         else:
             byte_ids, made = ids[:256], ids[256:]
         piece_of = {i: bytes([b]) for b, i in enumerate(byte_ids)}
@@ -182,7 +184,7 @@ class BPETokenizer(Tokenizer):
         if not isinstance(pattern, str):
             raise QuillError("'pattern' must be a regular expression string")
         ids = content.get("ids")
-        if ids is not None and not (isinstance(ids, list) and all(type(i) is int and 0 <= i < 0x110000 for i in ids)):
+        if ids is not None and not isinstance(ids, list):
             raise QuillError("'ids' must be a list of token ids")
         return cls([tuple(m) for m in merges], pattern, special_tokens, ids)
 
@@ -214,11 +216,8 @@ class BPETokenizer(Tokenizer):
         if not gpt2:
             split = {"type": "Split", "pattern": {"Regex": self.pattern}, "behavior": "Isolated", "invert": False}
             pre = {"type": "Sequence", "pretokenizers": [split, pre]}
-        model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                 "vocab": vocab, "merges": merges}
         decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
-        return tokenizer_json(model, self, pre, decoder)
+        return tokenizer_json(bpe_model(vocab, merges), self, pre, decoder)
 
     # --- encoding ---------------------------------------------------------------
     def encode_ordinary(self, text: str) -> list[int]:

@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Any
 
 from gpt_runtime.errors import QuillError, QuillWarning, UsageError
-from gpt_runtime.hf_tokenizer import tokenizer_json
+from gpt_runtime.hf_tokenizer import bpe_model, tokenizer_json
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.tokenizer import Progress, Tokenizer
 
@@ -71,9 +71,7 @@ class CharTokenizer(Tokenizer):
         """A BPE model with no merges and no pre-split: each character is looked up
         alone, unknown ones become <unk>, the same ids as here. (HuggingFace turns
         special-token text such as "<eos>" into its id; Quill only when asked.)"""
-        model = {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
-                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                 "vocab": {**self.special_tokens, **self.stoi}, "merges": []}
+        model = bpe_model({**self.special_tokens, **self.stoi}, [], unk_token="<unk>")
         return tokenizer_json(model, self, None, {"type": "Fuse"})
 
     def encode_ordinary(self, text: str) -> list[int]:
