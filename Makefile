@@ -32,6 +32,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/tokenizer_bench.py
 	$(PY) benchmarks/generate_bench.py
+	$(PY) benchmarks/interop_bench.py
 	$(PY) benchmarks/chat_bench.py --profile shakespeare-char
 	$(PY) benchmarks/tui_bench.py
 
