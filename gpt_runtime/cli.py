@@ -465,7 +465,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.format == "hf":
         from .hf_model import export_hf
 
-        for note in export_hf(ckpt.model, ckpt.tokenizer, out, getattr(torch, dtype)):
+        from .progress import status
+
+        with status(f"writing {out}"):
+            notes = export_hf(ckpt.model, ckpt.tokenizer, out, getattr(torch, dtype))
+        for note in notes:
             print(f"note: {note}", file=sys.stderr)
         print(f"wrote {out}/: GPT-2 with {ckpt.model.num_params(exclude_positions=False):,} parameters in {dtype}, step {ckpt.step}; "
               f"load it with GPT2LMHeadModel.from_pretrained({str(out)!r})")
@@ -480,6 +484,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     from .checkpoint import save_checkpoint
     from .hf_model import import_hf
     from .profiles import ChatTemplate, free_profile_name, write_profile
+    from .progress import status
 
     out, source = Path(args.out), Path(args.directory).expanduser()
     if out.exists() and not args.force:
@@ -490,11 +495,13 @@ def cmd_import(args: argparse.Namespace) -> None:
         raise UsageError("--profile and --no-profile contradict each other")
     # Settled before the work, so a taken name costs nothing.
     name = None if args.no_profile else free_profile_name(args.profile or source.resolve().name, exact=bool(args.profile))
-    model, tokenizer = import_hf(source)
+    with status(f"reading {source}"):
+        model, tokenizer = import_hf(source)
     cfg, n_params = model.config, model.num_params(exclude_positions=False)  # GPT-2's sizes count them all
     print(f"read {source}: GPT-2, {cfg.n_layer} layers, {n_params:,} parameters, "
           f"{tokenizer.vocab_size:,} tokens, context {cfg.block_size}")
-    save_checkpoint(out, model, tokenizer, step=0, train_args={"imported_from": str(source.resolve())})
+    with status(f"writing {out}"):
+        save_checkpoint(out, model, tokenizer, step=0, train_args={"imported_from": str(source.resolve())})
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     if name is None:
         return

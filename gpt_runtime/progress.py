@@ -33,6 +33,19 @@ def progress_bar(description: str, unit: str = "") -> Iterator[Callable[[int, in
         yield update
 
 
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner with `message` on stderr while the block runs, for work with no
+    countable steps (reading and writing a large model); only on a terminal."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message):
+        yield
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
