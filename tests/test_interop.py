@@ -256,7 +256,9 @@ def test_a_pytorch_bin_of_tensors_imports_with_its_old_mask_buffers_ignored(gpt2
     assert (logits_of(hf, ids) - logits_of(model, ids)).abs().max().item() <= 1e-4
 
 
-def test_sharded_safetensors_and_a_config_that_leaves_gpt2_defaults_out_import(gpt2_dir, tmp_path):
+def test_sharded_safetensors_and_a_config_that_leaves_gpt2_defaults_out_import(gpt2_dir, tmp_path, monkeypatch):
+    import socket
+
     from safetensors.torch import load_file, save_file
 
     directory = copy_of(gpt2_dir, tmp_path)
@@ -271,7 +273,14 @@ def test_sharded_safetensors_and_a_config_that_leaves_gpt2_defaults_out_import(g
     config = json.loads((directory / "config.json").read_text())
     keep = ("model_type", "vocab_size", "n_positions", "n_embd", "n_layer", "n_head")  # GELU, 1e-5, tied: GPT-2's defaults
     (directory / "config.json").write_text(json.dumps({k: config[k] for k in keep}))
-    model, tok = import_hf(directory)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("import tried to use the network")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(socket, "socket", no_network)
+        patch.setattr(socket, "create_connection", no_network)
+        model, tok = import_hf(directory)
     assert (model.config.mlp, model.config.tie_embeddings) == ("gelu_tanh", True)
     hf = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
     ids = tok.encode(VARIED)[:100]
