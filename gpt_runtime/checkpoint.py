@@ -149,7 +149,7 @@ def load_checkpoint(
     """
     from safetensors.torch import load_file
 
-    from .model import GPTConfig, empty_model
+    from .model import GPT, GPTConfig
 
     path = resolve_checkpoint_path(path)
     meta = read_metadata(path)
@@ -169,7 +169,7 @@ def load_checkpoint(
         given = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
         name = f"tokenizer file {str(tokenizer)!r}" if not isinstance(tokenizer, Tokenizer) else "the given tokenizer"
         check_tokenizer_match(tok.fingerprint, given, source, name)
-    model = empty_model(config)
+    model = GPT(config)
     try:
         weights = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for bad payloads

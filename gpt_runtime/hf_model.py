@@ -137,7 +137,7 @@ def import_hf(directory: str | Path) -> tuple[GPT, Tokenizer]:
     directory. Never touches the network; errors name the file and what is wrong."""
     import torch
 
-    from .model import empty_model
+    from .model import GPT
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -149,7 +149,7 @@ def import_hf(directory: str | Path) -> tuple[GPT, Tokenizer]:
         raise QuillError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size "
                          f"is {config.vocab_size}: they do not belong together")
     source, weights = read_weights(directory)
-    model = empty_model(config)
+    model = GPT(config)
     expected = model.state_dict()
     state = {}
     for quill, (name, transposed) in _names(config).items():

@@ -95,15 +95,10 @@ class Rotary(nn.Module):
 
     def __init__(self, head_size: int, block_size: int, base: float = 10000.0) -> None:
         super().__init__()
-        self.head_size, self.block_size, self.base = head_size, block_size, base
-        self.fill()
-
-    def fill(self, device: torch.device | str | None = None) -> None:
-        """Compute the angle tables (on `device`); they derive from the config, so are not saved."""
-        hs = self.head_size
-        inv_freq = 1.0 / self.base ** (torch.arange(0, hs, 2, device=device).float() / hs)
-        angles = torch.outer(torch.arange(self.block_size, device=device).float(), inv_freq)  # (T, hs/2)
+        inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)
+        angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (T, hs/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, hs): both halves of each pair
+        # Derived from the config, so not saved in checkpoints.
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
@@ -289,20 +284,6 @@ class GPT(nn.Module):
         cfg = self.config
         T = seq_len or cfg.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
-
-
-def empty_model(config: GPTConfig) -> GPT:
-    """A GPT on the CPU whose weights are left uninitialised, to load a checkpoint
-    into: the random init it skips takes seconds for a model of GPT-2's size."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    if config.tie_embeddings:  # to_empty gives each module a tensor of its own
-        model.lm_head.weight = model.wte.weight
-    for module in model.modules():
-        if isinstance(module, Rotary):
-            module.fill("cpu")
-    return model
 
 
 class KVCache:
