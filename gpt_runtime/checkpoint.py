@@ -169,7 +169,7 @@ def load_checkpoint(
         given = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
         name = f"tokenizer file {str(tokenizer)!r}" if not isinstance(tokenizer, Tokenizer) else "the given tokenizer"
         check_tokenizer_match(tok.fingerprint, given, source, name)
-    model = GPT(config)
+    model = GPT(config, init=False)  # every weight is loaded next
     try:
         weights = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for bad payloads

@@ -149,7 +149,7 @@ def import_hf(directory: str | Path) -> tuple[GPT, Tokenizer]:
         raise QuillError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size "
                          f"is {config.vocab_size}: they do not belong together")
     source, weights = read_weights(directory)
-    model = GPT(config)
+    model = GPT(config, init=False)  # every weight is loaded next
     expected = model.state_dict()
     state = {}
     for quill, (name, transposed) in _names(config).items():

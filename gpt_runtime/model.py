@@ -208,7 +208,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """The model. `forward(idx, targets)` returns (logits, loss or None)."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, init: bool = True) -> None:
+        """`init=False` skips GPT-2's initialisation (PyTorch's default stays), for a
+        model whose weights are loaded next: at GPT-2 small's size it saves a second."""
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
@@ -221,6 +223,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if not init:
+            return
         self.apply(self._init_weights)
         # Scaled init of the projections into the residual stream (GPT-2).
         for name, p in self.named_parameters():
