@@ -449,10 +449,6 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    import torch
-
-    from .checkpoint import load_checkpoint, save_checkpoint
-
     out = Path(args.out)
     if out.exists() and not args.force and not (out.is_dir() and not any(out.iterdir())):
         raise QuillError(f"{str(out)!r} already exists", hint="pass --force to overwrite it")
@@ -460,6 +456,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise QuillError(f"{str(out)!r} is a directory", hint="--format quill writes a file; --format hf a directory")
     if args.format == "hf" and out.is_file():
         raise QuillError(f"{str(out)!r} is a file", hint="--format hf writes a directory")
+    import torch
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+
     dtype = args.dtype or ("float32" if args.format == "hf" else "bfloat16")
     ckpt = load_checkpoint(args.checkpoint)
     if args.format == "hf":

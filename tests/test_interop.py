@@ -393,11 +393,19 @@ def test_a_directory_that_is_not_a_usable_gpt2_is_refused_with_the_reason(gpt2_d
     assert message in exc.value.message
 
 
-def test_import_errors_are_one_line_and_write_nothing(tmp_path):
+def test_import_and_export_errors_are_one_line_and_write_nothing(tmp_path):
     result = run_quill("import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors"))
     assert result.returncode == 1
     assert result.stderr.decode().splitlines()[0] == f"quill: error: {tmp_path / 'nowhere'} does not exist"
     assert not (tmp_path / "x.safetensors").exists()
+    both = run_quill("import", str(tmp_path), "--out", str(tmp_path / "x.safetensors"), "--profile", "a", "--no-profile")
+    assert both.returncode == 2 and "--profile and --no-profile contradict each other" in both.stderr.decode()
+    (tmp_path / "file").write_text("")
+    onto_file = run_quill("export", str(tmp_path / "model.safetensors"), "--format", "hf", "--out", str(tmp_path / "file"), "--force")
+    assert onto_file.returncode == 1 and "is a file" in onto_file.stderr.decode()
+    onto_dir = run_quill("export", str(tmp_path / "model.safetensors"), "--out", str(tmp_path), "--force")
+    assert onto_dir.returncode == 1 and "is a directory" in onto_dir.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 # --- in the chat -------------------------------------------------------------------------------
