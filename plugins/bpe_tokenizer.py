@@ -2,8 +2,9 @@
 
 Ids 0-255 are the raw bytes, so no text is ever unknown; each learned merge adds
 one id (256, 257, ...); the special tokens come last. A tokenizer imported from
-GPT-2 keeps GPT-2's numbering instead (the optional ``ids`` of its file). Text is first pre-split by a
-regular expression (GPT-2's by default) and merges never cross those boundaries.
+GPT-2 keeps GPT-2's numbering instead (the optional ``ids`` of its file). Text is
+first pre-split by a regular expression (GPT-2's by default) and merges never
+cross those boundaries.
 
 Training counts the distinct pre-split chunks once, then keeps pair counts up to
 date incrementally: a merge only revisits the chunks that contain its pair, and a
