@@ -84,6 +84,14 @@ async def say(pilot, text: str) -> None:
     assert len(views(app, "error")) == errors, views(app, "error")[-1].text
 
 
+async def start_a_long_reply(pilot, tokens: int = 1) -> None:
+    """Send "Speak" with no practical length limit; return once `tokens` have streamed."""
+    app = pilot.app
+    await type_command(pilot, "/set max_new_tokens 100000")
+    await pilot.press(*"Speak", "enter")
+    await until(pilot, lambda: bool(app.streaming) and len(app.streaming[0].tokens) >= tokens)
+
+
 async def type_command(pilot, line: str) -> None:
     box = pilot.app.query_one("#input")
     box.text = line
@@ -118,9 +126,7 @@ def test_escape_stops_a_reply_and_the_chat_goes_on(profiles):
     app = QuillApp("beta")
 
     async def steps(pilot):
-        await type_command(pilot, "/set max_new_tokens 100000")
-        await pilot.press(*"Speak", "enter")
-        await until(pilot, lambda: bool(app.streaming) and len(app.streaming[0].tokens) > 3)
+        await start_a_long_reply(pilot, tokens=4)
         await pilot.press("escape")
         await until(pilot, lambda: not app.streaming)
         reply = views(app, "model")[-1]
@@ -137,9 +143,7 @@ def test_a_message_sent_while_a_reply_streams_is_refused_not_interleaved(profile
     app = QuillApp("beta")
 
     async def steps(pilot):
-        await type_command(pilot, "/set max_new_tokens 100000")
-        await pilot.press(*"Speak", "enter")
-        await until(pilot, lambda: bool(app.streaming))
+        await start_a_long_reply(pilot)
         await pilot.press(*"again", "enter")
         await pilot.pause(0.2)
         assert app.query_one("#input").text == "again"  # refused, and kept for later
