@@ -278,34 +278,42 @@ class ChatSession:
     def context_used(self) -> tuple[int, int]:
         """(tokens, block size): how much of the context window the conversation fills,
         counting from the oldest turn the next prompt will hold."""
+        _, _, used = self._fit(self.turns, "", self.loaded, self.template)
         block = self.loaded.model.config.block_size
-        room = block - min(self.max_new_tokens, block // 4)
-        start = 0
-        while True:
-            history = [(t.user, t.reply) for t in self.turns[start:]]
-            used = len(self.loaded.tokenizer.encode(self.template.render(history, "")))
-            if used <= room or start == len(self.turns):
-                return min(used, block), block
-            start += 1
+        return min(used, block), block
 
     def _prompt(self, index: int, first_turn: int | None = None, loaded: _Loaded | None = None,
-                template: ChatTemplate | None = None) -> tuple[str, int, int]:
-        """The prompt for turn `index`: (text, first turn it holds, turns dropped to fit).
+                template: ChatTemplate | None = None) -> tuple[str, int]:
+        """The prompt for turn `index` and the first turn it holds (older ones are dropped
+        to fit; `first_turn` fixes it, for a replay).
 
         `loaded` lays it out for another profile's model (for /compare); `template`
         replaces the session's (for a replay, or another profile's).
         """
         loaded = loaded or self.loaded
         template = template or self.template
+        if first_turn is not None:
+            history = [(t.user, t.reply) for t in self.turns[first_turn:index]]
+            return template.render(history, self.turns[index].user), first_turn
+        text, start, _ = self._fit(self.turns[:index], self.turns[index].user, loaded, template)
+        return text, start
+
+    def _fit(self, turns: list[Turn], message: str, loaded: _Loaded, template: ChatTemplate) -> tuple[str, int, int]:
+        """`message` after as many of the latest `turns` as the context holds, room kept for
+        the reply: (prompt, index of the first turn held, its tokens). Turns are added from
+        the newest back, so no text longer than a context's worth is ever encoded."""
         block = loaded.model.config.block_size
-        room = block - min(self.max_new_tokens, block // 4)  # keep space for the reply
-        start = first_turn if first_turn is not None else 0
-        while True:
-            history = [(t.user, t.reply) for t in self.turns[start:index]]
-            text = template.render(history, self.turns[index].user)
-            if first_turn is not None or start >= index or len(loaded.tokenizer.encode(text)) <= room:
-                return text, start, start
-            start += 1
+        room = block - min(self.max_new_tokens, block // 4)
+        encode = loaded.tokenizer.encode
+        start, text = len(turns), template.render([], message)
+        used = len(encode(text))
+        while start > 0:
+            longer = template.render([(t.user, t.reply) for t in turns[start - 1:]], message)
+            tokens = len(encode(longer))
+            if tokens > room:
+                break
+            start, text, used = start - 1, longer, tokens
+        return text, start, used
 
     def _reply(self, index: int, provenance: Provenance | None = None) -> Iterator[Any]:
         from .generate import Done, generate
@@ -315,17 +323,17 @@ class ChatSession:
         turn = self.turns[index]
         template = self.template
         if provenance is None:
-            text, first, dropped = self._prompt(index)
-            if dropped > self._dropped_told:
-                self._dropped_told = dropped
-                what = "the oldest turn no longer fits" if dropped == 1 else f"the {dropped} oldest turns no longer fit"
+            text, first = self._prompt(index)
+            if first > self._dropped_told:
+                self._dropped_told = first
+                what = "the oldest turn no longer fits" if first == 1 else f"the {first} oldest turns no longer fit"
                 yield Notice(f"{what} in the context window ({self.loaded.model.config.block_size} tokens); "
-                             "the model no longer sees " + ("it" if dropped == 1 else "them"))
+                             "the model no longer sees " + ("it" if first == 1 else "them"))
             chain, options, seed, limit = self.chain, self.options, self.seed, self.max_new_tokens
         else:
             if provenance.template:
                 template = ChatTemplate(**provenance.template)
-            text, first, _ = self._prompt(index, provenance.first_turn, template=template)
+            text, first = self._prompt(index, provenance.first_turn, template=template)
             chain, options, seed, limit = provenance.chain, provenance.options, provenance.seed, provenance.max_new_tokens
             if provenance.reason == "cancelled":  # the same tokens, up to where it was stopped
                 limit = provenance.new_tokens
@@ -414,6 +422,7 @@ class ChatSession:
         if not self.turns:
             raise QuillError("say something first: /compare replies to the last message")
         self._claim()
+        self._cancel.clear()  # Escape (cancel) stops the side being written, and skips the rest
         try:
             seed = self.seed if self.seed is not None else secrets.randbits(63)
             results = []
@@ -425,10 +434,11 @@ class ChatSession:
                     loaded = self.loaded
                     chain = build_chain(side, {n: v for n, v in self.options.items() if n in side.split(",")})
                 template = self.template if loaded is self.loaded else loaded.profile.template
-                text, _, _ = self._prompt(len(self.turns) - 1, loaded=loaded, template=template)
+                text, _ = self._prompt(len(self.turns) - 1, loaded=loaded, template=template)
                 parts = []
                 for event in generate(loaded.model, loaded.tokenizer, text, chain=chain, seed=seed,
-                                      max_new_tokens=self.max_new_tokens, stop=template.stop_strings()):
+                                      max_new_tokens=self.max_new_tokens, stop=template.stop_strings(),
+                                      cancel=self._cancel):
                     parts.append(event.text)
                 results.append(Side(side if side.startswith("profile:") else chain.spec, "".join(parts).strip(),
                                     seed, round(event.tokens_per_second, 1) if isinstance(event, Done) else 0.0))

@@ -267,6 +267,19 @@ def test_cancel_from_another_thread_stops_the_reply_and_the_chat_goes_on(s, m):
     assert len(s.turns) == 2 and s.turns[1].reply
 
 
+def test_cancel_stops_a_compare_too(s):
+    s.use_profile("beta")
+    drain(s.send("Speak"))
+    s.set("max_new_tokens", "100000")  # only cancel ends it in good time
+    results = []
+    worker = threading.Thread(target=lambda: results.extend(s.compare("greedy", "top_k,temperature")), daemon=True)
+    worker.start()
+    threading.Timer(0.3, s.cancel).start()
+    worker.join(30)
+    assert not worker.is_alive() and not s.busy and len(results) == 2
+    assert all(len(side.text) < 5000 for side in results)  # far from 100,000 tokens each
+
+
 def test_cancel_after_the_first_token_in_the_same_thread(s):
     s.use_profile("beta")
     s.set("max_new_tokens", "100000")
@@ -353,8 +366,8 @@ def test_old_turns_leave_the_prompt_with_a_notice_and_the_prompt_fits(s, m):
     told = 0
     for index, message in enumerate(MESSAGES):
         events = drain(s.send(message))
-        text, first, dropped = s._prompt(index)
-        assert first == dropped == s.turns[index].provenance.first_turn
+        text, first = s._prompt(index)
+        assert first == s.turns[index].provenance.first_turn
         assert text == ALPHA_TEMPLATE.render(history(s, first, index), message)
         assert len(m["tok_a"].encode(text)) <= ROOM  # the prompt fits, with room for the reply
         if first > 0:  # and holds as much history as fits
@@ -571,14 +584,14 @@ def test_compare_runs_the_last_message_through_two_chains_with_one_seed(s, m):
     assert one.side == two.side == "top_k,temperature" and one.text == two.text and one.seed == two.seed
     assert one.tokens_per_second > 0 and two.tokens_per_second > 0
     greedy = [(side.side, side.text) for side in s.compare("greedy", "top_k,greedy")]
-    prompt, _, _ = s._prompt(1)
+    prompt, _ = s._prompt(1)
     want = expected(m, prompt, 0, "greedy", {})
     assert greedy == [("greedy", want), ("top_k,greedy", want)]
     # with a fixed seed, the current chain gives exactly what send gives
     s.set("seed", "9")
     s.set("temperature", "1.5")
     drain(s.send("Resolved"))
-    prompt, _, _ = s._prompt(2)
+    prompt, _ = s._prompt(2)
     assert [(side.side, side.text) for side in s.compare("top_k,temperature", "temperature")] == [
         ("top_k,temperature", s.turns[2].reply),
         ("temperature", expected(m, prompt, 9, "temperature", {"temperature": {"t": 1.5}}))]
