@@ -462,6 +462,58 @@ def test_a_plugin_that_raises_in_the_ui_is_named_and_the_app_goes_on(profiles, m
     run(app, steps)
 
 
+def test_a_reply_that_fails_midway_keeps_its_error_in_view(profiles, monkeypatch):
+    import sys
+
+    from gpt_runtime import plugins as host_mod
+    from gpt_runtime.hookspecs import hookimpl
+    from gpt_runtime.sampling import Sampler
+
+    class Breaks(Sampler):
+        name = "breaks"
+
+        def apply(self, logits, state):
+            if state.step == 2:
+                raise RuntimeError("the sampler broke")
+            return logits
+
+    class Plugin:
+        @hookimpl
+        def quill_register_samplers(self, register):
+            register("breaks", Breaks)
+
+    monkeypatch.setitem(sys.modules, "_quill_test_breaks", Plugin())
+    monkeypatch.setattr(host_mod, "BUILTINS", host_mod.BUILTINS + (("breaks", "_quill_test_breaks"),))
+    host_mod.get_plugin_host.cache_clear()
+    app = QuillApp("beta")
+
+    async def steps(pilot):
+        await type_command(pilot, "/sampler breaks")
+        await until(pilot, lambda: app.session.chain == "breaks")
+        await pilot.press(*"Speak", "enter")
+        await until(pilot, lambda: not app.streaming and bool(views(app, "error")))
+        await pilot.pause(0.3)  # the conversation is redrawn: the error must stay
+        assert "the sampler broke" in views(app, "error")[-1].text
+
+    run(app, steps)
+
+
+def test_undo_keeps_what_it_says_and_the_other_replies_probabilities(profiles):
+    app = QuillApp("beta")
+
+    async def steps(pilot):
+        await say(pilot, "Speak")
+        await say(pilot, "hear me")
+        await type_command(pilot, "/undo")
+        await until(pilot, lambda: bool(views(app, "output")) and "forgot: 'hear me'" in views(app, "output")[-1].text)
+        await pilot.pause(0.2)
+        assert [v.text for v in views(app, "user")] == ["Speak"]
+        assert len(views(app, "model")) == 1 and views(app, "model")[0].tokens
+        assert "forgot: 'hear me'" in views(app, "output")[-1].text
+
+    run(app, steps)
+
+
 def test_a_profile_that_fails_to_load_leaves_a_way_out(profiles):
     app = QuillApp("gamma")  # there is no such profile
 

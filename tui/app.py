@@ -153,13 +153,26 @@ class QuillApp(App):
         return view
 
     def rebuild_conversation(self) -> None:
-        """Show the session's turns afresh (after /undo, /clear, /load)."""
+        """Show the session's turns afresh (after /clear, /load, a failed reply)."""
         conversation = self.query_one("#conversation", VerticalScroll)
         conversation.remove_children()
         names = self.session.template
         for n, turn in enumerate(self.session.turns):
             self.add_message("user", turn.user, title=names.user_name)
             self.add_message("model", turn.reply, turn=n, title=names.model_name)
+
+    def forget_undone_turn(self) -> None:
+        """After /undo: remove the last exchange's messages (and the notices among them);
+        the other replies keep their token probabilities."""
+        views = list(self.query(MessageView))
+        n = len(self.session.turns)
+        reply = next((i for i, v in enumerate(views) if v.role == "model" and v.turn == n), None)
+        if reply is None:
+            self.rebuild_conversation()
+            return
+        start = max((i for i in range(reply) if views[i].role == "user"), default=reply)
+        for view in views[start:]:
+            view.remove()
 
     def status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
@@ -316,6 +329,11 @@ class QuillApp(App):
         if result is commands.QUIT:
             self.action_quit()
             return
+        # The conversation is redrawn first, so what the command says stays below it.
+        if name == "/undo":
+            self.forget_undone_turn()
+        elif name in ("/clear", "/load"):
+            self.rebuild_conversation()
         if isinstance(result, str):
             self.add_message("output", result)
         elif result is not None:  # a reply to stream: /regen
@@ -324,8 +342,6 @@ class QuillApp(App):
                 models[-1].remove()
             self.start_stream(result, self.add_message("model", "", turn=len(self.session.turns) - 1,
                                                        title=self.session.template.model_name))
-        if name in ("/undo", "/clear", "/load"):
-            self.rebuild_conversation()
         if name == "/profile":
             self.profile_name = self.session.profile.name
         self.refresh_panels()
@@ -340,7 +356,7 @@ class QuillApp(App):
         from gpt_runtime.generate import Done, Token
         from gpt_runtime.session import Notice
 
-        done = None
+        done = error = None
         try:
             for event in events:
                 if isinstance(event, Token):
@@ -350,17 +366,19 @@ class QuillApp(App):
                     self.call_from_thread(self.add_message, "notice", event.text, None, "", view)
                 elif isinstance(event, Done):
                     done = event
-        except Exception as exc:  # noqa: BLE001
-            self.call_from_thread(self.show_error, exc)
+        except Exception as exc:  # noqa: BLE001 - shown in the app, which goes on
+            error = exc
         finally:
-            self.call_from_thread(self.reply_done, view, done)
+            self.call_from_thread(self.reply_done, view, done, error)
 
-    def reply_done(self, view: MessageView, done: Any) -> None:
+    def reply_done(self, view: MessageView, done: Any, error: BaseException | None = None) -> None:
         if self.streaming and self.streaming[0] is view:
             self.streaming.clear()
         view.flush()
-        if done is None:  # it failed (the error is shown): show what the session kept
+        if done is None:  # it failed: show what the session kept, then why
             self.rebuild_conversation()
+            if error is not None:
+                self.show_error(error)
         else:
             turn = self.session.turns[view.turn] if view.turn is not None and view.turn < len(self.session.turns) else None
             self.last_speed = f"{done.tokens_per_second:.0f} tok/s"
