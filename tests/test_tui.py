@@ -139,6 +139,25 @@ def test_escape_stops_a_reply_and_the_chat_goes_on(profiles):
     run(app, steps)
 
 
+def test_scrolling_up_to_read_is_not_undone_by_a_streaming_reply(profiles):
+    app = QuillApp("beta")
+
+    async def steps(pilot):
+        conversation = app.query_one("#conversation")
+        await start_a_long_reply(pilot)
+        await until(pilot, lambda: conversation.max_scroll_y > 5)
+        conversation.scroll_home(animate=False)
+        await pilot.pause(0.5)  # ten draws of the streaming reply
+        assert conversation.scroll_y == 0
+        await pilot.press("escape")
+        await until(pilot, lambda: not app.streaming)
+        await type_command(pilot, "/set max_new_tokens 5")
+        await say(pilot, "hear me")  # a new message goes back to the end
+        assert conversation.scroll_y == conversation.max_scroll_y
+
+    run(app, steps)
+
+
 def test_a_message_sent_while_a_reply_streams_is_refused_not_interleaved(profiles):
     app = QuillApp("beta")
 

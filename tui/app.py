@@ -148,8 +148,10 @@ class QuillApp(App):
                     before: MessageView | None = None) -> MessageView:
         view = MessageView(role, text, turn, title)
         conversation = self.query_one("#conversation", VerticalScroll)
+        at_end = conversation.scroll_y >= conversation.max_scroll_y - 1
         conversation.mount(view, before=before)
-        conversation.scroll_end(animate=False)
+        if at_end or role == "user":  # follow the end, unless the user scrolled up to read
+            conversation.scroll_end(animate=False)
         return view
 
     def rebuild_conversation(self) -> None:
@@ -187,8 +189,12 @@ class QuillApp(App):
 
     def tick(self) -> None:
         """20 times a second: draw streamed text, and what the jobs reported."""
-        if self.streaming and self.streaming[0].flush():
-            self.query_one("#conversation", VerticalScroll).scroll_end(animate=False)
+        if self.streaming:
+            conversation = self.query_one("#conversation", VerticalScroll)
+            at_end = conversation.scroll_y >= conversation.max_scroll_y - 1
+            self.streaming[0].flush()
+            if at_end:  # follow the reply, unless the user scrolled up to read
+                conversation.scroll_end(animate=False)
         if self.session is not None:
             try:
                 notices = self.session.job_notices()

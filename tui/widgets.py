@@ -64,16 +64,15 @@ class MessageView(Static, can_focus=True):
         self.border_title = Content(title) if title else None  # a name like "[/]" is text, not markup
         self.update(text or ("…" if role == "model" else ""))
 
-    def flush(self) -> bool:
-        """Draw what streamed in since the last call; True if anything was new."""
+    def flush(self) -> None:
+        """Draw what streamed in since the last call."""
         if not self.pending:
-            return False
+            return
         parts = []
         while self.pending:
             parts.append(self.pending.popleft())
         self.text += "".join(parts)
         self.update(self.text)
-        return True
 
     def finish(self, text: str, subtitle: str = "") -> None:
         self.pending.clear()
