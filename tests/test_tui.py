@@ -213,6 +213,8 @@ def test_the_side_panel_edits_options_in_place_and_switches_profile(profiles):
         await pilot.press("enter")
         await until(pilot, lambda: bool(views(app, "error")))
         assert "top_k.k" in views(app, "error")[-1].text and app.session.options["top_k"] == {"k": 20}
+        # refused, so the panel shows the value in force again, not the one typed
+        await until(pilot, lambda: app.query_one("#set-top_k-k").value == "20")
         chain = panel.query_one("#chain")
         chain.focus()
         chain.value = "top_k,xtc,temperature"  # a third-party sampler, with no UI code of its own

@@ -51,7 +51,6 @@ class QuillApp(App):
         self.profile_name: str | None = None
         self.streaming: list[MessageView] = []  # the reply being streamed, if any
         self.loading_model = True  # the first model is loading (False once loaded, or failed)
-        self.panel_state: tuple = ()  # what the side panel shows, to rebuild it only on change
         self.suggestions: list[str] = []
         self.last_speed = ""
 
@@ -135,11 +134,11 @@ class QuillApp(App):
 
         return [e.name for e in find_profiles() if e.profile is not None]
 
-    def refresh_panels(self) -> None:
+    def refresh_panels(self, redraw: bool = False) -> None:
         if self.session is None:
             return
         if self.query_one("#side").display:
-            self.query_one(SidePanel).show(self.session, self.profiles())
+            self.query_one(SidePanel).show(self.session, self.profiles(), redraw)
         self.update_status()
 
     # --- the conversation -----------------------------------------------------------
@@ -325,7 +324,7 @@ class QuillApp(App):
             result = commands.run(self.session, line)
         except Exception as exc:  # noqa: BLE001 - shown in the app, which goes on
             self.call_from_thread(self.show_error, exc)
-            self.call_from_thread(self.refresh_panels)
+            self.call_from_thread(self.refresh_panels, True)  # undo what the panel asked for
             return
         self.call_from_thread(self.command_done, name, result)
 

@@ -28,13 +28,14 @@ class RunCommand(Message):
 class SidePanel(VerticalScroll):
     """The active profile and sampler chain, every option an input: Enter applies it."""
 
-    def show(self, session: Any, profiles: list[str]) -> None:
-        """Rebuild for the session's current profile, chain and options (if they changed)."""
+    def show(self, session: Any, profiles: list[str], redraw: bool = False) -> None:
+        """Rebuild for the session's current profile, chain and options, if they changed
+        (or with `redraw`: after a failed change, the widgets show what was asked, not what is)."""
         from gpt_runtime.plugins import get_registry
 
         state = (session.profile.name, tuple(profiles), session.chain, repr(session.options), session.max_new_tokens,
                  session.seed, session.template.user_name, session.template.model_name)
-        if state == getattr(self, "_state", None):
+        if state == getattr(self, "_state", None) and not redraw:
             return
         self._state = state
         registry = get_registry()
