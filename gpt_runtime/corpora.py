@@ -78,8 +78,10 @@ def fetch(name: str, out_dir: str | os.PathLike, url: str | None = None, timeout
                 done += len(chunk)
                 if progress:
                     progress(done, total or done)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except BaseException as exc:  # Ctrl-C included: no half-downloaded file stays behind
         partial.unlink(missing_ok=True)
+        if not isinstance(exc, (urllib.error.URLError, OSError, ValueError)):
+            raise
         if isinstance(exc, urllib.error.HTTPError):
             reason = f"HTTP {exc.code} {exc.reason}"
         else:
@@ -92,7 +94,11 @@ def fetch(name: str, out_dir: str | os.PathLike, url: str | None = None, timeout
         raise QuillError(f"the download of {name} from {url} has SHA-256 {digest.hexdigest()[:16]}..., "
                          f"not the expected {corpus.sha256[:16]}...; nothing was saved",
                          hint="try again; if it persists the source has changed: use a copy you trust")
-    os.replace(partial, path)
+    try:
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise QuillError(f"cannot write {str(path)!r}: {exc.strerror}") from None
     return path, True
 
 

@@ -56,6 +56,15 @@ def test_a_download_with_the_right_checksum_is_saved(test_corpus, tmp_path, caps
     assert capsys.readouterr().out == f"already there: {out / 'tiny.txt'} ({len(BODY):,} bytes, checksum ok)\n"
 
 
+def test_a_download_stopped_midway_leaves_no_partial_file(test_corpus, tmp_path):
+    def ctrl_c(done, total):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        corpora.fetch("tiny", tmp_path, progress=ctrl_c)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_file_in_the_way_is_left_alone(test_corpus, tmp_path, capsys):
     (tmp_path / "tiny.txt").write_text("my own notes")
     assert cli.main(["data", "fetch", "tiny", "--out", str(tmp_path)]) == 1
