@@ -157,7 +157,7 @@ class Jobs:
                 job.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 job.error = f"killed: it did not stop within {timeout:g} s of being cancelled"
-                job.process.kill()
+                _kill(job.process)
         self.wait()
 
     def all(self) -> list[Job]:
@@ -218,6 +218,17 @@ def _worker(argv: list[str]) -> int:
     except Exception as exc:
         _emit({"event": "error", "message": f"internal error: {type(exc).__name__}: {exc}"})
     return 1
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """Kill a job and what it started (torchrun's workers): it leads a session of its own."""
+    if hasattr(os, "killpg"):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+    else:
+        process.kill()
 
 
 if __name__ == "__main__":
