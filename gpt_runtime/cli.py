@@ -470,7 +470,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             notes = export_hf(ckpt.model, ckpt.tokenizer, out, getattr(torch, dtype))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-        print(f"wrote {out}/: GPT-2 with {ckpt.model.num_params(exclude_positions=False):,} parameters in {dtype}, "
+        print(f"wrote {out}/: GPT-2 with {ckpt.model.num_params():,} parameters in {dtype}, "
               f"step {ckpt.step}; load it with GPT2LMHeadModel.from_pretrained({str(out)!r})")
         return
     save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.step, ckpt.val_loss, ckpt.train_args,

@@ -35,7 +35,7 @@ from .errors import QuillError, QuillWarning
 from .inference import cache_dtype
 from .model import GPT, KVCache
 from .sampling import DEFAULT_CHAIN, BeamSearch, Chain, SamplerState, build_chain
-from .tokenizer import END_OF_TEXT, Tokenizer, eos_id
+from .tokenizer import Tokenizer, eos_id
 
 # Never produced as text: padding, markers and the unknown-character token.
 BANNED_SPECIALS = ("<pad>", "<bos>", "<unk>")
@@ -90,10 +90,8 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     ids = tokenizer.encode(prompt)
     if ids:
         return ids
-    for name in ("<bos>", *END_OF_TEXT):
-        if name in tokenizer.special_tokens:
-            return [tokenizer.special_tokens[name]]
-    return [0]
+    start = tokenizer.special_tokens.get("<bos>", eos_id(tokenizer))
+    return [0 if start is None else start]
 
 
 def fit_prompt(ids: Sequence[int], block_size: int) -> tuple[list[int], int]:

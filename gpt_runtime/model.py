@@ -223,13 +223,12 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if not init:
-            return
-        self.apply(self._init_weights)
-        # Scaled init of the projections into the residual stream (GPT-2).
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if init:
+            self.apply(self._init_weights)
+            # Scaled init of the projections into the residual stream (GPT-2).
+            for name, p in self.named_parameters():
+                if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -561,7 +561,7 @@ class ChatSession:
         """Write a profile for a freshly trained run; returns its name."""
         from .profiles import free_profile_name, write_profile
 
-        name = free_profile_name(Path(run_dir).resolve().name or "run")
+        name = free_profile_name(Path(run_dir).resolve().name)
         write_profile(name, Path(run_dir), f"trained in the chat from profile {self.profile.name}", self.chain,
                       self.options, self.max_new_tokens, self.template)
         return name
