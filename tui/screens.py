@@ -137,7 +137,8 @@ class ProbabilityScreen(Closable):
             mark = "→" if tid == token.id else ""
             table.add_row(mark, Text(repr(text), style=probability_style(p)), f"{p:.1%}")
         if token.id not in [t[0] for t in token.top or []]:
-            table.add_row("→", Text(repr(token.text), style=probability_style(token.prob or 0)), f"{token.prob or 0:.1%}")
+            table.add_row("→", Text(repr(self.pieces[index]), style=probability_style(token.prob or 0)),
+                          f"{token.prob or 0:.1%}")
         self.shown = table
         return table
 
