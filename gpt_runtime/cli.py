@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import TrainConfig  # no torch: only the settings' names, types and help
-from .errors import QuillError, QuillWarning, UsageError
+from .errors import QuillError, QuillWarning, UsageError, debug_enabled
 
 PROG = "quill"
 
@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None, extend: Callable[[Any], None] | None = N
 
     `extend` adds subcommands (see `build_parser`); the installed `quill` is `tui.cli:main`.
     """
-    debug = os.environ.get("QUILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    debug = debug_enabled()
     if not debug:
         warnings.showwarning = _show_warning
     parser = build_parser(extend)

@@ -9,6 +9,7 @@ them as one line on stderr (plus the hint) and never a traceback, unless
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 
 
@@ -40,3 +41,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """Return 'did you mean X?' for the closest of `choices`, or None."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}?" if close else None
+
+
+def debug_enabled() -> bool:
+    """Whether the user asked for tracebacks (QUILL_DEBUG set, and not to 0/false/no)."""
+    return os.environ.get("QUILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")

@@ -150,8 +150,20 @@ class QuillApp(App):
         at_end = conversation.scroll_y >= conversation.max_scroll_y - 1
         conversation.mount(view, before=before)
         if at_end or role == "user":  # follow the end, unless the user scrolled up to read
-            conversation.scroll_end(animate=False)
+            self.follow_end()
         return view
+
+    def follow_end(self) -> None:
+        """Scroll to the end of the conversation once new text is laid out, unless the
+        user scrolls away meanwhile."""
+        conversation = self.query_one("#conversation", VerticalScroll)
+        y = conversation.scroll_y
+
+        def scroll() -> None:
+            if conversation.scroll_y == y:
+                conversation.scroll_end(animate=False, immediate=True)
+
+        self.call_after_refresh(scroll)
 
     def rebuild_conversation(self) -> None:
         """Show the session's turns afresh (after /clear, /load, a failed reply)."""
@@ -193,7 +205,7 @@ class QuillApp(App):
             at_end = conversation.scroll_y >= conversation.max_scroll_y - 1
             self.streaming[0].flush()
             if at_end:  # follow the reply, unless the user scrolled up to read
-                conversation.scroll_end(animate=False)
+                self.follow_end()
         if self.session is not None:
             try:
                 notices = self.session.job_notices()
@@ -202,15 +214,16 @@ class QuillApp(App):
                 notices = []
             for notice in notices:
                 self.add_message("notice", notice.text)
+            if notices:
                 self.refresh_panels()
             jobs = self.session.jobs.all()
             if jobs and self.query_one("#jobs").display:
                 self.query_one(JobsPanel).show(jobs)
 
     def show_error(self, exc: BaseException) -> None:
-        from gpt_runtime.errors import QuillError
+        from gpt_runtime.errors import QuillError, debug_enabled
 
-        if os.environ.get("QUILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
+        if debug_enabled():
             import traceback
 
             text = "".join(traceback.format_exception(exc))
@@ -386,10 +399,10 @@ class QuillApp(App):
                 self.show_error(error)
         else:
             turn = self.session.turns[view.turn] if view.turn is not None and view.turn < len(self.session.turns) else None
-            self.last_speed = f"{done.tokens_per_second:.0f} tok/s"
+            speed = round(done.tokens_per_second, 1)  # as the reply's provenance records it
+            self.last_speed = f"{speed:.0f} tok/s"
             stopped = " · stopped" if done.reason == "cancelled" else ""
-            view.finish(turn.reply if turn else view.text.strip(),
-                        f"{done.new_tokens} tokens · {done.tokens_per_second:.0f} tok/s{stopped}")
+            view.finish(turn.reply if turn else view.text.strip(), f"{done.new_tokens} tokens · {speed:.0f} tok/s{stopped}")
         self.update_status()
 
     @work(thread=True, group="command")

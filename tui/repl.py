@@ -13,7 +13,6 @@ reaches the session (`cancel`) instead of tearing the generation down.
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
@@ -21,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 from gpt_runtime import commands
-from gpt_runtime.errors import QuillError
+from gpt_runtime.errors import QuillError, debug_enabled
 from gpt_runtime.session import ChatSession, Notice
 
 _END = object()
@@ -94,7 +93,7 @@ def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> str:
         outcome = "failed"
         err.write(f"error: {exc.message}\n" + (f"  hint: {exc.hint}\n" if exc.hint else ""))
     except Exception as exc:  # a bug, here or in a plugin: say so in one line and keep the chat
-        if os.environ.get("QUILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
+        if debug_enabled():
             raise
         outcome = "failed"
         err.write(f"internal error: {type(exc).__name__}: {exc}\n  hint: run again with QUILL_DEBUG=1 for the traceback\n")
