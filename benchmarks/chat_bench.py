@@ -144,6 +144,8 @@ def main() -> None:
         while job.last.get("event") != "step" and job.status == "running":
             time.sleep(0.2)  # measure once the job is really training
         busy = reply_speed(session)
+        if job.status != "running":  # else "while training" would be a speed measured alone
+            sys.exit(f"the training job ended before the measurement did: {job.describe()}")
         session.jobs.stop_all()
         results.update({"reply_tokens_per_s_alone": alone, "reply_tokens_per_s_while_training": busy,
                         "ratio_while_training": round(busy / alone, 2) if alone else None,

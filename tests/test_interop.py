@@ -349,6 +349,9 @@ BAD_DIRECTORIES = {
     "shapes that disagree with the config": (lambda d: set_config(d, n_embd=64),
                                               "wte.weight has shape [500, 32], but config.json (n_embd 64, "),
     "a variant Quill does not run": (lambda d: set_config(d, activation_function="relu"), "activation_function 'relu'"),
+    "a wider MLP": (lambda d: set_config(d, n_inner=64), "n_inner 64 (Quill's MLP is 4 x n_embd wide)"),
+    "unscaled attention": (lambda d: set_config(d, scale_attn_weights=False), "scale_attn_weights false"),
+    "cross-attention": (lambda d: set_config(d, add_cross_attention=True), "add_cross_attention"),
     "a tokenizer larger than the model": (lambda d: set_config(d, vocab_size=100), "the tokenizer has 500 tokens but config.json's vocab_size is 100"),
     "a weight GPT-2 does not have": (lambda d: add_weight(d, "transformer.h.0.attn.q_attn.weight"),
                                      "has weights GPT-2 does not have: h.0.attn.q_attn.weight"),
@@ -401,6 +404,7 @@ def test_import_and_export_errors_are_one_line_and_write_nothing(tmp_path):
     both = run_quill("import", str(tmp_path), "--out", str(tmp_path / "x.safetensors"), "--profile", "a", "--no-profile")
     assert both.returncode == 2 and "--profile and --no-profile contradict each other" in both.stderr.decode()
     (tmp_path / "file").write_text("")
+    # --out is checked before the checkpoint is read: model.safetensors need not exist
     onto_file = run_quill("export", str(tmp_path / "model.safetensors"), "--format", "hf", "--out", str(tmp_path / "file"), "--force")
     assert onto_file.returncode == 1 and "is a file" in onto_file.stderr.decode()
     onto_dir = run_quill("export", str(tmp_path / "model.safetensors"), "--out", str(tmp_path), "--force")
