@@ -178,6 +178,13 @@ class ChatSession:
         chain = build_chain(spec, kept)
         self.chain, self.options = chain.spec, chain.settings()
 
+    def setting_names(self) -> list[str]:
+        """What `set` accepts: the limits, the speakers' names, each option of each sampler
+        in the chain as SAMPLER.OPTION, and SAMPLER alone for a one-option sampler."""
+        return ["max_new_tokens", "seed", "user_name", "model_name",
+                *(f"{n}.{o}" for n, v in self.options.items() for o in v),
+                *(n for n, v in self.options.items() if len(v) == 1)]
+
     def set(self, name: str, value: str) -> str:
         """Set ``max_new_tokens``, ``seed`` or a sampler option (``top_p.p``, or
         ``temperature`` for a one-option sampler); returns what was set, for display."""
@@ -206,8 +213,7 @@ class ChatSession:
                 raise QuillError(f"seed must be from 0 to 2**64 - 1, not {number}")
             self.seed = number
             return f"seed = {number}"
-        known = ["max_new_tokens", "seed", "user_name", "model_name", *(f"{n}.{o}" for n, v in self.options.items() for o in v),
-                 *(n for n, v in self.options.items() if len(v) == 1)]
+        known = self.setting_names()
         if name not in known and "." not in name:
             from .plugins import get_registry
 

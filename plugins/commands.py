@@ -32,12 +32,7 @@ def _sampler_names(session, partial: str) -> list[str]:
 
 
 def _option_names(session, partial: str) -> list[str]:
-    names = ["max_new_tokens", "seed", "user_name", "model_name"]
-    for sampler, values in session.options.items():
-        names += [f"{sampler}.{option}" for option in values]
-        if len(values) == 1:
-            names.append(sampler)
-    return sorted(n for n in names if n.startswith(partial))
+    return sorted(n for n in session.setting_names() if n.startswith(partial))
 
 
 def help_(session, args: str) -> str:
