@@ -11,9 +11,10 @@ torch at module level: `quill tokenizer ...` never pays for it.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING
 
-from .errors import QuillError
+from .errors import QuillError, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +41,14 @@ class Backend:
 
     def is_available(self) -> bool:
         return True
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run here (for ``quill doctor``), or None when it can.
+
+        Optional: the default only says that `is_available()` is False. Override it
+        to name what is missing (a driver, a device, a PyTorch build).
+        """
+        return None if self.is_available() else "is_available() is False on this machine"
 
     def supported_dtypes(self) -> tuple["torch.dtype", ...]:
         import torch
@@ -81,22 +90,41 @@ class Backend:
 
 
 def get_backend(name: str = "auto") -> Backend:
-    """The backend called `name`, or for ``auto`` the best one available."""
+    """The backend called `name`; for ``auto``, the one `QUILL_DEVICE` names, else the
+    best one available (cuda, then mps, then cpu, then any other)."""
     from .plugins import get_registry
 
     registry = get_registry()
     names = registry.names("backends")
+    pinned = os.environ.get("QUILL_DEVICE", "").strip()
+    if name == "auto" and pinned and pinned != "auto":
+        if pinned not in names:
+            raise QuillError(f"QUILL_DEVICE names {pinned!r}, which is no backend here",
+                             hint=f"use one of: auto, {', '.join(names)}")
+        name = pinned
     if name == "auto":
         for candidate in [n for n in AUTO_ORDER if n in names] + [n for n in names if n not in AUTO_ORDER]:
             backend = registry.get("backends", candidate).obj()
             if backend.is_available():
                 return backend
         raise QuillError("no backend is available")
+    if name not in names:
+        hint = did_you_mean(name, names)
+        available = f"available here: {', '.join(available_backends()) or 'none'}"
+        raise QuillError(f"no backend named {name!r}", hint=f"{hint} ({available})" if hint else available)
     backend = registry.get("backends", name).obj()
     if not backend.is_available():
-        available = [n for n in names if registry.get("backends", n).obj().is_available()]
-        raise QuillError(f"backend {name!r} is not available on this machine", hint=f"available: {', '.join(available) or 'none'}")
+        raise QuillError(f"backend {name!r} is not available on this machine",
+                         hint=f"available: {', '.join(available_backends()) or 'none'}")
     return backend
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends that can run on this machine, sorted."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    return [n for n in registry.names("backends") if registry.get("backends", n).obj().is_available()]
 
 
 def resolve_dtype(backend: Backend, name: str = "auto") -> "torch.dtype":

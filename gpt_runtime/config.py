@@ -54,7 +54,7 @@ class TrainConfig:
     log_interval: int = _opt(10, "log every N steps")
     # runtime
     seed: int = _opt(1337, "random seed")
-    device: str = _opt("auto", "backend: auto, cpu, cuda, mps, or a plugin's")
+    device: str = _opt("auto", "backend: auto ($QUILL_DEVICE, else the best available), cpu, cuda, mps, or a plugin's")
     dtype: str = _opt("auto", "compute dtype: auto (the backend's choice), float32, bfloat16, float16")
     compile: bool = _opt(False, "compile the model with torch.compile")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")

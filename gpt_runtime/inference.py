@@ -63,9 +63,28 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
-def _can_pack() -> bool:
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def bf16_packing_unavailable() -> str | None:
+    """Why bf16 linear layers cannot be packed for oneDNN here, or None when they can.
+
+    `prepare_model` packs exactly when this is None; `quill doctor` and the tests
+    ask the same question here rather than checking for themselves.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return "this PyTorch was built without oneDNN (mkldnn)"
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return f"this PyTorch ({torch.__version__}) has no oneDNN weight packing"
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "oneDNN has no bf16 kernels for this CPU (they need AVX512 or newer)"
+    return None
+
+
+def int8_unavailable(backend: Backend) -> str | None:
+    """Why `quantize="int8"` cannot run on `backend`, or None when it can."""
+    if backend.device.type != "cpu":
+        return f"int8 weights run on the CPU backend only, not {backend.name}"
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return f"int8 weights need PyTorch 2.3 or newer (this is {torch.__version__})"
+    return None
 
 
 def prepare_model(model: GPT, backend: Backend, dtype: torch.dtype, quantize: str = "none") -> GPT:
@@ -80,13 +99,12 @@ def prepare_model(model: GPT, backend: Backend, dtype: torch.dtype, quantize: st
     if any(isinstance(m, (PackedLinear, Int8Linear)) for m in model.modules()):
         raise QuillError("this model is already prepared for generation", hint="prepare a freshly loaded model")
     model = model.to(device=backend.device, dtype=dtype).eval()
-    on_cpu = backend.device.type == "cpu"
-    if quantize == "int8" and not (on_cpu and hasattr(torch, "_weight_int8pack_mm")):
-        raise QuillError("int8 weights need the CPU backend and PyTorch 2.3 or newer")
+    if quantize == "int8" and (why := int8_unavailable(backend)):
+        raise QuillError(f"cannot quantize to int8: {why}", hint="drop --quantize, or use --device cpu")
     swap = None
     if quantize == "int8":
         swap = Int8Linear
-    elif on_cpu and dtype == torch.bfloat16 and _can_pack():
+    elif backend.device.type == "cpu" and dtype == torch.bfloat16 and bf16_packing_unavailable() is None:
         swap = PackedLinear
     if swap is not None:
         with torch.no_grad():

@@ -2,12 +2,13 @@
 
 The protocol is `gpt_runtime.backend.Backend`; `auto` picks the first available
 of cuda, mps, cpu. Nothing else in Quill checks `torch.cuda.is_available()`.
-CUDA and MPS are kept plain: they cannot be exercised on the CPU-only machines
-this project is developed on, only their selection logic is tested.
+CUDA and MPS are kept plain. Their own tests carry the `cuda` and `mps` pytest
+markers (`make test-gpu`) and skip where the device is missing.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import cache
 
@@ -63,6 +64,17 @@ class CudaBackend(Backend):
 
         return torch.cuda.is_available()
 
+    def unavailable_reason(self) -> str | None:
+        import torch
+
+        if self.is_available():
+            return None
+        if torch.version.cuda is None:
+            return f"this PyTorch ({torch.__version__}) was built without CUDA"
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+            return f"no CUDA device is visible (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r})"
+        return f"no CUDA device or driver found (PyTorch built for CUDA {torch.version.cuda})"
+
     def supported_dtypes(self):
         import torch
 
@@ -95,6 +107,17 @@ class MpsBackend(Backend):
         import torch
 
         return torch.backends.mps.is_available()
+
+    def unavailable_reason(self) -> str | None:
+        import torch
+
+        if self.is_available():
+            return None
+        if sys.platform != "darwin":
+            return "MPS is Apple's GPU interface, on macOS only"
+        if not torch.backends.mps.is_built():
+            return f"this PyTorch ({torch.__version__}) was built without MPS"
+        return "no MPS device (needs macOS 12.3+ on an Apple silicon or AMD GPU Mac)"
 
     def memory_in_use(self) -> int | None:
         import torch

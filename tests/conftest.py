@@ -1,7 +1,16 @@
-"""Shared fixtures. Tests never read ../shared: they make their own small data."""
+"""Shared fixtures. Tests never read ../shared: they make their own small data.
+
+Every test runs on the CPU unless it is marked for a device: QUILL_DEVICE, which
+is what `device = "auto"` resolves to (in this process and in every `quill` a
+test starts), is `cpu` from the start of the session, so no fixture of any scope
+and no expected text depends on which GPU the machine happens to have. A test
+marked `cuda` or `mps` runs with QUILL_DEVICE set to that device, and skips,
+saying why, where the device's backend is not available.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +24,35 @@ def corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(SAMPLE_TEXT, encoding="utf-8")
     return path
+
+
+DEVICE_MARKERS = ("cuda", "mps")
+
+
+def _device_of(item) -> str:
+    marked = [name for name in DEVICE_MARKERS if item.get_closest_marker(name)]
+    return marked[0] if marked else "cpu"
+
+
+def pytest_configure(config):
+    os.environ["QUILL_DEVICE"] = "cpu"
+
+
+def pytest_runtest_setup(item):
+    device = _device_of(item)
+    if device != "cpu":
+        # The backend's own is_available() decides, as it does for `quill --device`
+        from gpt_runtime.plugins import get_registry
+
+        backend = get_registry().get("backends", device).obj()
+        if not backend.is_available():
+            pytest.skip(f"needs {device}: {backend.unavailable_reason()}")
+
+
+@pytest.fixture(autouse=True)
+def _pinned_device(request, monkeypatch):
+    """`auto` means the CPU, or the device the test is marked for."""
+    monkeypatch.setenv("QUILL_DEVICE", _device_of(request.node))
 
 
 @pytest.fixture(autouse=True)

@@ -15,11 +15,21 @@ SAMPLE_TEXT = (
 ) * 20
 
 
+def quill_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment for a `quill` subprocess: this one without the user's QUILL_* settings.
+
+    QUILL_SHIPPED_PROFILES stays (tests other than test_shipped hide the shipped
+    profiles), and so does QUILL_DEVICE (the test's device, set in conftest).
+    """
+    kept = ("QUILL_SHIPPED_PROFILES", "QUILL_DEVICE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_") or k in kept}
+    env.update(extra or {})
+    return env
+
+
 def run_quill(*args: str, input: bytes | None = None, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `quill` CLI in a subprocess; returns bytes stdout/stderr."""
-    # QUILL_SHIPPED_PROFILES stays: tests other than test_shipped hide the shipped profiles
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_") or k == "QUILL_SHIPPED_PROFILES"}
-    full_env.update(env or {})
+    full_env = quill_env(env)
     return subprocess.run(
         [sys.executable, "-m", "tui.cli", *args],
         input=input if input is not None else b"",

@@ -24,7 +24,7 @@ from gpt_runtime.errors import QuillWarning
 from gpt_runtime.generate import generate, generate_text
 from gpt_runtime.model import GPT, GPTConfig
 from gpt_runtime.sampling import build_chain, settings_from_strings
-from helpers import SAMPLE_TEXT, one_line_error
+from helpers import SAMPLE_TEXT, one_line_error, quill_env
 from plugins.char_tokenizer import CharTokenizer
 from plugins.samplers import SAMPLERS
 
@@ -40,8 +40,7 @@ LONG_PROMPT = SAMPLE_TEXT[:40]
 
 def run_all(commands: dict[str, list[str]], at_once: int = 2) -> dict[str, subprocess.CompletedProcess]:
     """Run `quill` commands side by side, one torch thread each; results by name."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_") or k == "QUILL_SHIPPED_PROFILES"}
-    env["OMP_NUM_THREADS"] = "1"
+    env = quill_env({"OMP_NUM_THREADS": "1"})
 
     def run(args: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "tui.cli", *args], stdin=subprocess.DEVNULL,

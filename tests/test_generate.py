@@ -24,7 +24,8 @@ from gpt_runtime.errors import QuillError, QuillWarning
 from gpt_runtime.generate import (Done, TextStream, Token, Window, _beam_search, generate, generate_batch, generate_text,
                                   prompt_ids)
 from gpt_runtime.hookspecs import hookimpl
-from gpt_runtime.inference import Int8Linear, PackedLinear, cache_dtype, generation_dtype, prepare_model
+from gpt_runtime import inference
+from gpt_runtime.inference import Int8Linear, PackedLinear, bf16_packing_unavailable, cache_dtype, generation_dtype, prepare_model
 from gpt_runtime.model import GPT, GPTConfig, KVCache
 from gpt_runtime.sampling import Option, Sampler, SamplerError, build_chain
 from helpers import SAMPLE_TEXT
@@ -649,7 +650,7 @@ def linears(model: GPT) -> list[nn.Module]:
             for name, child in parent.named_children() if name in ("qkv", "proj", "gate", "up", "down")]
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+@pytest.mark.skipif(bf16_packing_unavailable() is not None, reason=f"bf16 packing: {bf16_packing_unavailable()}")
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
 def test_bf16_on_the_cpu_packs_the_linears_and_stays_close_to_float32(mlp):
     reference = tiny_gpt(40, mlp=mlp, tie_embeddings=True)
@@ -665,6 +666,23 @@ def test_bf16_on_the_cpu_packs_the_linears_and_stays_close_to_float32(mlp):
     assert (got - logits_of(copy.deepcopy(reference).to(torch.bfloat16), idx)).abs().max() < 0.01 * scale
     tokens, done = run(model, CharTokenizer([chr(c) for c in range(97, 133)]), [5, 6, 7], chain=greedy(), max_new_tokens=40)
     assert done.new_tokens == len(tokens) and (len(tokens) == 40 or done.reason == "eos")  # decodes, with a float32 cache
+
+
+def test_bf16_where_packing_is_unavailable_keeps_plain_linears(monkeypatch):
+    # What an AVX2-only CPU gets: prepare_model asks inference.bf16_packing_unavailable, as doctor does
+    monkeypatch.setattr(inference, "bf16_packing_unavailable", lambda: "oneDNN has no bf16 kernels for this CPU")
+    reference = tiny_gpt(40)
+    idx = torch.randint(40, (2, 20), generator=torch.Generator().manual_seed(0))
+    model = prepare_model(copy.deepcopy(reference), backends.CpuBackend(), torch.bfloat16)
+    assert linears(model) and all(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 for m in linears(model))
+    expected = logits_of(reference, idx)
+    assert (logits_of(model, idx) - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_int8_off_the_cpu_is_refused_naming_the_backend():
+    cuda = backends.CudaBackend()
+    assert "CPU backend only, not cuda" in inference.int8_unavailable(cuda)
+    assert inference.int8_unavailable(backends.CpuBackend()) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -24,7 +24,7 @@ from gpt_runtime.checkpoint import read_metadata
 from gpt_runtime.errors import QuillError
 from gpt_runtime.profiles import ChatTemplate, find_profiles, get_profile, load_profile, user_profile_dir
 from gpt_runtime.sampling import DEFAULT_CHAIN, build_chain
-from helpers import SAMPLE_TEXT, one_line_error, run_quill
+from helpers import SAMPLE_TEXT, one_line_error, quill_env, run_quill
 
 PROMPT = "First"
 CHAIN = "top_k,temperature"
@@ -167,7 +167,7 @@ def w(tmp_path_factory, one_torch_thread) -> dict:
     jobs = {name: (lambda args=args: run_quill(*args, env=env)) for name, args in commands.items()}
     probe = ("import sys; from gpt_runtime.profiles import find_profiles, load_profile; "
              "load_profile(sys.argv[1]); find_profiles(); print('torch' in sys.modules)")
-    probe_env = {**{k: v for k, v in os.environ.items() if not k.startswith("QUILL_") or k == "QUILL_SHIPPED_PROFILES"}, **env}
+    probe_env = quill_env(env)
     jobs["no_torch"] = lambda: subprocess.run([sys.executable, "-c", probe, str(files["tiny"])], stdin=subprocess.DEVNULL,
                                               capture_output=True, env=probe_env, timeout=120)
     return {"root": root, "models": models, "user": user, "files": files, "ckpt": ckpt, "tok": tok, "other": other,

@@ -31,7 +31,7 @@ from gpt_runtime.errors import QuillError, UsageError
 from gpt_runtime.generate import Done
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.session import ChatSession
-from helpers import run_quill
+from helpers import quill_env, run_quill
 from test_session import ALPHA_TOML, write_chat_models
 from tui import repl
 
@@ -509,7 +509,7 @@ class Terminal:
 
 @pytest.fixture
 def terminal(m, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_") or k == "QUILL_SHIPPED_PROFILES"}
+    env = quill_env()
     env.update(QUILL_PROFILES=str(m["two"]), TERM="xterm", HOME=str(tmp_path / "home"),
                XDG_DATA_HOME=str(tmp_path / "data"), XDG_CONFIG_HOME=str(tmp_path / "config"),
                PROMPT_TOOLKIT_NO_CPR="1", OMP_NUM_THREADS="1", COLUMNS="120", LINES="40")

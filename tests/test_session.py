@@ -21,7 +21,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import plugins.backends as backends
 from gpt_runtime import commands
+from gpt_runtime.backend import get_backend
 from gpt_runtime.checkpoint import load_checkpoint, save_checkpoint
 from gpt_runtime.errors import QuillError, UsageError
 from gpt_runtime.generate import Done, Token, generate_text
@@ -139,6 +141,18 @@ def drain(events) -> list:
 
 
 # --- sending and provenance ---------------------------------------------------------------------
+
+def test_the_suite_runs_sessions_on_the_cpu_even_where_a_gpu_is_available(m, monkeypatch):
+    # conftest pins QUILL_DEVICE=cpu, so a machine with a GPU gets the expected texts worked out here
+    monkeypatch.setattr(backends.CudaBackend, "is_available", lambda self: True)
+    monkeypatch.setenv("QUILL_PROFILES", str(m["two"]))
+    session = ChatSession("alpha")  # its profile says nothing of devices: `auto`
+    assert session.loaded.device == "cpu" and next(session.loaded.model.parameters()).device.type == "cpu"
+    done = drain(session.send("Speak"))[-1]
+    assert session.turns[0].reply == expected(m, "A: Speak\nF: ", done.seed)
+    monkeypatch.delenv("QUILL_DEVICE")
+    assert get_backend("auto").name == "cuda"  # unpinned, this machine's `auto` would have been the GPU
+
 
 def test_a_reply_streams_tokens_then_done_and_records_where_it_came_from(s, m):
     events = drain(s.send("Speak"))
