@@ -55,6 +55,13 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def _yardstick(event: dict) -> str:
+    """What MFU is measured against, for the start line."""
+    if not event.get("peak_flops"):
+        return ""
+    return f"; MFU against {event['peak_flops'] / 1e12:,.1f} TFLOP/s ({event['peak_source']})"
+
+
 def describe_step(event: dict) -> str:
     """One line for a training step event: step, losses, speed, MFU, ETA."""
     parts = [f"step {event['step']}/{event['max_steps']}", f"loss {event['loss']:.4f}"]
@@ -80,7 +87,7 @@ def train_display() -> Iterator[Callable[[dict], None]]:
             if event["event"] == "start":
                 print(f"training {event['params']:,} parameters on {event['device']} ({event['dtype']}"
                       f"{', %d processes' % event['world_size'] if event['world_size'] > 1 else ''}) "
-                      f"from step {event['step']}", file=sys.stderr, flush=True)
+                      f"from step {event['step']}{_yardstick(event)}", file=sys.stderr, flush=True)
             elif event["event"] == "step":
                 print(describe_step(event), file=sys.stderr, flush=True)
         yield log
@@ -96,7 +103,7 @@ def train_display() -> Iterator[Callable[[dict], None]]:
         def show(event: dict) -> None:
             if event["event"] == "start":
                 console.print(f"training {event['params']:,} parameters on {event['device']} ({event['dtype']}) "
-                              f"from step {event['step']}")
+                              f"from step {event['step']}{_yardstick(event)}")
                 bar.update(task, total=event["max_steps"], completed=event["step"])
             elif event["event"] == "step":
                 line = describe_step(event).split("  ", 1)[1]

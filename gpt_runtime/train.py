@@ -44,6 +44,7 @@ from .data import BatchSampler, DataDir
 from .fileio import atomic_write_bytes
 from .errors import QuillError, QuillWarning
 from .model import GPT
+from .peak import peak_flops
 
 
 # What a resumed run may change; anything else would make it a different run.
@@ -128,22 +129,6 @@ def estimate_loss(model: GPT, sampler: BatchSampler, steps: int, autocast, world
     return total.item()
 
 
-def _machine_peak_flops(backend: Backend, dtype: torch.dtype) -> float:
-    """FLOP/s of a large matrix product here, the yardstick for MFU on CPUs."""
-    n = 1024
-    # Not torch.randn: drawing from the global RNG here would shift a resumed run's dropout.
-    a = torch.full((n, n), 0.5, device=backend.device, dtype=dtype)
-    b = torch.full((n, n), 0.5, device=backend.device, dtype=dtype)
-    a @ b
-    backend.synchronize()
-    start, reps = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.2:
-        a @ b
-        reps += 1
-    backend.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
 def _is_oom(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
@@ -211,7 +196,7 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         train_batches.load_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        _restore_rng(state, rank, device)
         step, best_val, last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
     first_step = step
     if rank == 0:
@@ -229,21 +214,26 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
     autocast = backend.autocast(dtype)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
     flops_per_token = model.flops_per_token()
-    peak = _machine_peak_flops(backend, dtype) * (world if device.type == "cpu" else 1) if rank == 0 else 0.0
+    # The throughput counted is all ranks', and each rank has a device of its own (on CPUs
+    # under torchrun, a thread of its own), so the yardstick is rank 0's times the ranks.
+    peak, peak_source = peak_flops(backend, dtype) if rank == 0 else (0.0, "")
+    peak *= world
     emit({"event": "start", "step": step, "max_steps": cfg.max_steps, "params": model.num_params(),
-          "device": str(device), "dtype": dtype_name(dtype), "world_size": world, "tokens_per_step": tokens_per_step})
+          "device": str(device), "dtype": dtype_name(dtype), "world_size": world, "tokens_per_step": tokens_per_step,
+          "peak_flops": peak, "peak_source": peak_source})
 
     def evaluate_now() -> float:
         val_batches = BatchSampler(val_tokens, cfg.block_size, cfg.batch_size, cfg.seed + 1, rank, world)
         return estimate_loss(model, val_batches, cfg.eval_steps, autocast, world, device)
 
     def save(val_loss: float | None) -> None:
+        rng_states = _rng_states(device, world)  # every rank takes part
         if rank != 0:
             return
         args = asdict(cfg)
         save_resume_state(out / "last.state.pt", {
             "config": args, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "data_rng": train_batches.state(), "torch_rng": torch.get_rng_state(),
+            "data_rng": train_batches.state(), "rng_states": rng_states,
             "best_val_loss": best_val, "last_val_loss": val_loss,
             "tokenizer_fingerprint": data.tokenizer.fingerprint,
         })
@@ -335,6 +325,34 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
             torch.distributed.destroy_process_group()
     emit({"event": "done", "step": step, "best_val_loss": best_val, "val_loss": last_val})
     return TrainResult(out, step, best_val, last_val, None, history)
+
+
+def _rng_states(device: torch.device, world: int) -> list[dict[str, torch.Tensor]]:
+    """Every rank's random state (dropout draws from it): the CPU's, and its GPU's."""
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        mine["mps"] = torch.mps.get_rng_state()
+    if world == 1:
+        return [mine]
+    states: list = [None] * world
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def _restore_rng(state: dict, rank: int, device: torch.device) -> None:
+    """Put back this rank's random state as it was saved (as far as the device allows)."""
+    if "rng_states" not in state:  # a run saved before GPU state was kept: the CPU's alone
+        torch.set_rng_state(state["torch_rng"])
+        return
+    states = state["rng_states"]
+    mine = states[rank % len(states)]  # with another number of ranks the run differs anyway
+    torch.set_rng_state(mine["cpu"])
+    if device.type == "cuda" and "cuda" in mine:  # a run moved from CPU to GPU keeps its seed
+        torch.cuda.set_rng_state(mine["cuda"], device)
+    elif device.type == "mps" and "mps" in mine:
+        torch.mps.set_rng_state(mine["mps"])
 
 
 def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world: int, device: torch.device) -> str | None:

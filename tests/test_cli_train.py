@@ -20,7 +20,7 @@ import pytest
 
 from gpt_runtime.checkpoint import load_checkpoint, load_resume_state
 from gpt_runtime.tokenizer import load_tokenizer
-from helpers import SAMPLE_TEXT, run_quill
+from helpers import SAMPLE_TEXT, quill_env, run_quill
 
 ENV = {"OMP_NUM_THREADS": "1"}  # tiny models: one thread each is fastest
 MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
@@ -30,9 +30,7 @@ LATIN1 = b"All:\nSpeak, speak.\nCaf\xe9\n"  # 'Caf\xe9' is latin-1, not UTF-8
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_")}
-    env.update(ENV)
-    return env
+    return quill_env(ENV)
 
 
 def start(*args: str) -> subprocess.Popen:
@@ -259,3 +257,26 @@ def test_help_shows_examples(command):
 def test_eval_batch_size_must_be_positive(w):
     out = run_quill("eval", str(w["run"]), "--data", str(w["data"]), "--batch-size", "0", env=ENV)
     assert "--batch-size must be at least 1, not 0" in fails(out, code=2)
+
+
+def test_devices_that_are_not_here_are_one_line_errors_listing_the_ones_that_are(w):
+    from gpt_runtime.backend import available_backends
+
+    here = available_backends()
+    absent = next(name for name in ("mps", "cuda") if name not in here)  # no machine has both
+    run, data = str(w["run"]), str(w["data"])
+    out = run_all({
+        "typo": ["eval", run, "--data", data, "--device", "cdua"],
+        "absent": ["generate", run, "--prompt", "All:", "--device", absent],
+        "pinned": ["eval", run, "--data", data],
+        "train": ["train", "--data", data, "--out", str(w["dir"] / "never"), "--device", "tpu"],
+    })
+    assert fails(out["typo"]) == "quill: error: no backend named 'cdua'"
+    assert out["typo"].stderr.decode().splitlines()[1].endswith(f"(available here: {', '.join(here)})")
+    assert fails(out["absent"]) == f"quill: error: backend '{absent}' is not available on this machine"
+    assert out["absent"].stderr.decode().splitlines()[1] == f"  hint: available: {', '.join(here)}"
+    assert fails(out["train"]) == "quill: error: no backend named 'tpu'"
+    assert not (w["dir"] / "never").exists()
+    bad = run_quill("eval", run, "--data", data, env={**ENV, "QUILL_DEVICE": "gpu"})
+    assert fails(bad) == "quill: error: QUILL_DEVICE names 'gpu', which is no backend here"
+    assert ok(out["pinned"])  # the tests' QUILL_DEVICE=cpu reaches the CLI

@@ -138,7 +138,7 @@ def w(tmp_path_factory, request):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QUILL_PROFILES", str(profiles))
-        mp.setattr(train_module, "_machine_peak_flops", lambda backend, dtype: 1e12)  # in this process only
+        mp.setattr(train_module, "peak_flops", lambda backend, dtype: (1e12, "a stand-in"))  # in this process only
         train(TrainConfig(data=str(data), out=str(root / "base_run"), n_layer=1, n_head=2, n_embd=16, block_size=16,
                           batch_size=4, max_steps=4, warmup_steps=1, eval_interval=2, eval_steps=2, device="cpu",
                           dtype="float32"))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import gpt_runtime.train as train_module
+from gpt_runtime import peak
 import plugins.backends as backends
 from gpt_runtime.backend import Backend, get_backend, resolve_dtype
 from gpt_runtime.checkpoint import load_checkpoint, load_resume_state
@@ -39,7 +40,7 @@ def _no_peak_measurement(request, monkeypatch):
     """Skip the 0.2 s matmul benchmark behind MFU, except where MFU is the point, or where
     the whole loop as it runs matters (resume: the benchmark must not disturb the RNG)."""
     if request.function.__name__ not in REAL_PEAK:
-        monkeypatch.setattr(train_module, "_machine_peak_flops", lambda backend, dtype: 1e12)
+        monkeypatch.setattr(train_module, "peak_flops", lambda backend, dtype: (1e12, "a stand-in"))
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,7 @@ def test_log_checkpoints_and_events(data, tmp_path):
     start = events[0]
     assert start["params"] == GPT(cfg.model_config(vocab)).num_params() and start["dtype"] == "float32"
     assert start["tokens_per_step"] == cfg.batch_size * cfg.block_size
+    assert start["peak_source"] == "timed 1024x1024 product" and start["peak_flops"] > 1e8
     assert events[-1]["best_val_loss"] == result.best_val_loss
 
 
@@ -370,6 +372,8 @@ def test_two_process_ddp_matches_one_process_with_the_double_batch(data, tmp_pat
 
 @pytest.fixture
 def fake_hardware(monkeypatch):
+    monkeypatch.delenv("QUILL_DEVICE")  # what `auto` picks on its own, not the tests' pin
+
     def set(cuda: bool, mps: bool) -> None:
         monkeypatch.setattr(backends.CudaBackend, "is_available", lambda self: cuda)
         monkeypatch.setattr(backends.MpsBackend, "is_available", lambda self: mps)
@@ -399,7 +403,70 @@ def test_an_unknown_backend_name(fake_hardware):
     fake_hardware(cuda=False, mps=False)
     with pytest.raises(QuillError, match="no backend named 'cdua'") as info:
         get_backend("cdua")
-    assert info.value.hint == "did you mean 'cuda'?"
+    assert info.value.hint == "did you mean 'cuda'? (available here: cpu)"
+    fake_hardware(cuda=True, mps=True)
+    with pytest.raises(QuillError, match="no backend named 'quantum'") as info:
+        get_backend("quantum")
+    assert info.value.hint == "available here: cpu, cuda, mps"
+
+
+def test_quill_device_pins_what_auto_means(fake_hardware, monkeypatch):
+    fake_hardware(cuda=True, mps=True)
+    assert get_backend("auto").name == "cuda"
+    for pinned, expected in [("cpu", "cpu"), ("mps", "mps"), ("auto", "cuda"), ("", "cuda")]:
+        monkeypatch.setenv("QUILL_DEVICE", pinned)
+        assert get_backend("auto").name == expected
+    monkeypatch.setenv("QUILL_DEVICE", "cpu")
+    assert get_backend("cuda").name == "cuda"  # a device named outright is not overridden
+    monkeypatch.setenv("QUILL_DEVICE", "gpu")
+    with pytest.raises(QuillError, match="QUILL_DEVICE names 'gpu', which is no backend here") as info:
+        get_backend("auto")
+    assert info.value.hint == "use one of: auto, cpu, cuda, mps"
+    fake_hardware(cuda=False, mps=True)
+    monkeypatch.setenv("QUILL_DEVICE", "cuda")
+    with pytest.raises(QuillError, match="backend 'cuda' is not available on this machine") as info:
+        get_backend("auto")
+    assert info.value.hint == "available: cpu, mps"
+
+
+def test_unavailable_backends_say_why(monkeypatch):
+    monkeypatch.setattr(backends.CudaBackend, "is_available", lambda self: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert backends.CudaBackend().unavailable_reason() == f"this PyTorch ({torch.__version__}) was built without CUDA"
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert backends.CudaBackend().unavailable_reason() == "no CUDA device is visible (CUDA_VISIBLE_DEVICES='')"
+    monkeypatch.setattr(backends.MpsBackend, "is_available", lambda self: False)
+    monkeypatch.setattr(backends.sys, "platform", "linux")
+    assert "macOS only" in backends.MpsBackend().unavailable_reason()
+    monkeypatch.setattr(backends.CudaBackend, "is_available", lambda self: True)
+    assert backends.CudaBackend().unavailable_reason() is None
+    assert backends.CpuBackend().unavailable_reason() is None
+
+
+@pytest.mark.parametrize("name,dtype,tflops", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.4), ("NVIDIA H100 PCIe", torch.bfloat16, 756.5),
+    ("NVIDIA H200", torch.bfloat16, 989.4), ("NVIDIA H200", torch.float32, 66.9), ("NVIDIA H100 NVL", torch.float16, 835.5),
+    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312.0), ("NVIDIA A100-PCIE-40GB", torch.float32, 19.5),
+    ("NVIDIA A10", torch.bfloat16, 125.0), ("NVIDIA A10G", torch.bfloat16, None), ("NVIDIA L4", torch.bfloat16, 121.0),
+    ("NVIDIA L40S", torch.bfloat16, 362.1), ("NVIDIA GeForce RTX 4090", torch.bfloat16, 165.2),
+    ("Tesla V100-SXM2-16GB", torch.float16, 125.0), ("Tesla V100-PCIE-32GB", torch.float16, 112.0),
+    ("Tesla T4", torch.bfloat16, None), ("Tesla T4", torch.float16, 65.0), ("Some Future GPU", torch.bfloat16, None),
+    ("NVIDIA H100 80GB HBM3", torch.float64, None),
+])
+def test_gpu_peaks_come_from_the_datasheet_table(name, dtype, tflops):
+    got = peak.datasheet_peak_flops(name, dtype)
+    assert got == (tflops * 1e12 if tflops else None)
+
+
+def test_mfu_yardstick_on_a_gpu_is_its_datasheet_and_on_a_cpu_a_timed_product(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak.peak_flops(backends.CudaBackend(), torch.bfloat16) == (989.4e12, "NVIDIA H100 80GB HBM3 datasheet, dense bfloat16")
+    flops, source = peak.peak_flops(backends.CpuBackend(), torch.float32)
+    assert source == "timed 1024x1024 product" and 1e8 < flops < 1e14
+    before = torch.get_rng_state()
+    peak.timed_peak_flops(backends.CpuBackend(), torch.float32, 64, seconds=0.01)
+    assert torch.equal(torch.get_rng_state(), before)  # a resumed run's dropout is untouched
 
 
 def test_resolve_dtype(monkeypatch):
