@@ -171,7 +171,8 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.add_argument("--data", required=True, help="prepared data directory (its val split) or a text file")
     p.add_argument("--split", default="val", help="split of a data directory: train or val (default: val)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
-    p.add_argument("--device", default="auto", help="backend (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="backend: auto ($QUILL_DEVICE, else the best available), cpu, cuda, mps, or a plugin's")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_eval)
 
@@ -242,7 +243,8 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
                    help="stop before this text (repeatable; \\n and \\t are understood)")
     p.add_argument("--show-probs", type=int, nargs="?", const=3, default=0, metavar="N",
                    help="print each token with its probability and the N most likely alternatives (default N: 3)")
-    p.add_argument("--device", default=None, help="backend: auto, cpu, cuda, mps (default: auto)")
+    p.add_argument("--device", default=None,
+                   help="backend: auto ($QUILL_DEVICE, else the best available), cpu, cuda, mps, or a plugin's")
     p.add_argument("--dtype", default=None, help="auto, float32 or bfloat16 (default: auto, the fastest for the model)")
     p.add_argument("--quantize", default=None, choices=("none", "int8"),
                    help="int8: weights in 8 bits, faster on the CPU, slightly less accurate (default: none)")
@@ -296,6 +298,17 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     ))
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_plugins)
+
+    # quill doctor
+    p = subcommand(commands, "doctor", "report this machine and what Quill will choose on it, for bug reports", (
+        "quill doctor",
+        "quill doctor --json > doctor.json",
+        "QUILL_DEVICE=cpu quill doctor",
+    ), description="Report the CPU, memory, GPUs, Python and PyTorch, every backend and whether it can run "
+                   "here, and the dtypes and kernels Quill will use for training and generation, each with "
+                   "its reason. Paste it into bug reports. Loads no model and times nothing.")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the same facts")
+    p.set_defaults(run=cmd_doctor)
     return parser
 
 
@@ -806,6 +819,16 @@ def cmd_plugins(args: argparse.Namespace) -> None:
             print(f"    {kind}: {', '.join(names)}")
         if p.error:
             print(f"    error: {p.error}")
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from .doctor import collect, render
+
+    report = collect()
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(render(report), end="")
 
 
 # --- entry point ----------------------------------------------------------------
