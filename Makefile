@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # fresh install fast. pyproject.toml itself asks only for a range.
 TORCH  ?= torch==2.13.0
 
-.PHONY: chat test bench clean
+.PHONY: chat test test-gpu test-mps bench clean
 
 # The example sampler plugin is installed as a real (non-editable) distribution, as a
 # user would install it; the tests check it through `quill`. Editing it reinstalls it.
@@ -28,6 +28,16 @@ chat: $(VENV)/.installed
 # One test worker per core; a module stays on one worker, so its shared fixtures are built once.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto --dist loadscope
+
+# The device lanes: tests marked `cuda` (or `mps`) run on that device and skip elsewhere.
+# `make test` runs them too; these run only them. In an environment that already has a
+# GPU build of torch and the test extras: make test-gpu PY=python3 SETUP=
+SETUP ?= $(VENV)/.installed
+test-gpu: $(SETUP)
+	$(PY) -m pytest -q -rs -m cuda
+
+test-mps: $(SETUP)
+	$(PY) -m pytest -q -rs -m mps
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/tokenizer_bench.py
