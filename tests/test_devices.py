@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import os
-import queue
 import signal
 import threading
 
@@ -40,7 +39,7 @@ from gpt_runtime.session import ChatSession
 from gpt_runtime.train import train
 from helpers import SAMPLE_TEXT, one_line_error, run_quill
 from plugins.char_tokenizer import CharTokenizer
-from test_generate import ARCHITECTURES, BANNED, BLOCK, greedy_without_eos, tiny_gpt
+from test_generate import ARCHITECTURES, BANNED, BLOCK, cancelled_after, greedy_without_eos, tiny_gpt
 from test_tui import run as run_app
 from test_tui import say
 from tui.app import QuillApp
@@ -270,27 +269,11 @@ def test_stop_strings_end_generation_on_the_device(device, tok, model):
 
 def test_cancel_from_another_thread_stops_generation_on_the_device(device, tok, model):
     model = on_device(model, device)
-    k = 4
-    cancel = threading.Event()
-    events: queue.Queue = queue.Queue()
-
-    def produce():  # generation on its own thread; each event waits until the consumer has it
-        for event in generate(model, tok, "First", chain=greedy_without_eos(tok), max_new_tokens=100, cancel=cancel):
-            events.put(event)
-            events.join()
-
-    producer = threading.Thread(target=produce)
-    producer.start()
-    received = []
-    while not received or not isinstance(received[-1], Done):
-        received.append(events.get(timeout=30))
-        if len(received) == k:
-            cancel.set()
-        events.task_done()
-    producer.join(timeout=30)
-    *tokens, done = received
-    assert k <= len(tokens) <= k + 1
+    *tokens, done = cancelled_after(model, tok, 4)
+    assert 4 <= len(tokens) <= 5
     assert done.reason == "cancelled" and done.new_tokens == len(tokens)
+    cancel = threading.Event()
+    cancel.set()
     # set before the start: nothing at all, sampling or beam search
     for chain in (build_chain("top_k"), build_chain("beam")):
         tokens, done = events_of(model, tok, "First", chain=chain, max_new_tokens=10, cancel=cancel)
