@@ -114,7 +114,8 @@ def get_backend(name: str = "auto") -> Backend:
         raise QuillError(f"no backend named {name!r}", hint=f"{hint} ({available})" if hint else available)
     backend = registry.get("backends", name).obj()
     if not backend.is_available():
-        raise QuillError(f"backend {name!r} is not available on this machine",
+        source = f" (QUILL_DEVICE={pinned})" if name == pinned else ""
+        raise QuillError(f"backend {name!r} is not available on this machine{source}",
                          hint=f"available: {', '.join(available_backends()) or 'none'}")
     return backend
 
@@ -124,7 +125,15 @@ def available_backends() -> list[str]:
     from .plugins import get_registry
 
     registry = get_registry()
-    return [n for n in registry.names("backends") if registry.get("backends", n).obj().is_available()]
+    return [n for n in registry.names("backends") if _probes_available(registry.get("backends", n).obj)]
+
+
+def _probes_available(factory) -> bool:
+    # Listing what is here must not fail because one plugin's probe does (doctor names it)
+    try:
+        return bool(factory().is_available())
+    except Exception:
+        return False
 
 
 def resolve_dtype(backend: Backend, name: str = "auto") -> "torch.dtype":

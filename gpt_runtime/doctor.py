@@ -27,6 +27,7 @@ from typing import Any
 from . import __version__
 
 NVML_LIBRARY = "libnvidia-ml.so.1"
+CUDA_DRIVER_LIBRARY = "libcuda.so.1"
 NVIDIA_PROC_VERSION = Path("/proc/driver/nvidia/version")
 CPUINFO = Path("/proc/cpuinfo")
 MEMINFO = Path("/proc/meminfo")
@@ -207,6 +208,20 @@ def nvidia_driver_version() -> tuple[str | None, str]:
     return (version, str(NVIDIA_PROC_VERSION)) if version else (None, "unknown")
 
 
+def cuda_driver_version() -> str | None:
+    """The newest CUDA the installed driver supports ("13.0"), from libcuda; None if unknown.
+
+    A PyTorch built for a newer CUDA than this fails to start its kernels.
+    """
+    try:
+        version = ctypes.c_int()
+        if ctypes.CDLL(CUDA_DRIVER_LIBRARY).cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"
+
+
 def _peak_dtype():
     # The yardstick is looked up in the dtype CUDA training would use by default.
     import torch
@@ -247,6 +262,7 @@ def probe_gpus() -> dict[str, Any]:
         report["devices"] = [_gpu(i, dtype) for i in range(count)]
         if torch.version.hip is None:
             report["driver_version"], report["driver_source"] = nvidia_driver_version()
+            report["driver_cuda"] = cuda_driver_version()
     report["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return report
 
@@ -418,7 +434,8 @@ def _gpu_rows(gpus: dict[str, Any]) -> list[Row]:
     elif gpus["torch_hip"] is None:
         rows.append(("NVIDIA driver", gpus["driver_version"] or "unknown",
                      f"from {gpus['driver_source']}" if gpus["driver_version"] else ""))
-        rows.append(("CUDA", f"{gpus['torch_cuda']}", "the version torch was built with"))
+        supports = gpus.get("driver_cuda") or "unknown"
+        rows.append(("CUDA", f"{gpus['torch_cuda']}", f"torch was built with it; the driver supports up to {supports}"))
     else:
         rows.append(("ROCm", f"{gpus['torch_hip']}", "the version torch was built with"))
     if gpus["mps"]:
@@ -462,8 +479,9 @@ def _choice_rows(c: dict[str, Any]) -> list[Row]:
         rows.append((f"generation, {size} params", g["dtype"], g["reason"]))
         rows.append((f"KV cache, {size} params", g["cache_dtype"], g["cache_reason"]))
     packing, int8 = c["bf16_packing"], c["int8"]
-    rows.append(("bf16 weight packing", "yes", "bf16 generation on the CPU uses oneDNN's packed kernels")
-                if packing["available"] else ("bf16 weight packing", "no", packing["reason"]))
+    # Packing is the CPU backend's, whichever backend `auto` chose: QUILL_DEVICE=cpu gets it
+    rows.append(("CPU bf16 packing", "yes", "bf16 generation on the CPU uses oneDNN's packed kernels")
+                if packing["available"] else ("CPU bf16 packing", "no", packing["reason"]))
     rows.append(("int8 weights", "available", "opt-in: --quantize int8") if int8["available"]
                 else ("int8 weights", "unavailable", int8["reason"]))
     return rows

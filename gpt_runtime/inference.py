@@ -74,7 +74,7 @@ def bf16_packing_unavailable() -> str | None:
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return f"this PyTorch ({torch.__version__}) has no oneDNN weight packing"
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "oneDNN has no bf16 kernels for this CPU (they need AVX512 or newer)"
+        return "oneDNN has no bf16 kernels for this CPU (they need AVX512 on x86-64, the BF16 extension on arm64)"
     return None
 
 

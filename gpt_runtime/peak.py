@@ -31,8 +31,8 @@ GPU_TFLOPS: tuple[tuple[str, float | None, float | None, float | None], ...] = (
     (r"\bL40\b", 181.0, 181.0, 90.5),
     (r"\bL4\b", 121.0, 121.0, 30.3),
     (r"\bA10\b", 125.0, 125.0, 31.2),
-    (r"\bRTX 4090\b", 165.2, 165.2, 82.6),  # with float32 accumulation, as PyTorch runs it
-    (r"\bRTX 3090\b", 71.0, 71.0, 35.6),
+    (r"\bRTX 4090$", 165.2, 165.2, 82.6),  # with float32 accumulation, as PyTorch runs it
+    (r"\bRTX 3090$", 71.0, 71.0, 35.6),  # not the Ti, nor the laptop parts
     (r"\bV100[- ]SXM", None, 125.0, 15.7),
     (r"\bV100\b", None, 112.0, 14.0),
     (r"\bT4\b", None, 65.0, 8.1),
@@ -43,6 +43,8 @@ _COLUMN = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 def datasheet_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
     """The dense FLOP/s the datasheet gives `device_name` in `dtype`, or None if unknown."""
     column = _COLUMN.get(dtype)
+    if re.search(r"\bMIG\b", device_name):  # a slice of a GPU: some fraction of the whole one's rate
+        return None
     for row in GPU_TFLOPS:
         if column and re.search(row[0], device_name, re.IGNORECASE):
             return row[column] * 1e12 if row[column] else None
@@ -64,7 +66,11 @@ def timed_peak_flops(backend: Backend, dtype: torch.dtype, n: int, seconds: floa
         if reps % 8 == 0:
             backend.synchronize()  # a GPU queues products faster than it runs them
     backend.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    del a, b
+    if backend.device.type == "cuda":
+        torch.cuda.empty_cache()  # give the training run back the memory the product held
+    return 2 * n**3 * reps / elapsed
 
 
 def peak_flops(backend: Backend, dtype: torch.dtype) -> tuple[float, str]:

@@ -31,6 +31,16 @@ def cpu_has_bf16() -> bool:
     return False
 
 
+def cuda_has_bf16() -> bool:
+    """True when the current CUDA GPU multiplies bf16 natively (not by emulation)."""
+    import torch
+
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # PyTorch before 2.5 counted only native support
+        return torch.cuda.is_bf16_supported()
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -71,7 +81,7 @@ class CudaBackend(Backend):
             return None
         if torch.version.cuda is None:
             return f"this PyTorch ({torch.__version__}) was built without CUDA"
-        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
             return f"no CUDA device is visible (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r})"
         return f"no CUDA device or driver found (PyTorch built for CUDA {torch.version.cuda})"
 
@@ -83,8 +93,9 @@ class CudaBackend(Backend):
     def preferred_dtype(self):
         import torch
 
-        # bf16 needs compute capability 8.0+; fp16 would also need a gradient scaler.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        # Native bf16 needs compute capability 8.0+ (older GPUs emulate it, slowly);
+        # fp16 would also need a gradient scaler.
+        return torch.bfloat16 if cuda_has_bf16() else torch.float32
 
     def memory_in_use(self) -> int | None:
         import torch

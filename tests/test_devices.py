@@ -38,6 +38,7 @@ from gpt_runtime.sampling import build_chain
 from gpt_runtime.session import ChatSession
 from gpt_runtime.train import train
 from helpers import SAMPLE_TEXT, one_line_error, run_quill
+from plugins.backends import cuda_has_bf16
 from plugins.char_tokenizer import CharTokenizer
 from test_generate import ARCHITECTURES, BANNED, BLOCK, cancelled_after, greedy_without_eos, tiny_gpt
 from test_tui import run as run_app
@@ -377,7 +378,7 @@ def test_a_chat_session_on_the_device(device, run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("QUILL_PROFILES", str(tmp_path / "profiles"))
     s = ChatSession(write_profile(tmp_path / "profiles", run_dir, device))
     dtype = expected_dtype(device, run_dir)
-    if device == "cuda" and torch.cuda.is_bf16_supported():
+    if device == "cuda" and cuda_has_bf16():
         assert dtype == "bfloat16"
     described = s.describe()
     assert (described["device"], described["dtype"]) == (device, dtype)

@@ -178,7 +178,7 @@ def test_plain_report_has_every_section(text, report):
     assert choices["backend"] == "cpu QUILL_DEVICE=cpu"
     assert choices["training dtype"].startswith(report["choices"]["training"]["dtype"] + " ")
     assert choices["generation, 1M params"].startswith("float32 ")
-    assert choices["bf16 weight packing"].split()[0] == ("yes" if bf16_packing_unavailable() is None else "no")
+    assert choices["CPU bf16 packing"].split()[0] == ("yes" if bf16_packing_unavailable() is None else "no")
     assert "Traceback" not in text
 
 
@@ -316,6 +316,7 @@ def test_a_gpu_is_shown_with_its_datasheet_peak(monkeypatch):
                         lambda i: SimpleNamespace(name=names[i], total_memory=141 * 2**30, major=9, minor=0))
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(doctor, "nvidia_driver_version", lambda: ("580.159.03", "NVML"))
+    monkeypatch.setattr(doctor, "cuda_driver_version", lambda: "13.0")
     report = doctor.collect()["gpus"]
     assert [(g["name"], g["compute_capability"], g["memory_bytes"]) for g in report["devices"]] == \
         [(name, "9.0", 141 * 2**30) for name in names]
@@ -323,6 +324,7 @@ def test_a_gpu_is_shown_with_its_datasheet_peak(monkeypatch):
     text = "\n".join(" ".join(line.split()) for line in doctor.render({**doctor.collect(), "gpus": report}).splitlines())
     assert "cuda:0 NVIDIA H200, 141.0 GiB compute capability 9.0" in text
     assert "NVIDIA driver 580.159.03 from NVML" in text
+    assert f"CUDA {torch.version.cuda} torch was built with it; the driver supports up to 13.0" in text
     expected = peak.datasheet_peak_flops("NVIDIA H200", torch.bfloat16)
     assert report["devices"][0]["datasheet_peak_flops"] == expected == 989.4e12
     assert "GPU datasheet peak: 989.4 TFLOP/s bfloat16 the MFU yardstick" in text
@@ -393,3 +395,15 @@ def test_memory_falls_back_to_sysconf_without_proc_meminfo(monkeypatch, tmp_path
         assert memory["total_bytes"] == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     else:
         assert memory == {"total_bytes": None, "available_bytes": None, "source": "unknown"}
+
+
+def test_the_cuda_version_the_driver_supports_comes_from_libcuda(monkeypatch):
+    class FakeLibcuda:
+        def cuDriverGetVersion(self, pointer) -> int:
+            pointer._obj.value = 12040
+            return 0
+
+    monkeypatch.setattr(doctor.ctypes, "CDLL", lambda name: FakeLibcuda())
+    assert doctor.cuda_driver_version() == "12.4"
+    monkeypatch.setattr(doctor.ctypes, "CDLL", _raise(OSError("libcuda.so.1: cannot open shared object file")))
+    assert doctor.cuda_driver_version() is None

@@ -32,7 +32,8 @@ from plugins.char_tokenizer import CharTokenizer
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-REAL_PEAK = {"test_log_checkpoints_and_events", "test_an_interrupted_run_resumes_exactly"}
+REAL_PEAK = {"test_log_checkpoints_and_events", "test_an_interrupted_run_resumes_exactly",
+             "test_a_run_saved_before_gpu_random_state_was_kept_still_resumes_exactly"}
 
 
 @pytest.fixture(autouse=True)
@@ -165,6 +166,23 @@ def test_an_interrupted_run_resumes_exactly(data, tmp_path):
     final_a, final_b = load_checkpoint(tmp_path / "A" / "last.safetensors"), load_checkpoint(tmp_path / "B" / "last.safetensors")
     for name, p in final_a.model.state_dict().items():
         assert torch.equal(final_b.model.state_dict()[name], p), name
+
+
+def test_a_run_saved_before_gpu_random_state_was_kept_still_resumes_exactly(data, tmp_path):
+    settings = dict(max_steps=8, eval_interval=4, dropout=0.1)
+    train(config(data, tmp_path / "A", **settings))
+
+    def interrupt(event):
+        if event["event"] == "step" and event["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    train(config(data, tmp_path / "B", **settings), on_event=interrupt)
+    path = tmp_path / "B" / "last.state.pt"
+    state = load_resume_state(path)
+    state["torch_rng"] = state.pop("rng_states")[0]["cpu"]  # the older layout: the CPU's state alone
+    torch.save(state, path)
+    train(saved_config(tmp_path / "B"), resume=True)
+    assert [r["loss"] for r in log_of(tmp_path / "B")] == [r["loss"] for r in log_of(tmp_path / "A")]
 
 
 def test_resume_drops_log_lines_past_the_saved_step(data, tmp_path):
@@ -366,6 +384,8 @@ def test_two_process_ddp_matches_one_process_with_the_double_batch(data, tmp_pat
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
         "best.safetensors", "config.json", "last.safetensors", "last.state.pt", "log.jsonl"]
     assert load_checkpoint(tmp_path / "ddp").step == steps
+    rng = load_resume_state(tmp_path / "ddp" / "last.state.pt")["rng_states"]  # each rank's, for resuming
+    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
 
 
 # --- backends -----------------------------------------------------------------------------------
@@ -424,7 +444,7 @@ def test_quill_device_pins_what_auto_means(fake_hardware, monkeypatch):
     assert info.value.hint == "use one of: auto, cpu, cuda, mps"
     fake_hardware(cuda=False, mps=True)
     monkeypatch.setenv("QUILL_DEVICE", "cuda")
-    with pytest.raises(QuillError, match="backend 'cuda' is not available on this machine") as info:
+    with pytest.raises(QuillError, match=r"backend 'cuda' is not available on this machine \(QUILL_DEVICE=cuda\)") as info:
         get_backend("auto")
     assert info.value.hint == "available: cpu, mps"
 
@@ -436,12 +456,36 @@ def test_unavailable_backends_say_why(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert backends.CudaBackend().unavailable_reason() == "no CUDA device is visible (CUDA_VISIBLE_DEVICES='')"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # a fine value: the driver is what is missing
+    assert backends.CudaBackend().unavailable_reason() == "no CUDA device or driver found (PyTorch built for CUDA 13.0)"
     monkeypatch.setattr(backends.MpsBackend, "is_available", lambda self: False)
     monkeypatch.setattr(backends.sys, "platform", "linux")
     assert "macOS only" in backends.MpsBackend().unavailable_reason()
     monkeypatch.setattr(backends.CudaBackend, "is_available", lambda self: True)
     assert backends.CudaBackend().unavailable_reason() is None
     assert backends.CpuBackend().unavailable_reason() is None
+
+
+def test_cuda_prefers_bf16_only_where_it_is_native(monkeypatch):
+    calls = []
+
+    def is_bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return including_emulation  # a GPU that only emulates bf16, like a T4
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert backends.CudaBackend().preferred_dtype() is torch.float32 and calls == [False]
+
+
+def test_a_backend_whose_probe_raises_is_left_out_of_the_available_list(monkeypatch):
+    def broken(self):
+        raise RuntimeError("driver crashed")
+
+    monkeypatch.setattr(backends.MpsBackend, "is_available", broken)
+    monkeypatch.setattr(backends.CudaBackend, "is_available", lambda self: False)
+    with pytest.raises(QuillError, match="no backend named 'gpu'") as info:
+        get_backend("gpu")
+    assert info.value.hint.endswith("available here: cpu)")
 
 
 @pytest.mark.parametrize("name,dtype,tflops", [
@@ -452,6 +496,9 @@ def test_unavailable_backends_say_why(monkeypatch):
     ("NVIDIA L40S", torch.bfloat16, 362.1), ("NVIDIA GeForce RTX 4090", torch.bfloat16, 165.2),
     ("Tesla V100-SXM2-16GB", torch.float16, 125.0), ("Tesla V100-PCIE-32GB", torch.float16, 112.0),
     ("Tesla T4", torch.bfloat16, None), ("Tesla T4", torch.float16, 65.0), ("Some Future GPU", torch.bfloat16, None),
+    ("NVIDIA GeForce RTX 4090 Laptop GPU", torch.bfloat16, None), ("NVIDIA GeForce RTX 3090 Ti", torch.bfloat16, None),
+    ("NVIDIA GeForce RTX 3090", torch.bfloat16, 71.0), ("NVIDIA GH200 480GB", torch.bfloat16, 989.4),
+    ("NVIDIA A100-SXM4-40GB MIG 1g.5gb", torch.bfloat16, None), ("NVIDIA L40", torch.float32, 90.5),
     ("NVIDIA H100 80GB HBM3", torch.float64, None),
 ])
 def test_gpu_peaks_come_from_the_datasheet_table(name, dtype, tflops):
