@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from .backend import Backend, dtype_name, get_backend, resolve_dtype
+from .backend import dtype_name, get_backend, resolve_dtype
 from .checkpoint import check_tokenizer_match, load_resume_state, save_checkpoint, save_resume_state
 from .config import TrainConfig
 from .data import BatchSampler, DataDir

@@ -37,7 +37,7 @@ def cuda_has_bf16() -> bool:
 
     try:
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # PyTorch before 2.5 counted only native support
+    except TypeError:  # an older PyTorch without the argument
         return torch.cuda.is_bf16_supported()
 
 
