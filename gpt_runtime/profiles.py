@@ -346,21 +346,31 @@ def free_profile_name(name: str, exact: bool = False) -> str:
     return name
 
 
+def _toml(value: Any) -> str:
+    """A string, number or list of them as a TOML value.
+
+    JSON's notation is TOML's for these, except that JSON writes a character
+    beyond U+FFFF as a surrogate pair of escapes, which TOML refuses: so
+    characters stay themselves, and only DEL, which TOML wants escaped, is.
+    """
+    import json
+
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def write_profile(name: str, checkpoint: Path, description: str, chain: str, options: dict[str, dict[str, Any]],
                   max_new_tokens: int, template: ChatTemplate) -> None:
     """Write NAME.toml for `checkpoint` in the user's profile directory (take the
     name from `free_profile_name`: a profile is never overwritten, nor a shipped one hidden)."""
-    import json
-
     from .fileio import atomic_write_bytes
 
-    lines = [f"description = {json.dumps(description)}", f"checkpoint = {json.dumps(str(Path(checkpoint).resolve()))}",
-             "", "[sampler]", f"chain = {json.dumps(chain)}"]
+    lines = [f"description = {_toml(description)}", f"checkpoint = {_toml(str(Path(checkpoint).resolve()))}",
+             "", "[sampler]", f"chain = {_toml(chain)}"]
     for sampler, values in options.items():
         if values:
-            lines.append(f"{sampler} = {{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + " }")
+            lines.append(f"{sampler} = {{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in values.items()) + " }")
     lines += ["", "[generation]", f"max_new_tokens = {max_new_tokens}", "", "[template]"]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in vars(template).items()]
+    lines += [f"{key} = {_toml(value)}" for key, value in vars(template).items()]
     directory = user_profile_dir()
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(directory / f"{name}.toml", ("\n".join(lines) + "\n").encode("utf-8"))

@@ -118,6 +118,7 @@ class _Loaded:
     sha256: str
     device: str
     dtype: str
+    fingerprint: str  # the tokenizer's: hashing a 50,000-merge tokenizer per reply would show
 
 
 def _load(profile: Profile) -> _Loaded:
@@ -130,7 +131,22 @@ def _load(profile: Profile) -> _Loaded:
     dtype = generation_dtype(backend, ckpt.model, profile.dtype, profile.quantize)
     model = prepare_model(ckpt.model, backend, dtype, profile.quantize)
     return _Loaded(profile, model, ckpt.tokenizer, ckpt.step, file_sha256(profile.checkpoint), backend.name,
-                   dtype_name(dtype))
+                   dtype_name(dtype), ckpt.tokenizer.fingerprint)
+
+
+def _check_train_job(args) -> None:
+    """What a background training run needs beyond `quill train`'s own checks."""
+    from .config import load_toml
+    from .errors import UsageError
+
+    if args.nproc != 1:  # a job is one process: --nproc N would quietly train in one
+        raise UsageError(f"/train runs in one process, not --nproc {args.nproc}",
+                         hint="for data-parallel training, run `quill train --nproc N ...` in a shell")
+    told = set(load_toml(args.config)) if args.config else set()  # flags are only set when given
+    told |= {name for name in ("data", "out") if hasattr(args, name)}
+    if "out" not in told or not ("data" in told or args.resume):  # a job writes only where it is told
+        raise UsageError("/train needs --data DIR and --out RUN",
+                         hint="usage: /train --data DIR --out RUN [quill train flags], or /train --out RUN --resume")
 
 
 class ChatSession:
@@ -174,6 +190,7 @@ class ChatSession:
         """Use another sampler chain; options of samplers that stay are kept."""
         from .sampling import build_chain
 
+        self._not_loading()
         kept = {name: values for name, values in self.options.items() if name in spec.split(",")}
         chain = build_chain(spec, kept)
         self.chain, self.options = chain.spec, chain.settings()
@@ -190,6 +207,7 @@ class ChatSession:
         ``temperature`` for a one-option sampler); returns what was set, for display."""
         from .sampling import build_chain, settings_from_strings
 
+        self._not_loading()
         if name == "max_new_tokens":
             number = _whole(name, value)
             if number < 1:
@@ -256,6 +274,12 @@ class ChatSession:
     def _idle(self) -> None:
         """Refuse to change the conversation while a reply streams or a model loads."""
         if self._busy.locked():
+            raise self._refusal()
+
+    def _not_loading(self) -> None:
+        """Refuse a setting while a profile loads: the new profile's would replace it.
+        (While a reply streams, a setting is for the next reply: that one's are fixed.)"""
+        if self._busy.locked() and self._busy_with == "loading":
             raise self._refusal()
 
     def _claim(self, what: str = "reply") -> None:
@@ -354,7 +378,7 @@ class ChatSession:
                     turn.reply = "".join(reply).strip()
                     turn.provenance = Provenance(
                         self.profile.name, str(self.profile.checkpoint), self.loaded.sha256, self.loaded.step,
-                        self.loaded.tokenizer.fingerprint, chain, options, event.seed, limit, first,
+                        self.loaded.fingerprint, chain, options, event.seed, limit, first,
                         event.reason, event.new_tokens, round(event.tokens_per_second, 1), asdict(template),
                         self.loaded.dtype, self.profile.quantize)
                 yield event
@@ -535,6 +559,8 @@ class ChatSession:
         from .jobs import check_arguments
 
         args = check_arguments(kind, argv)
+        if kind == "train":
+            _check_train_job(args)
         data = getattr(args, "data", None)
         if data is not None and not Path(data).exists():
             raise UsageError(f"no data at {data!r}", hint="prepare a corpus first: quill prepare CORPUS --tokenizer T --out DIR")

@@ -148,10 +148,7 @@ def tokens(session, args: str) -> str:
 def train(session, args: str) -> str:
     import shlex
 
-    argv = shlex.split(args)
-    if "--data" not in argv or "--out" not in argv:  # a job writes only where it is told
-        raise UsageError("/train needs --data DIR and --out RUN", hint="usage: /train --data DIR --out RUN [quill train flags]")
-    job = session.start_job("train", argv)
+    job = session.start_job("train", shlex.split(args))
     return f"started job {job.id}: train {args} (/jobs shows its progress, /cancel {job.id} stops it)"
 
 

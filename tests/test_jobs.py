@@ -30,7 +30,7 @@ from gpt_runtime.data import DataDir, prepare
 from gpt_runtime.errors import QuillError, UsageError
 from gpt_runtime.evaluate import evaluate
 from gpt_runtime.generate import Done
-from gpt_runtime.jobs import Jobs
+from gpt_runtime.jobs import Job, Jobs
 from gpt_runtime.profiles import load_profile
 from gpt_runtime.session import ChatSession, file_sha256
 from gpt_runtime.train import train
@@ -462,6 +462,26 @@ def test_train_or_eval_on_missing_data_is_refused_at_once(w):
     assert error_of(session, f"/train --data {w['data']}").message == "/train needs --data DIR and --out RUN"
     assert len(session.jobs.all()) == count  # no job was started
     assert not (w["root"] / "runs" / "never").exists()
+
+
+def test_train_takes_its_flags_in_every_form_quill_train_does_and_refuses_nproc(w, monkeypatch):
+    # It wanted the literal tokens --data and --out, and took --nproc 2 only to train in one process
+    monkeypatch.setenv("QUILL_PROFILES", str(w["profiles"]))
+    session, started = ChatSession("base"), []
+    monkeypatch.setattr(session.jobs, "start", lambda kind, argv: started.append(argv) or Job(len(started), kind, argv, None))
+    run, config = w["root"] / "runs" / "forms", w["root"] / "forms.toml"
+    config.write_text(f'data = "{w["data"]}"\nn_layer = 1\n', encoding="utf-8")
+    for line in (f"/train --data={w['data']} --out={run} --max-steps 5", f"/train --out {run} --resume --max-steps 9",
+                 f"/train --config {config} --out {run}"):
+        commands.run(session, line)
+    assert [argv[0] for argv in started] == [f"--data={w['data']}", "--out", "--config"]
+    for line, message in ((f"/train --data {w['data']} --out {run} --nproc 2", "/train runs in one process, not --nproc 2"),
+                          (f"/train --data {w['data']} --out {run} --nproc 0", "/train runs in one process, not --nproc 0"),
+                          (f"/train --config {config}", "/train needs --data DIR and --out RUN"),
+                          (f"/train --out {run}", "/train needs --data DIR and --out RUN")):
+        assert error_of(session, line).message == message
+    assert "quill train --nproc N" in error_of(session, f"/train --data {w['data']} --out {run} --nproc 2").hint
+    assert len(started) == 3
 
 
 # --- eval -------------------------------------------------------------------------------------------

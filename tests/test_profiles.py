@@ -654,3 +654,15 @@ def test_generate_needs_a_checkpoint_or_a_profile(w):
     assert error(out["gen_unknown"]) == ("no profile named 'tinny'", "did you mean 'tiny'?")
     assert error(out["gen_broken"]) == (
         f"profile {str(w['files']['broken'])!r}: [generation] max_new_tokens must be at least 1, not 0", None)
+
+
+def test_a_profile_quill_writes_loads_back_whatever_the_characters(w, tmp_path, monkeypatch):
+    # Characters beyond U+FFFF (an emoji speaker's name) were written as JSON surrogate escapes,
+    # which TOML refuses, so the profile a finished /train or `quill import` wrote did not load.
+    from gpt_runtime.profiles import write_profile
+
+    monkeypatch.setenv("QUILL_PROFILES", str(tmp_path))
+    template = ChatTemplate(system="Act\x7f I", user_name="🦜 POLLY", model_name="QUILL 𝔔", stop=["\n🦜", "\t"])
+    write_profile("odd", w["ckpt"], "made by 🐍 for 𝔔", "top_k,temperature", {"top_k": {"k": 5}}, 40, template)
+    profile = load_profile(tmp_path / "odd.toml")
+    assert profile.template == template and profile.description == "made by 🐍 for 𝔔"

@@ -354,6 +354,41 @@ def test_the_session_is_busy_from_send_not_from_the_first_event(s):
     assert not s.busy
 
 
+def test_settings_sent_while_a_profile_loads_are_refused_not_lost(s, monkeypatch):
+    # They used to be reported as set, then overwritten by the profile that finished loading
+    import gpt_runtime.session as session_module
+
+    load, loading, go = session_module._load, threading.Event(), threading.Event()
+
+    def slow_load(profile):
+        loading.set()
+        assert go.wait(30)
+        return load(profile)
+
+    monkeypatch.setattr(session_module, "_load", slow_load)
+    switch = threading.Thread(target=s.use_profile, args=("beta",), daemon=True)
+    switch.start()
+    assert loading.wait(30)
+    for action in (lambda: s.set("max_new_tokens", "3"), lambda: s.set("top_k.k", "2"), lambda: s.set_chain("greedy")):
+        with pytest.raises(QuillError, match="a model is still loading"):
+            action()
+    go.set()
+    switch.join(30)
+    assert s.profile.name == "beta" and s.set("max_new_tokens", "3") == "max_new_tokens = 3"
+    assert s.max_new_tokens == 3
+
+
+def test_replies_do_not_hash_the_tokenizer_again(s, monkeypatch):
+    # The fingerprint hashes the whole tokenizer (50,000 merges for GPT-2's): once per load
+    tokenizer_class = type(s.loaded.tokenizer)
+    hashed = []
+    fingerprint = tokenizer_class.fingerprint
+    monkeypatch.setattr(tokenizer_class, "fingerprint", property(lambda self: hashed.append(1) or fingerprint.fget(self)))
+    first, second = drain(s.send("Speak"))[-1], drain(s.send("Speak on"))[-1]
+    assert isinstance(first, Done) and isinstance(second, Done)
+    assert hashed == [] and s.turns[1].provenance.tokenizer_fingerprint == fingerprint.fget(s.loaded.tokenizer)
+
+
 def test_a_second_send_from_another_thread_while_streaming_is_refused(s):
     s.use_profile("beta")
     s.set("max_new_tokens", "100000")
