@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QuillError, did_you_mean
+from .fileio import file_sha256
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def fetch(name: str, out_dir: str | os.PathLike, url: str | None = None, timeout
     out = Path(out_dir)
     path = out / corpus.filename
     if path.is_file():
-        if _sha256(path) == corpus.sha256:
+        if file_sha256(path) == corpus.sha256:
             return path, False
         raise QuillError(f"{str(path)!r} exists but is not {name} (its SHA-256 differs); it was left alone",
                          hint="move it away, or fetch into another --out directory")
@@ -102,9 +103,3 @@ def fetch(name: str, out_dir: str | os.PathLike, url: str | None = None, timeout
     return path, True
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

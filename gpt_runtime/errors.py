@@ -43,6 +43,11 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return f"did you mean {close[0]!r}?" if close else None
 
 
+def env_flag(name: str) -> bool:
+    """Whether environment variable `name` is set, and not to 0, false or no."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def debug_enabled() -> bool:
-    """Whether the user asked for tracebacks (QUILL_DEBUG set, and not to 0/false/no)."""
-    return os.environ.get("QUILL_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+    """Whether the user asked for tracebacks (QUILL_DEBUG)."""
+    return env_flag("QUILL_DEBUG")

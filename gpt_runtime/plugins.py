@@ -25,7 +25,7 @@ from typing import Any
 import pluggy
 
 from . import __version__, hookspecs
-from .errors import QuillError, QuillWarning, did_you_mean
+from .errors import QuillError, QuillWarning, did_you_mean, env_flag
 from .registry import KINDS, Registry
 from .sampling import check_sampler_class
 from .tokenizer import check_tokenizer_class
@@ -174,15 +174,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
-
-
 @functools.lru_cache(maxsize=None)
 def get_plugin_host() -> PluginHost:
     """The process-wide plugin host, loaded on first use and cached."""
     disabled = frozenset(n.strip() for n in os.environ.get("QUILL_DISABLE_PLUGINS", "").split(",") if n.strip())
-    host = PluginHost(strict=_env_flag("QUILL_STRICT_PLUGINS"), disabled=disabled)
+    host = PluginHost(strict=env_flag("QUILL_STRICT_PLUGINS"), disabled=disabled)
     host.load_all()
     names = [p.name for p in host.plugins]
     for name in sorted(disabled - set(names)):

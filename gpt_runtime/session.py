@@ -13,7 +13,6 @@ replay it exactly (`replay`).
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QuillError, did_you_mean
+from .fileio import file_sha256
 from .profiles import ChatTemplate, Profile, get_profile
 
 
@@ -99,12 +99,9 @@ class Turn:
     provenance: Provenance | None = None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+def checkpoint_id(path: Path) -> str:
+    """The checkpoint's SHA-256, shortened as provenance records it."""
+    return file_sha256(path)[:16]
 
 
 @dataclass
@@ -130,7 +127,7 @@ def _load(profile: Profile) -> _Loaded:
     ckpt = load_checkpoint(profile.checkpoint, device=backend.device)
     dtype = generation_dtype(backend, ckpt.model, profile.dtype, profile.quantize)
     model = prepare_model(ckpt.model, backend, dtype, profile.quantize)
-    return _Loaded(profile, model, ckpt.tokenizer, ckpt.step, file_sha256(profile.checkpoint), backend.name,
+    return _Loaded(profile, model, ckpt.tokenizer, ckpt.step, checkpoint_id(profile.checkpoint), backend.name,
                    dtype_name(dtype), ckpt.tokenizer.fingerprint)
 
 

@@ -32,7 +32,7 @@ from gpt_runtime.evaluate import evaluate
 from gpt_runtime.generate import Done
 from gpt_runtime.jobs import Job, Jobs
 from gpt_runtime.profiles import load_profile
-from gpt_runtime.session import ChatSession, file_sha256
+from gpt_runtime.session import ChatSession, checkpoint_id
 from gpt_runtime.train import train
 from helpers import SAMPLE_TEXT
 from plugins.char_tokenizer import CharTokenizer
@@ -335,7 +335,7 @@ def test_a_finished_run_is_written_as_a_profile_the_chat_can_switch_to(w):
         provenance = session.turns[-1].provenance
         assert len(session.turns) == turns + 1
         assert (provenance.profile, provenance.checkpoint, provenance.step) == (name, str(best.resolve()), best_step)
-        assert provenance.checkpoint_sha256 == file_sha256(best)  # the reply came from the new model
+        assert provenance.checkpoint_sha256 == checkpoint_id(best)  # the reply came from the new model
     finally:
         session.use_profile("base")
 
