@@ -92,6 +92,15 @@ async def start_a_long_reply(pilot, tokens: int = 1) -> None:
     await until(pilot, lambda: bool(app.streaming) and len(app.streaming[0].tokens) >= tokens)
 
 
+def burst(app: QuillApp, keys: str) -> None:
+    """`keys` as a terminal delivers them in one read (tmux send-keys, a paste without
+    brackets): every key queued before the app handles the first, with no pause between."""
+    from textual._xterm_parser import XTermParser  # the parser the terminal driver uses
+
+    for event in XTermParser().feed(keys):
+        app.post_message(event)
+
+
 async def type_command(pilot, line: str) -> None:
     box = pilot.app.query_one("#input")
     box.text = line
@@ -248,6 +257,27 @@ def test_completion_as_you_type_and_tab(profiles):
         await pilot.pause(0.1)
         await pilot.press("tab")
         assert app.query_one("#input").text == "/xtc "  # a plugin's command completes too
+
+    run(app, steps)
+
+
+def test_enter_right_behind_the_text_sends_it(profiles):
+    # The issue: tmux `send-keys "/show" Enter` left /show in the box, and "/clear" Enter
+    # then a message sent "/clearSpeak, good sir.".
+    app = QuillApp("beta")
+
+    async def steps(pilot):
+        box = app.query_one("#input")
+        burst(app, "/show\r")
+        await until(pilot, lambda: bool(views(app, "output")), timeout=10)
+        assert "profile" in views(app, "output")[-1].text and box.text == ""
+        await say(pilot, "Speak")
+        burst(app, "/clear\rhear\nme")  # what follows Enter is the next message, in order, Ctrl+J included
+        await until(pilot, lambda: not app.session.turns and box.text, timeout=10)
+        assert box.text == "hear\nme" and not views(app, "user")
+        await pilot.press("enter")
+        await until(pilot, lambda: not app.streaming and len(views(app, "model")) == 1)
+        assert [t.user for t in app.session.turns] == ["hear\nme"] and box.text == ""
 
     run(app, steps)
 

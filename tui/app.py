@@ -238,12 +238,8 @@ class QuillApp(App):
     # --- input ----------------------------------------------------------------------
 
     def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
-        text = event.text.strip()
-        if not text:
-            return
-        if self.run_line(text):
-            self.query_one(ChatInput).clear()
-            self.query_one("#suggestions", Static).update("")
+        if not self.run_line(event.text.strip()):  # refused: give the text back, ahead of anything typed since
+            self.query_one(ChatInput).insert(event.text, (0, 0), maintain_selection_offset=False)
 
     def on_run_command(self, event: RunCommand) -> None:
         self.run_line(event.line)

@@ -32,11 +32,21 @@ class ChatInput(TextArea):
     class Complete(Message):
         pass
 
+    # Priority bindings run on the app's task as soon as the key arrives, while the keys
+    # typed just before it may still wait in this box's queue (a paste, tmux send-keys, a
+    # fast typist). So each action queues itself behind them, and reads the box only then.
+
     def action_submit(self) -> None:
-        self.post_message(self.Submitted(self.text))
+        self.call_later(self.submit)
 
     def action_newline(self) -> None:
-        self.insert("\n")
+        self.call_later(self.insert, "\n")
+
+    def submit(self) -> None:
+        """Send the text and empty the box now, so keys typed after Enter start the next message."""
+        if self.text.strip():
+            self.post_message(self.Submitted(self.text))
+            self.clear()
 
     def action_complete(self) -> None:
         self.post_message(self.Complete())
