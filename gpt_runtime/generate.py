@@ -213,7 +213,7 @@ def _choose(logits: torch.Tensor, chain: Chain, state: SamplerState) -> torch.Te
 def _top(tokenizer: Tokenizer, logits: torch.Tensor, chosen: int, n: int) -> tuple[float, list[tuple[int, str, float]]]:
     probs = torch.softmax(logits, dim=-1)
     values, ids = probs.topk(min(n, probs.numel()))
-    top = [(int(i), tokenizer.pieces[int(i)].decode("utf-8", "replace"), float(p)) for p, i in zip(values, ids)]
+    top = [(int(i), tokenizer.decode([int(i)]), float(p)) for p, i in zip(values, ids)]
     return float(probs[chosen]), top
 
 

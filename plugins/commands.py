@@ -141,7 +141,7 @@ def tokens(session, args: str) -> str:
         raise UsageError("/tokens needs some text")
     tok = session.loaded.tokenizer
     ids = tok.encode(args)
-    pieces = [tok.pieces[i].decode("utf-8", "replace") for i in ids]
+    pieces = [tok.decode([i]) for i in ids]
     return f"{len(ids)} tokens: " + " ".join(f"{json.dumps(p, ensure_ascii=False)}:{i}" for p, i in zip(pieces, ids))
 
 

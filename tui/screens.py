@@ -75,7 +75,7 @@ class TokensScreen(Closable):
 
     def compose(self) -> ComposeResult:
         ids = self.tokenizer.encode(self.text)
-        pieces = [self.tokenizer.pieces[i].decode("utf-8", "replace") for i in ids]
+        pieces = [self.tokenizer.decode([i]) for i in ids]
         colours = ["on #3b4d7a", "on #6b3b7a", "on #3b7a5a", "on #7a5a3b"]
         coloured = token_text([(p, f"white {colours[n % len(colours)]}") for n, p in enumerate(pieces)])
         table = Table("#", "id", "piece", box=None, padding=(0, 1))
@@ -121,7 +121,7 @@ class ProbabilityScreen(Closable):
         self.tokens = tokens
         # each token's own piece: its released text can be empty (held back, in case a
         # stop string was starting) or carry earlier tokens' text
-        self.pieces = [tokenizer.pieces[t.id].decode("utf-8", "replace") for t in tokens]
+        self.pieces = [tokenizer.decode([t.id]) for t in tokens]
 
     def show_token(self, index: int) -> None:
         token = self.tokens[index]
