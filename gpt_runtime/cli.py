@@ -11,39 +11,16 @@ import json
 import os
 import sys
 import time
-import warnings
-from dataclasses import fields, replace
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from . import __version__
-from .config import TrainConfig  # no torch: only the settings' names, types and help
-from .errors import QuillError, QuillWarning, UsageError, debug_enabled
-
-PROG = "quill"
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line plus a hint, exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}", hint=f"see `{self.prog} --help`")
-
-
-def _examples(*lines: str) -> str:
-    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
-
-
-def subcommand(subparsers, name: str, help: str, examples: tuple[str, ...], description: str | None = None) -> Parser:
-    """Add a subcommand whose --help ends with `examples` (also used by `tui.cli`)."""
-    return subparsers.add_parser(
-        name,
-        help=help,
-        description=description or help,
-        epilog=_examples(*examples),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+# `tui.cli` adds `quill chat` with `cli.subcommand`. `quill train` and the flags of
+# `quill eval` live outside the CLI: the chat's jobs and torchrun ranks use them too.
+from .cmdline import PROG, Parser, examples_epilog, run, subcommand
+from .errors import QuillError, UsageError
+from .train_command import add_eval_command, add_train_command, cmd_train
 
 
 def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
@@ -52,7 +29,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     parser = Parser(
         prog=PROG,
         description="Quill: train, evaluate and chat with small GPT models in the terminal.",
-        epilog=_examples(
+        epilog=examples_epilog(
             "quill tokenizer train corpus.txt --kind bpe --vocab-size 4096 --out tokenizer.json",
             "quill tokenizer inspect --tokenizer tokenizer.json 'To be, or not to be'",
             "quill plugins",
@@ -141,40 +118,9 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the corpus kept for validation (default: 0.1)")
     p.set_defaults(run=cmd_prepare)
 
-    # quill train
-    p = subcommand(commands, "train", "train a GPT on a prepared data directory", (
-        "quill train --data data/shakespeare --out runs/small --n-layer 4 --n-embd 128 --max-steps 2000",
-        "quill train --data data/shakespeare --out runs/small --config small.toml --lr 3e-4",
-        "quill train --out runs/small --resume --max-steps 4000",
-        "quill train --data data/shakespeare --out runs/ddp --nproc 2",
-    ), description="Train a GPT. Every flag can also be a key of the --config TOML file "
-                   "(n_layer = 4); flags override the file. Ctrl-C saves a checkpoint and stops; "
-                   "--resume continues exactly where a run stopped.")
-    p.add_argument("--config", help="TOML file with any of the settings below, in snake_case")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--nproc", type=int, default=1, help="processes for data-parallel training (launches torchrun)")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help = f"{f.metadata['help']} (default: {f.default})"
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=argparse.SUPPRESS, help=help, metavar=f.type.upper())
-    p.set_defaults(run=cmd_train)
-
-    # quill eval
-    p = subcommand(commands, "eval", "loss, perplexity and bits per byte of a checkpoint", (
-        "quill eval runs/small --data data/shakespeare",
-        "quill eval runs/small/best.safetensors --data notes.txt --json",
-    ))
-    p.add_argument("checkpoint", help="checkpoint file, or a run directory (its best checkpoint)")
-    p.add_argument("--data", required=True, help="prepared data directory (its val split) or a text file")
-    p.add_argument("--split", default="val", help="split of a data directory: train or val (default: val)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default: 8)")
-    p.add_argument("--device", default="auto",
-                   help="backend: auto ($QUILL_DEVICE, else the best available), cpu, cuda, mps, or a plugin's")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(run=cmd_eval)
+    # quill train, quill eval
+    add_train_command(commands).set_defaults(run=cmd_train)
+    add_eval_command(commands).set_defaults(run=cmd_eval)
 
     # quill export
     p = subcommand(commands, "export", "write a checkpoint in another form: smaller, or as a HuggingFace GPT-2 directory", (
@@ -522,72 +468,6 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f"profile {name!r} is ready: quill chat --profile {name}")
 
 
-def _train_command_line(argv: list[str]) -> list[str]:
-    """The `quill train` arguments without --nproc, for torchrun to pass on."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            out.append(arg)
-    return out
-
-
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The training settings from parsed `quill train` arguments (also used by chat jobs)."""
-    from .config import load_toml, saved_config
-
-    if args.resume:
-        if args.config:
-            raise UsageError("--resume continues a run with its own settings; it takes no --config")
-        base = saved_config(getattr(args, "out", TrainConfig.out))
-    else:
-        base = TrainConfig.from_dict(load_toml(args.config), f"config file {args.config!r}") if args.config else TrainConfig()
-    return replace(base, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    cfg = train_config(args)
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, not {args.nproc}")
-    if args.nproc > 1:
-        import subprocess
-
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "gpt_runtime.train", *_train_command_line(args.argv[1:])]
-        # Ctrl-C reaches torchrun and its workers through the terminal; they save and
-        # stop, so the parent only waits. A SIGTERM sent to us is passed on.
-        import signal
-
-        child = subprocess.Popen(command, env=env)
-        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))
-        try:
-            return child.wait()
-        finally:
-            signal.signal(signal.SIGINT, previous_int)
-            signal.signal(signal.SIGTERM, previous_term)
-    from .progress import train_display
-    from .train import train
-
-    with train_display() as on_event:
-        result = train(cfg, resume=args.resume, on_event=on_event)
-    if os.environ.get("RANK", "0") != "0":
-        return 0  # under torchrun, rank 0 speaks for all
-    best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
-    if result.stopped in ("SIGINT", "SIGTERM"):
-        print(f"stopped by {result.stopped} at step {result.step}; saved {result.out}/last.safetensors "
-              f"(continue with: quill train --out {result.out} --resume)", file=sys.stderr)
-        return 130 if result.stopped == "SIGINT" else 143
-    ended = f"stopped at the time limit at step {result.step}" if result.stopped else f"finished {result.step} steps"
-    print(f"{ended}; best val loss {best}; checkpoints in {result.out}")
-    return 0
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
     from .progress import progress_bar
@@ -833,52 +713,12 @@ def cmd_doctor(args: argparse.Namespace) -> None:
 
 # --- entry point ----------------------------------------------------------------
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    if issubclass(category, QuillWarning):
-        print(f"{PROG}: warning: {message}", file=sys.stderr)
-    else:
-        print(f"{PROG}: warning: {category.__name__}: {message}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None, extend: Callable[[Any], None] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 failure, 2 usage error).
 
     `extend` adds subcommands (see `build_parser`); the installed `quill` is `tui.cli:main`.
     """
-    debug = debug_enabled()
-    if not debug:
-        warnings.showwarning = _show_warning
-    parser = build_parser(extend)
-    try:
-        argv = sys.argv[1:] if argv is None else argv
-        args = parser.parse_args(argv)
-        args.argv = argv
-        if args.run is None:
-            # `quill` or `quill tokenizer` alone: show what there is to run.
-            args.help_parser.print_help(sys.stderr)
-            return 2
-        return args.run(args) or 0
-    except QuillError as exc:
-        if debug:
-            raise
-        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # the reader went away (e.g. `| head`); nothing left to say to it
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
-    except Exception as exc:
-        if debug:
-            raise
-        print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print("  hint: run again with QUILL_DEBUG=1 for the traceback, and please report it", file=sys.stderr)
-        return 1
+    return run(build_parser(extend), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

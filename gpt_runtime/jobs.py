@@ -66,8 +66,8 @@ class Job:
 def check_arguments(kind: str, argv: list[str]) -> argparse.Namespace:
     """Parse a job's arguments as `quill train` / `quill eval` would, so a mistake is
     a `UsageError` at once rather than a job that fails; returns them parsed."""
-    from .cli import build_parser
     from .errors import UsageError
+    from .train_command import command_parser
 
     if kind not in ("train", "eval"):
         raise QuillError(f"there is no job kind {kind!r}", hint="jobs: train, eval")
@@ -75,7 +75,7 @@ def check_arguments(kind: str, argv: list[str]) -> argparse.Namespace:
     if any(flag == "-h" or (len(flag) >= 3 and "--help".startswith(flag)) for flag in argv):
         raise UsageError(f"/{kind} takes the flags of `quill {kind}`", hint=f"run `quill {kind} --help` to see them")
     try:
-        return build_parser().parse_args([kind, *argv])
+        return command_parser().parse_args([kind, *argv])
     except UsageError as exc:
         message = exc.message.removeprefix(f"quill {kind}: ").removeprefix("quill: ")
         raise UsageError(f"/{kind}: {message}", hint=f"run `quill {kind} --help` to see its flags") from None
@@ -186,14 +186,14 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 def _worker(argv: list[str]) -> int:
-    from .cli import build_parser, train_config
+    from .train_command import command_parser, train_config
 
     if hasattr(os, "nice"):
         os.nice(5)  # the chat comes first
     signal.signal(signal.SIGINT, signal.default_int_handler)  # /cancel works even if SIGINT was ignored
     kind, rest = argv[0], argv[1:]
     try:
-        args = build_parser().parse_args([kind, *rest])
+        args = command_parser().parse_args([kind, *rest])
         if kind == "train":
             from .train import train
 

@@ -395,12 +395,10 @@ def _trim_log(path: Path, step: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
-def main() -> None:
-    """`python -m gpt_runtime.train ...` (what torchrun runs): the `quill train` CLI."""
-    from .cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))
-
-
 if __name__ == "__main__":
-    main()
+    # `torchrun ... -m gpt_runtime.train ARGS` (the documented form) runs this file:
+    # each rank runs `quill train ARGS`, from a module of its own so that importing
+    # the training loop never imports a command line.
+    from .torchrun import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -531,3 +531,33 @@ def test_a_script_waits_for_its_jobs_before_it_ends(w):
     assert lines[-1] == (f"[job {job.id} finished training {w['script_run']}; profile 'script_run' is ready: "
                          "/profile script_run]")
     assert load_profile(w["profiles"] / "script_run.toml").checkpoint == (w["script_run"] / "best.safetensors").resolve()
+
+
+# --- the engine's layers ----------------------------------------------------------------------------
+
+def _engine_imports() -> dict[str, set[str]]:
+    """Each gpt_runtime module's imports of other gpt_runtime modules, those inside functions included."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "gpt_runtime"
+    graph = {}
+    for path in sorted(root.glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {a.name.removeprefix("gpt_runtime.") for a in node.names if a.name.startswith("gpt_runtime.")}
+            elif isinstance(node, ast.ImportFrom) and (node.level == 1 or node.module == "gpt_runtime"
+                                                       or (node.module or "").startswith("gpt_runtime.")):
+                module = (node.module or "").removeprefix("gpt_runtime").lstrip(".")
+                # `from . import cli` names the module in the names; `from .cli import main` in the module
+                found |= {module} if module else {a.name for a in node.names}
+        graph[path.stem] = found
+    return graph
+
+
+def test_no_engine_module_but_the_cli_imports_the_cli():
+    # Jobs check /train's flags, and torchrun ranks train, through the shared train_command
+    # and torchrun modules: the engine works without its command line.
+    graph = _engine_imports()
+    assert {"cli", "jobs", "train", "session"} <= set(graph)  # the walk found the engine
+    assert sorted(name for name, imports in graph.items() if "cli" in imports and name != "cli") == []

@@ -7,6 +7,8 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from gpt_runtime.errors import QuillError
 from gpt_runtime.evaluate import evaluate, evaluate_tokens
 from gpt_runtime.model import GPT, GPTConfig
 from gpt_runtime.train import lr_at, train
-from helpers import SAMPLE_TEXT, run_quill
+from helpers import SAMPLE_TEXT, quill_env, run_quill
 from plugins.char_tokenizer import CharTokenizer
 
 
@@ -386,6 +388,19 @@ def test_two_process_ddp_matches_one_process_with_the_double_batch(data, tmp_pat
     assert load_checkpoint(tmp_path / "ddp").step == steps
     rng = load_resume_state(tmp_path / "ddp" / "last.state.pt")["rng_states"]  # each rank's, for resuming
     assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+
+
+def test_the_torchrun_entry_runs_quill_train():
+    # torchrun runs `-m gpt_runtime.train ARGS` on each rank: the same command as
+    # `quill train ARGS`, with its help, its one-line errors and its exit codes.
+    def rank(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gpt_runtime.train", *args], capture_output=True,
+                              env=quill_env(), timeout=120)
+
+    assert rank("--help").stdout == run_quill("train", "--help").stdout
+    out = rank("--bogus")
+    assert out.returncode == 2
+    assert out.stderr.decode() == "quill: error: quill: unrecognized arguments: --bogus\n  hint: see `quill --help`\n"
 
 
 # --- backends -----------------------------------------------------------------------------------

@@ -1,0 +1,21 @@
+"""One torchrun rank of a data-parallel `quill train`.
+
+`quill train --nproc N` launches ``torchrun --nproc_per_node N -m gpt_runtime.train
+ARGS`` (also the documented way to run torchrun by hand); `gpt_runtime.train`, run
+as a script, hands its arguments to `main` here. Each rank runs the CLI's own
+`train` command through the CLI's runner, so its output, errors and exit codes are
+those of `quill train`, without the engine importing the CLI.
+"""
+
+from __future__ import annotations
+
+from .cmdline import PROG, Parser, run
+from .train_command import add_train_command, cmd_train
+
+
+def main(argv: list[str]) -> int:
+    """Run `quill train ARGV` on this rank; returns the exit code."""
+    parser = Parser(prog=PROG)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    add_train_command(commands).set_defaults(run=cmd_train)
+    return run(parser, ["train", *argv])
