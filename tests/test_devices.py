@@ -30,7 +30,7 @@ from gpt_runtime.config import TrainConfig, saved_config
 from gpt_runtime.data import DataDir, prepare
 from gpt_runtime.errors import QuillError
 from gpt_runtime.evaluate import evaluate
-from gpt_runtime.generate import Done, Token, generate, generate_text
+from gpt_runtime.generate import Done, Token, generate_text
 from gpt_runtime.inference import generation_dtype, int8_unavailable, prepare_model
 from gpt_runtime.model import KVCache
 from gpt_runtime.plugins import get_registry
@@ -40,7 +40,8 @@ from gpt_runtime.train import train
 from helpers import SAMPLE_TEXT, one_line_error, run_quill
 from plugins.backends import cuda_has_bf16
 from plugins.char_tokenizer import CharTokenizer
-from test_generate import ARCHITECTURES, BANNED, BLOCK, cancelled_after, greedy_without_eos, tiny_gpt
+from test_generate import ARCHITECTURES, BANNED, BLOCK, cancelled_after, greedy_without_eos, ids_of, tiny_gpt
+from test_generate import run as run_generation
 from test_tui import run as run_app
 from test_tui import say
 from tui.app import QuillApp
@@ -101,17 +102,6 @@ def model(tok):
 def on_device(model, device: str, dtype: torch.dtype = torch.float32):
     """A copy of `model` prepared for generation on `device`, as `quill generate` prepares one."""
     return prepare_model(copy.deepcopy(model), get_backend(device), dtype)
-
-
-def events_of(model, tokenizer, prompt, **options) -> tuple[list[Token], Done]:
-    *tokens, done = list(generate(model, tokenizer, prompt, **options))
-    assert isinstance(done, Done) and all(isinstance(t, Token) for t in tokens)
-    assert done.new_tokens == len(tokens)
-    return tokens, done
-
-
-def ids_of(tokens: list[Token]) -> list[int]:
-    return [t.id for t in tokens]
 
 
 def logits_of(model, idx: torch.Tensor) -> torch.Tensor:
@@ -197,7 +187,7 @@ def test_greedy_with_the_cache_equals_recomputing_the_whole_context(device, tok,
     model = on_device(tiny_gpt(tok.vocab_size, position=position, norm=norm), device)
     prompt = tok.encode("First Citizen")
     n = BLOCK - len(prompt) + 1  # the longest run that never needs to drop context
-    tokens, done = events_of(model, tok, prompt, chain=greedy_without_eos(tok), max_new_tokens=n)
+    tokens, done = run_generation(model, tok, prompt, chain=greedy_without_eos(tok), max_new_tokens=n)
     banned = [tok.special_tokens[name] for name in (*BANNED, "<eos>")]
     context, expected = list(prompt), []
     with torch.no_grad():
@@ -245,7 +235,7 @@ def test_every_registered_sampler_and_beam_search_run_on_the_device(device, tok,
         if name == "logit_bias":
             settings = {"logit_bias": {"bias": f"{eos}:-inf,{tok.stoi['e']}:2.5"}}
         spec = name if name == "logit_bias" else f"logit_bias,{name}"
-        runs = [events_of(model, tok, "First", chain=build_chain(spec, settings), max_new_tokens=20, seed=5)
+        runs = [run_generation(model, tok, "First", chain=build_chain(spec, settings), max_new_tokens=20, seed=5)
                 for _ in range(2)]
         (tokens, done), (again, _) = runs
         assert len(tokens) == 20 and done.reason == "length", (name, done)
@@ -261,7 +251,7 @@ def test_stop_strings_end_generation_on_the_device(device, tok, model):
     stop = full[10:13]
     at = full.find(stop)
     assert at >= 5
-    tokens, done = events_of(model, tok, "First", chain=build_chain("greedy"), max_new_tokens=30,
+    tokens, done = run_generation(model, tok, "First", chain=build_chain("greedy"), max_new_tokens=30,
                              stop=["never said", stop])
     assert "".join(t.text for t in tokens) + done.text == full[:at]
     assert done.reason == "stop" and done.stop == stop
@@ -277,7 +267,7 @@ def test_cancel_from_another_thread_stops_generation_on_the_device(device, tok, 
     cancel.set()
     # set before the start: nothing at all, sampling or beam search
     for chain in (build_chain("top_k"), build_chain("beam")):
-        tokens, done = events_of(model, tok, "First", chain=chain, max_new_tokens=10, cancel=cancel)
+        tokens, done = run_generation(model, tok, "First", chain=chain, max_new_tokens=10, cancel=cancel)
         assert tokens == [] and done.reason == "cancelled"
 
 
@@ -297,7 +287,7 @@ def test_every_dtype_the_device_offers_generates_close_to_float32(device, tok, m
         assert (weight.device.type, weight.dtype) == (device, dtype), name
         error = (logits_of(prepared, idx.to(device)) - expected).abs().max()
         assert error < (1e-3 if dtype == torch.float32 else 0.05) * scale, f"{name}: {error} vs scale {scale}"
-        tokens, done = events_of(prepared, tok, "First", chain=greedy_without_eos(tok), max_new_tokens=10)
+        tokens, done = run_generation(prepared, tok, "First", chain=greedy_without_eos(tok), max_new_tokens=10)
         assert len(tokens) == 10 and done.reason == "length", name
 
 
