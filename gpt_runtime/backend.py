@@ -15,6 +15,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .errors import QuillError, did_you_mean
+from .plugins import get_registry
 
 if TYPE_CHECKING:
     import torch
@@ -92,8 +93,6 @@ class Backend:
 def get_backend(name: str = "auto") -> Backend:
     """The backend called `name`; for ``auto``, the one `QUILL_DEVICE` names, else the
     best one available (cuda, then mps, then cpu, then any other)."""
-    from .plugins import get_registry
-
     registry = get_registry()
     names = registry.names("backends")
     pinned = os.environ.get("QUILL_DEVICE", "").strip()
@@ -122,8 +121,6 @@ def get_backend(name: str = "auto") -> Backend:
 
 def available_backends() -> list[str]:
     """Names of the registered backends that can run on this machine, sorted."""
-    from .plugins import get_registry
-
     registry = get_registry()
     return [n for n in registry.names("backends") if _probes_available(registry.get("backends", n).obj)]
 

@@ -11,11 +11,12 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from . import __version__
+
 # `tui.cli` adds `quill chat` with `cli.subcommand`. `quill train` and the flags of
 # `quill eval` live outside the CLI: the chat's jobs and torchrun ranks use them too.
 from .cmdline import PROG, Parser, examples_epilog, run, subcommand

@@ -14,7 +14,7 @@ import sys
 import warnings
 from typing import NoReturn
 
-from .errors import QuillError, QuillWarning, UsageError, debug_enabled
+from .errors import QuillError, QuillWarning, UsageError, debug_enabled, explain
 
 PROG = "quill"
 
@@ -64,13 +64,6 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
             args.help_parser.print_help(sys.stderr)
             return 2
         return args.run(args) or 0
-    except QuillError as exc:
-        if debug:
-            raise
-        print(f"{PROG}: error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -79,9 +72,11 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except Exception as exc:
+    except Exception as exc:  # a QuillError, or a bug: one line and a hint, unless QUILL_DEBUG
         if debug:
             raise
-        print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print("  hint: run again with QUILL_DEBUG=1 for the traceback, and please report it", file=sys.stderr)
-        return 1
+        kind, message, hint = explain(exc)
+        print(f"{PROG}: {kind}: {message}", file=sys.stderr)
+        if hint:
+            print(f"  hint: {hint}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, QuillError) else 1

@@ -7,13 +7,16 @@ the defaults. This module imports no torch, so the CLI can build its flags fast.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .errors import QuillError, did_you_mean
+from .fileio import read_user_file
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -100,9 +103,6 @@ class TrainConfig:
 
 def saved_config(run_dir: str | os.PathLike) -> TrainConfig:
     """The config a run in `run_dir` was started with (from its config.json)."""
-    import json
-    from pathlib import Path
-
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise QuillError(f"no run to resume in {str(run_dir)!r} (no config.json)", hint="start it without --resume first")
@@ -122,7 +122,6 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         import tomllib
     else:
         import tomli as tomllib
-    from .fileio import read_user_file
 
     raw = read_user_file(path, "config file")
     try:

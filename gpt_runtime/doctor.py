@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .backend import AUTO_ORDER, dtype_name, get_backend
+from .errors import QuillError
+from .plugins import get_plugin_host, get_registry
 
 NVML_LIBRARY = "libnvidia-ml.so.1"
 CUDA_DRIVER_LIBRARY = "libcuda.so.1"
@@ -226,8 +229,6 @@ def _peak_dtype():
     # The yardstick is looked up in the dtype CUDA training would use by default.
     import torch
 
-    from .plugins import get_registry
-
     registry = get_registry()
     if "cuda" in registry.names("backends"):
         backend = registry.get("backends", "cuda").obj()
@@ -251,7 +252,6 @@ def probe_gpus() -> dict[str, Any]:
     """The GPUs torch sees (CUDA or ROCm), the NVIDIA driver, and each GPU's MFU yardstick."""
     import torch
 
-    from .backend import dtype_name
 
     count = torch.cuda.device_count()  # 0 without a GPU or driver; does not initialize CUDA
     report: dict[str, Any] = {"count": count, "devices": [], "driver_version": None, "driver_source": None,
@@ -297,8 +297,6 @@ def probe_backend(entry) -> dict[str, Any]:
 
 def probe_backends() -> dict[str, Any]:
     """Every registered backend, QUILL_DEVICE, and plugins that failed to load."""
-    from .plugins import get_plugin_host
-
     host = get_plugin_host()
     pinned = os.environ.get("QUILL_DEVICE")
     return {
@@ -311,8 +309,6 @@ def probe_backends() -> dict[str, Any]:
 # --- choices ------------------------------------------------------------------------------
 
 def _auto_reason() -> str:
-    from .backend import AUTO_ORDER
-
     pinned = os.environ.get("QUILL_DEVICE", "").strip()
     if pinned and pinned != "auto":
         return f"QUILL_DEVICE={pinned}"
@@ -336,8 +332,6 @@ def _training_reason(backend, dtype) -> str:
 
 
 def _generation_row(backend, num_params: int, training) -> dict[str, Any]:
-    from .backend import dtype_name
-
     dtype = backend.generation_dtype(num_params)
     cache = backend.cache_dtype(dtype)
     if dtype == training:
@@ -358,8 +352,6 @@ def _generation_row(backend, num_params: int, training) -> dict[str, Any]:
 
 def probe_choices() -> dict[str, Any]:
     """What `device = "auto"` resolves to, and the dtypes and kernels Quill will use there."""
-    from .backend import dtype_name, get_backend
-    from .errors import QuillError
     from .inference import bf16_packing_unavailable, int8_unavailable
 
     try:

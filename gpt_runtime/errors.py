@@ -51,3 +51,15 @@ def env_flag(name: str) -> bool:
 def debug_enabled() -> bool:
     """Whether the user asked for tracebacks (QUILL_DEBUG)."""
     return env_flag("QUILL_DEBUG")
+
+
+def explain(exc: BaseException) -> tuple[str, str, str | None]:
+    """How every interface tells a person about an error: (kind, message, hint).
+
+    A `QuillError` is an "error" with its own message and hint; anything else is a
+    bug, here or in a plugin: an "internal error" naming its type, with the way to
+    see its traceback.
+    """
+    if isinstance(exc, QuillError):
+        return "error", exc.message, exc.hint
+    return "internal error", f"{type(exc).__name__}: {exc}", "run again with QUILL_DEBUG=1 for the traceback, and please report it"

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .backend import get_backend, resolve_dtype
 from .checkpoint import Checkpoint, check_tokenizer_match, load_checkpoint
 from .data import DataDir, sequential_windows
 from .errors import QuillError
@@ -88,8 +89,6 @@ def evaluate(
     A text file is tokenized with the checkpoint's own tokenizer; a data directory
     must have been prepared with that same tokenizer.
     """
-    from .backend import get_backend, resolve_dtype
-
     backend = get_backend(device)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, device=backend.device)
     ckpt.model.to(backend.device)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -251,8 +252,6 @@ def read_weights(directory: Path) -> tuple[str, dict[str, torch.Tensor]]:
 
 
 def _read_bin(path: Path) -> dict[str, torch.Tensor]:
-    import pickle
-
     import torch
 
     try:

@@ -55,8 +55,10 @@ def quill_register_commands(register) -> None:
     """Register chat slash commands: ``register("/name", handler, help="...", usage="...", complete=fn)``.
 
     `handler(session, args: str)` runs the command with the `ChatSession` and the
-    text after the name; it returns text, an iterator of reply events, `QUIT` or
-    None (see `gpt_runtime.commands`). `help` is the line ``/help`` shows, `usage`
+    text after the name; it returns text, an iterator of reply events, `QUIT`,
+    None, or a result type of `gpt_runtime.commands` (`TurnsChanged`,
+    `JobsChanged`, `TokenView`, `Comparison`, `CommandHelp`, `Reply`) that tells
+    the interfaces what changed. `help` is the line ``/help`` shows, `usage`
     the synopsis shown with a `UsageError`, and ``complete(session, partial)``
     returns tab completions for the argument.
     """

@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .backend import Backend
+from .backend import Backend, resolve_dtype
 from .errors import QuillError
 from .model import GPT
+from .plugins import get_registry
 
 QUANTIZE = ("none", "int8")
 
@@ -121,8 +122,6 @@ def generation_dtype(backend: Backend, model: GPT, name: str = "auto", quantize:
     With int8 weights, ``auto`` is the backend's preferred dtype: the int8 kernel
     is much slower with float32 activations than with bf16 ones.
     """
-    from .backend import resolve_dtype
-
     if name == "auto":
         if quantize == "int8":
             return backend.preferred_dtype()
@@ -132,8 +131,6 @@ def generation_dtype(backend: Backend, model: GPT, name: str = "auto", quantize:
 
 def cache_dtype(model: GPT) -> torch.dtype:
     """The KV cache dtype for a prepared model: its backend's choice (float32 on the CPU)."""
-    from .plugins import get_registry
-
     param = next(model.parameters())
     registry = get_registry()
     if param.device.type in registry.names("backends"):

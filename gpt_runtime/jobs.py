@@ -25,7 +25,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import QuillError
+from .errors import QuillError, UsageError
+from .progress import describe_step
+from .train_command import command_parser, train_config
 
 
 @dataclass
@@ -45,8 +47,6 @@ class Job:
 
     def describe(self) -> str:
         """One line for `/jobs`."""
-        from .progress import describe_step
-
         what = f"job {self.id}: {self.kind} {' '.join(self.argv)} [{self.status}]"
         if self.error:
             return f"{what} {self.error}"
@@ -66,9 +66,6 @@ class Job:
 def check_arguments(kind: str, argv: list[str]) -> argparse.Namespace:
     """Parse a job's arguments as `quill train` / `quill eval` would, so a mistake is
     a `UsageError` at once rather than a job that fails; returns them parsed."""
-    from .errors import UsageError
-    from .train_command import command_parser
-
     if kind not in ("train", "eval"):
         raise QuillError(f"there is no job kind {kind!r}", hint="jobs: train, eval")
     # (argparse also takes abbreviations: --he is --help, which would print and exit)
@@ -186,8 +183,6 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 def _worker(argv: list[str]) -> int:
-    from .train_command import command_parser, train_config
-
     if hasattr(os, "nice"):
         os.nice(5)  # the chat comes first
     signal.signal(signal.SIGINT, signal.default_int_handler)  # /cancel works even if SIGINT was ignored

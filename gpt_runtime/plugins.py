@@ -27,8 +27,6 @@ import pluggy
 from . import __version__, hookspecs
 from .errors import QuillError, QuillWarning, did_you_mean, env_flag
 from .registry import KINDS, Registry
-from .sampling import check_sampler_class
-from .tokenizer import check_tokenizer_class
 
 # Built-in plugins: (plugin name, module). Registered exactly like third-party ones.
 BUILTINS: tuple[tuple[str, str], ...] = (
@@ -127,10 +125,6 @@ class PluginHost:
                     if impl.plugin_name == info.name:
                         impl.function(**({"register": register} if "register" in impl.argnames else {}))
                 staged_by_kind[kind] = staged
-            for entry in staged_by_kind["tokenizers"]:
-                check_tokenizer_class(entry.name, entry.obj)
-            for entry in staged_by_kind["samplers"]:
-                check_sampler_class(entry.name, entry.obj)
             self.registry.commit(staged_by_kind)
         except BaseException:
             if self.pm.is_registered(plugin):

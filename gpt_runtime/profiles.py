@@ -38,13 +38,20 @@ name. Nothing here imports torch: checking a profile reads only file headers.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import read_metadata, resolve_checkpoint_path
+from .config import load_toml
 from .errors import QuillError, did_you_mean
+from .fileio import atomic_write_bytes
+from .plugins import get_registry
+from .sampling import DEFAULT_CHAIN, build_chain
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"  # QUILL_SHIPPED_PROFILES overrides it
 SHIPPED_DEFAULT = "shakespeare-char"  # what `quill chat` opens when no profile is named
@@ -136,10 +143,6 @@ TABLES = ("sampler", "backend", "generation", "template")
 
 def load_profile(path: str | os.PathLike) -> Profile:
     """Read and check a profile file: its keys and types, its files, and their fingerprints."""
-    from .checkpoint import read_metadata, resolve_checkpoint_path
-    from .config import load_toml
-    from .sampling import DEFAULT_CHAIN, build_chain
-
     path = Path(path).resolve()
     where = f"profile {str(path)!r}"
     try:
@@ -179,8 +182,6 @@ def load_profile(path: str | os.PathLike) -> Profile:
     profile.chain = sampler.pop("chain", DEFAULT_CHAIN)
     if not isinstance(profile.chain, str):
         raise QuillError(f"{where}: [sampler] chain must be a string like {DEFAULT_CHAIN!r}, not {profile.chain!r}")
-    from .plugins import get_registry
-
     samplers = get_registry().names("samplers")
     for name, options in sampler.items():
         as_table = f"write options as {name} = {{ option = value }}"
@@ -332,8 +333,6 @@ def default_profile() -> str:
 def free_profile_name(name: str, exact: bool = False) -> str:
     """`name` made fit for a file name, and not yet a profile's (a user's or a shipped
     one): else NAME-2, NAME-3, ..., or with `exact` an error."""
-    import re
-
     directory = user_profile_dir()
     base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "model"
     taken = {entry.name for entry in find_profiles()}
@@ -353,8 +352,6 @@ def _toml(value: Any) -> str:
     beyond U+FFFF as a surrogate pair of escapes, which TOML refuses: so
     characters stay themselves, and only DEL, which TOML wants escaped, is.
     """
-    import json
-
     return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
@@ -362,8 +359,6 @@ def write_profile(name: str, checkpoint: Path, description: str, chain: str, opt
                   max_new_tokens: int, template: ChatTemplate) -> None:
     """Write NAME.toml for `checkpoint` in the user's profile directory (take the
     name from `free_profile_name`: a profile is never overwritten, nor a shipped one hidden)."""
-    from .fileio import atomic_write_bytes
-
     lines = [f"description = {_toml(description)}", f"checkpoint = {_toml(str(Path(checkpoint).resolve()))}",
              "", "[sampler]", f"chain = {_toml(chain)}"]
     for sampler, values in options.items():

@@ -14,6 +14,18 @@ from .errors import QuillError, did_you_mean
 
 KINDS = ("tokenizers", "samplers", "backends", "commands")
 
+# Checks handed in by the modules that own a kind's base class (sampling and
+# tokenizer call `check_entries` when imported), so that the registry and the
+# plugin host need to know nothing about samplers or tokenizers. Every plugin
+# that registers a valid one subclasses that base class, so the owning module
+# is imported, and its check in place, before the plugin registers.
+_checks: dict[str, Callable[[str, Any], None]] = {}
+
+
+def check_entries(kind: str, check: Callable[[str, Any], None]) -> None:
+    """Run `check(name, obj)` on every `kind` entry a plugin registers; it raises `QuillError` to refuse one."""
+    _checks[kind] = check
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -52,8 +64,12 @@ class Registry:
     def commit(self, staged: dict[str, list[Entry]]) -> None:
         """Add one plugin's staged entries of every kind, or none of them.
 
-        A name already taken is an error naming both plugins.
+        An entry its kind's check refuses, or a name already taken, is an error.
         """
+        for kind, entries in staged.items():
+            check = _checks.get(kind)
+            for entry in entries if check else ():
+                check(entry.name, entry.obj)
         for kind, entries in staged.items():
             table = self._tables[kind]
             for entry in entries:

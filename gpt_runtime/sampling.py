@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import QuillError, UsageError, did_you_mean
+from .plugins import get_registry
+from .registry import check_entries
 
 if TYPE_CHECKING:
     import torch
@@ -226,6 +228,9 @@ def check_sampler_class(name: str, cls: Any) -> None:
             raise QuillError(f"sampler {name!r}: the default of option {key!r} is invalid: {exc.message}", hint=exc.hint) from None
 
 
+check_entries("samplers", check_sampler_class)
+
+
 def keep_argmax(logits: torch.Tensor) -> torch.Tensor:
     """Remove every token but the most likely one of each row (the first, on ties), in place."""
     best = logits.argmax(dim=-1, keepdim=True)
@@ -347,8 +352,6 @@ class SamplerError(QuillError):
 
 def parse_chain(spec: str) -> list[str]:
     """Split a chain string into sampler names (checked against the registry)."""
-    from .plugins import get_registry
-
     names = [part.strip() for part in spec.split(",")]
     if not spec.strip() or any(not n for n in names):
         raise UsageError(f"sampler chain {spec!r} is not a comma-separated list of sampler names",
@@ -385,8 +388,6 @@ def build_chain(spec: str, settings: dict[str, dict[str, Any]] | None = None) ->
     Option values may be text (as typed by a user) or Python values. A setting
     for a sampler outside the chain is an error.
     """
-    from .plugins import get_registry
-
     names = parse_chain(spec)
     settings = settings or {}
     for name in settings:
@@ -422,8 +423,6 @@ def settings_from_strings(items: list[str]) -> dict[str, dict[str, str]]:
     ``temperature=0.7`` means ``temperature.t=0.7`` because temperature has one
     option; a sampler with several options needs the option named.
     """
-    from .plugins import get_registry
-
     registry = get_registry()
     settings: dict[str, dict[str, str]] = {}
     for item in items:

@@ -13,15 +13,24 @@ replay it exactly (`replay`).
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import QuillError, did_you_mean
-from .fileio import file_sha256
-from .profiles import ChatTemplate, Profile, get_profile
+from .backend import dtype_name, get_backend
+from .checkpoint import load_checkpoint
+from .config import load_toml
+from .errors import QuillError, UsageError, did_you_mean
+from .fileio import atomic_write_bytes, file_sha256, read_user_file
+from .jobs import Jobs, check_arguments
+from .plugins import get_registry
+from .profiles import ChatTemplate, Profile, free_profile_name, get_profile, write_profile
+from .sampling import build_chain, settings_from_strings
 
 
 @dataclass
@@ -119,8 +128,6 @@ class _Loaded:
 
 
 def _load(profile: Profile) -> _Loaded:
-    from .backend import dtype_name, get_backend
-    from .checkpoint import load_checkpoint
     from .inference import generation_dtype, prepare_model
 
     backend = get_backend(profile.device)
@@ -133,9 +140,6 @@ def _load(profile: Profile) -> _Loaded:
 
 def _check_train_job(args) -> None:
     """What a background training run needs beyond `quill train`'s own checks."""
-    from .config import load_toml
-    from .errors import UsageError
-
     if args.nproc != 1:  # a job is one process: --nproc N would quietly train in one
         raise UsageError(f"/train runs in one process, not --nproc {args.nproc}",
                          hint="for data-parallel training, run `quill train --nproc N ...` in a shell")
@@ -150,8 +154,6 @@ class ChatSession:
     """A conversation with the model of a profile; UI-agnostic and thread-safe to cancel."""
 
     def __init__(self, profile: Profile | str) -> None:
-        from .jobs import Jobs
-
         self.jobs = Jobs()
         self._threads: int | None = None  # torch's thread count before any job ran
         self._dropped_told = 0  # turns left out of the prompt that the user has been told about
@@ -185,8 +187,6 @@ class ChatSession:
 
     def set_chain(self, spec: str) -> None:
         """Use another sampler chain; options of samplers that stay are kept."""
-        from .sampling import build_chain
-
         self._not_loading()
         kept = {name: values for name, values in self.options.items() if name in spec.split(",")}
         chain = build_chain(spec, kept)
@@ -202,8 +202,6 @@ class ChatSession:
     def set(self, name: str, value: str) -> str:
         """Set ``max_new_tokens``, ``seed`` or a sampler option (``top_p.p``, or
         ``temperature`` for a one-option sampler); returns what was set, for display."""
-        from .sampling import build_chain, settings_from_strings
-
         self._not_loading()
         if name == "max_new_tokens":
             number = _whole(name, value)
@@ -230,8 +228,6 @@ class ChatSession:
             return f"seed = {number}"
         known = self.setting_names()
         if name not in known and "." not in name:
-            from .plugins import get_registry
-
             if name not in get_registry().names("samplers"):
                 raise QuillError(f"there is no setting {name!r}", hint=did_you_mean(name, known) or
                                  f"settings: {', '.join(known)}")
@@ -344,7 +340,6 @@ class ChatSession:
 
     def _reply(self, index: int, provenance: Provenance | None = None) -> Iterator[Any]:
         from .generate import Done, generate
-        from .sampling import build_chain
 
         self._share_cores()
         turn = self.turns[index]
@@ -441,10 +436,7 @@ class ChatSession:
         samplers in the current chain carry over) or ``profile:NAME`` (that
         profile's model, chain, options and template). The conversation is not changed.
         """
-        import secrets
-
         from .generate import Done, generate
-        from .sampling import build_chain
 
         if not self.turns:
             raise QuillError("say something first: /compare replies to the last message")
@@ -497,10 +489,6 @@ class ChatSession:
 
     def save(self, path: str | Path) -> Path:
         """Write the transcript: JSON for a .json file, else Markdown. Returns the path."""
-        import json
-
-        from .fileio import atomic_write_bytes
-
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=1, ensure_ascii=False) if path.suffix == ".json" else self.to_markdown()
         try:
@@ -511,10 +499,6 @@ class ChatSession:
 
     def load(self, path: str | Path) -> int:
         """Replace the conversation with a transcript saved as JSON; returns its number of turns."""
-        import json
-
-        from .fileio import read_user_file
-
         self._idle()
         where = f"transcript {str(path)!r}"
         try:
@@ -537,8 +521,6 @@ class ChatSession:
         """Leave a core to each running job: torch's threads wait for each other at
         every operation, so one thread that must share its core with a job slows a
         reply tenfold (measured with benchmarks/chat_bench.py)."""
-        import os
-
         import torch
 
         if self._threads is None:
@@ -552,9 +534,6 @@ class ChatSession:
         The arguments are checked here first, so a typo or a missing corpus is
         reported at once instead of by a failed job.
         """
-        from .errors import UsageError
-        from .jobs import check_arguments
-
         args = check_arguments(kind, argv)
         if kind == "train":
             _check_train_job(args)
@@ -588,8 +567,6 @@ class ChatSession:
 
     def _adopt(self, run_dir: str) -> str:
         """Write a profile for a freshly trained run; returns its name."""
-        from .profiles import free_profile_name, write_profile
-
         name = free_profile_name(Path(run_dir).resolve().name)
         write_profile(name, Path(run_dir), f"trained in the chat from profile {self.profile.name}", self.chain,
                       self.options, self.max_new_tokens, self.template)

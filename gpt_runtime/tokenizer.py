@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Literal
 
 from .errors import QuillError
 from .fileio import atomic_write_bytes, read_user_file
+from .plugins import get_registry
+from .registry import check_entries
 
 FORMAT = "quill-tokenizer"
 FORMAT_VERSION = 1
@@ -180,10 +182,11 @@ def check_tokenizer_class(name: str, cls: Any) -> None:
         raise QuillError(f"tokenizer {name!r} is registered with a class whose kind is {cls.kind!r}", hint=f"set kind = {name!r} on {cls.__name__}")
 
 
+check_entries("tokenizers", check_tokenizer_class)
+
+
 def tokenizer_class(kind: str) -> type[Tokenizer]:
     """The registered class for a tokenizer kind (`char`, `bpe`, or a plugin's)."""
-    from .plugins import get_registry
-
     return get_registry().get("tokenizers", kind).obj
 
 

@@ -41,11 +41,10 @@ from .backend import dtype_name, get_backend, resolve_dtype
 from .checkpoint import check_tokenizer_match, load_resume_state, save_checkpoint, save_resume_state
 from .config import TrainConfig
 from .data import BatchSampler, DataDir
-from .fileio import atomic_write_bytes
 from .errors import QuillError, QuillWarning
+from .fileio import atomic_write_bytes
 from .model import GPT
 from .peak import peak_flops
-
 
 # What a resumed run may change; anything else would make it a different run.
 # `out` too: a run directory may be moved, or named by another path.

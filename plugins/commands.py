@@ -6,25 +6,23 @@ Each handler gets the `ChatSession` and the text after the command name (see
 
 from __future__ import annotations
 
-import json
+import shlex
 import time
 
-from gpt_runtime.commands import QUIT, commands, find
+from gpt_runtime.commands import QUIT, CommandHelp, Comparison, JobsChanged, Reply, TokenView, TurnsChanged, commands, find
 from gpt_runtime.errors import UsageError
 from gpt_runtime.hookspecs import hookimpl
+from gpt_runtime.plugins import get_registry
+from gpt_runtime.profiles import find_profiles
 
 
 def _profile_names(session, partial: str) -> list[str]:
-    from gpt_runtime.profiles import find_profiles
-
     return [e.name for e in find_profiles() if e.name.startswith(partial)]
 
 
 def _sampler_names(session, partial: str) -> list[str]:
     """Completions of the word being typed (after the last space, as the REPL replaces it):
     the sampler name after its last comma, or after the | of /compare."""
-    from gpt_runtime.plugins import get_registry
-
     word = partial.rpartition(" ")[2]
     cut = max(word.rfind(","), word.rfind("|")) + 1
     prefix, last = word[:cut], word[cut:]
@@ -41,25 +39,26 @@ def help_(session, args: str) -> str:
         return f"{entry.meta.get('usage', entry.name)}\n  {entry.meta.get('help', '')}"
     width = max(len(e.meta.get("usage", e.name)) for e in commands())
     lines = [f"{e.meta.get('usage', e.name):<{width}}  {e.meta.get('help', '')}" for e in commands()]
-    return "\n".join(lines + ["", "Anything else you type is sent to the model."])
+    return CommandHelp("\n".join(lines + ["", "Anything else you type is sent to the model."]))
 
 
 def profile(session, args: str) -> str:
     if not args:
         p = session.profile
+        if p is None:  # the full-screen chat before any model loaded
+            return "no profile is loaded: /profile NAME loads one (/profiles lists them)"
         return f"profile {p.name}: {p.description or p.path}"
     session.use_profile(args)
     return f"switched to profile {session.profile.name} ({session.profile.checkpoint}); the conversation is kept"
 
 
 def profiles(session, args: str) -> str:
-    from gpt_runtime.profiles import find_profiles
-
     if args:
         raise UsageError("/profiles takes no arguments")
     lines = []
+    current = session.profile.path if session.profile is not None else None
     for e in find_profiles():
-        mark = "*" if e.profile is not None and e.profile.path == session.profile.path else " "
+        mark = "*" if e.profile is not None and e.profile.path == current else " "
         lines.append(f"{mark} {e.name}  [{e.origin}]  " + (e.profile.description if e.profile else f"ERROR: {e.error}"))
     return "\n".join(lines) or "no profiles"
 
@@ -93,18 +92,18 @@ def show(session, args: str) -> str:
             + (f"\nspeakers    you are {d['user_name']}, the model is {d['model_name']}" if "user_name" in d else ""))
 
 
-def regen(session, args: str):
-    return session.regenerate()
+def regen(session, args: str) -> Reply:
+    return Reply(session.regenerate())
 
 
-def undo(session, args: str) -> str:
+def undo(session, args: str) -> TurnsChanged:
     turn = session.undo()
-    return f"forgot: {turn.user[:60]!r}"
+    return TurnsChanged(f"forgot: {turn.user[:60]!r}", kept=len(session.turns))
 
 
-def clear(session, args: str) -> str:
+def clear(session, args: str) -> TurnsChanged:
     session.clear()
-    return "the conversation is cleared (settings are kept)"
+    return TurnsChanged("the conversation is cleared (settings are kept)", kept=0)
 
 
 def save(session, args: str) -> str:
@@ -112,10 +111,10 @@ def save(session, args: str) -> str:
     return f"saved {len(session.turns)} turns to {session.save(path)}"
 
 
-def load(session, args: str) -> str:
+def load(session, args: str) -> TurnsChanged:
     if not args:
         raise UsageError("/load needs the transcript file")
-    return f"loaded {session.load(args)} turns from {args}"
+    return TurnsChanged(f"loaded {session.load(args)} turns from {args}", kept=0)
 
 
 def replay(session, args: str) -> str:
@@ -128,54 +127,46 @@ def replay(session, args: str) -> str:
     return f"reply {n} replayed: {verdict}" + ("" if before == now else f"\nthen: {before}\nnow:  {now}")
 
 
-def compare(session, args: str) -> str:
+def compare(session, args: str) -> Comparison:
     left, bar, right = args.partition("|")
     if not bar or not left.strip() or not right.strip():
         raise UsageError("/compare needs two sampler chains (or profile:NAME) separated by |")
-    sides = session.compare(left.replace(" ", ""), right.replace(" ", ""))
-    return "\n\n".join(f"[{s.side}]  {s.tokens_per_second:.0f} tokens/s, seed {s.seed}\n{s.text}" for s in sides)
+    return Comparison(session.compare(left.replace(" ", ""), right.replace(" ", "")))
 
 
-def tokens(session, args: str) -> str:
+def tokens(session, args: str) -> TokenView:
     if not args:
         raise UsageError("/tokens needs some text")
-    tok = session.loaded.tokenizer
-    ids = tok.encode(args)
-    pieces = [tok.decode([i]) for i in ids]
-    return f"{len(ids)} tokens: " + " ".join(f"{json.dumps(p, ensure_ascii=False)}:{i}" for p, i in zip(pieces, ids))
+    return TokenView(session.loaded.tokenizer, args)
 
 
-def train(session, args: str) -> str:
-    import shlex
-
+def train(session, args: str) -> JobsChanged:
     job = session.start_job("train", shlex.split(args))
-    return f"started job {job.id}: train {args} (/jobs shows its progress, /cancel {job.id} stops it)"
+    return JobsChanged(f"started job {job.id}: train {args} (/jobs shows its progress, /cancel {job.id} stops it)")
 
 
-def eval_(session, args: str) -> str:
-    import shlex
-
+def eval_(session, args: str) -> JobsChanged:
     argv = shlex.split(args)
     if not argv or argv[0].startswith("-"):
         raise UsageError("/eval needs the data to evaluate on")
     job = session.start_job("eval", [str(session.profile.checkpoint), "--data", *argv])
-    return f"started job {job.id}: eval of {session.profile.name} on {argv[0]}"
+    return JobsChanged(f"started job {job.id}: eval of {session.profile.name} on {argv[0]}")
 
 
-def jobs(session, args: str) -> str:
-    return "\n".join(job.describe() for job in session.jobs.all()) or "no jobs yet"
+def jobs(session, args: str) -> JobsChanged:
+    return JobsChanged("\n".join(job.describe() for job in session.jobs.all()) or "no jobs yet")
 
 
-def cancel(session, args: str) -> str:
+def cancel(session, args: str) -> JobsChanged:
     try:
         job_id = int(args)
     except ValueError:
         raise UsageError(f"/cancel takes a job number, not {args!r}" if args else "/cancel needs a job number") from None
     job = session.jobs.cancel(job_id)
-    return f"cancelling job {job.id}" + (" (it saves its last checkpoint first)" if job.kind == "train" else "")
+    return JobsChanged(f"cancelling job {job.id}" + (" (it saves its last checkpoint first)" if job.kind == "train" else ""))
 
 
-def quit_(session, args: str) -> str:
+def quit_(session, args: str):
     return QUIT
 
 

@@ -447,19 +447,35 @@ def test_hook_without_hookimpl_decorator_is_reported(fake_plugins):
     assert "forgotten" not in host.registry.names("tokenizers")
 
 
-def test_registry_get_unknown_name_suggests_the_closest():
+def test_the_modules_owning_samplers_and_tokenizers_hand_the_registry_their_checks():
+    import gpt_runtime.sampling  # noqa: F401  (as every sampler plugin does, to subclass Sampler)
+    import gpt_runtime.tokenizer  # noqa: F401
+
     reg = Registry()
     register, staged = reg.stage("tokenizers", "p")
     register("lowbytes", dict)
+    with pytest.raises(QuillError, match="tokenizer 'lowbytes' must be a subclass of gpt_runtime.tokenizer.Tokenizer"):
+        reg.commit({"tokenizers": staged})
+    register, staged = reg.stage("samplers", "p")
+    register("mine", list)
+    with pytest.raises(QuillError, match="sampler 'mine'"):
+        reg.commit({"samplers": staged})
+    assert reg.names("tokenizers") == reg.names("samplers") == []  # nothing half-committed
+
+
+def test_registry_get_unknown_name_suggests_the_closest():
+    reg = Registry()
+    register, staged = reg.stage("backends", "p")  # backends: a kind no module hands a check to
+    register("lowbytes", dict)
     register("char", list)
-    reg.commit({"tokenizers": staged})
+    reg.commit({"backends": staged})
 
     with pytest.raises(QuillError) as exc:
-        reg.get("tokenizers", "lowbyte")
-    assert (exc.value.message, exc.value.hint) == ("no tokenizer named 'lowbyte'", "did you mean 'lowbytes'?")
+        reg.get("backends", "lowbyte")
+    assert (exc.value.message, exc.value.hint) == ("no backend named 'lowbyte'", "did you mean 'lowbytes'?")
     with pytest.raises(QuillError) as exc:
-        reg.get("tokenizers", "zzzzzz")
-    assert exc.value.hint == "registered tokenizers: char, lowbytes"
+        reg.get("backends", "zzzzzz")
+    assert exc.value.hint == "registered backends: char, lowbytes"
     with pytest.raises(QuillError) as exc:
         reg.get("samplers", "top_k")
     assert exc.value.hint == "registered samplers: none"

@@ -513,6 +513,50 @@ def test_a_plugin_that_raises_in_the_ui_is_named_and_the_app_goes_on(profiles, m
     run(app, steps)
 
 
+def test_a_plugins_command_results_are_shown_by_type_as_a_built_ins_are(profiles, monkeypatch):
+    import sys
+
+    from gpt_runtime import commands
+    from gpt_runtime import plugins as host_mod
+    from gpt_runtime.hookspecs import hookimpl
+
+    def forget(session, args):  # a plugin's own /undo
+        session.undo()
+        return commands.TurnsChanged("forgotten", kept=len(session.turns))
+
+    class Mine:
+        @hookimpl
+        def quill_register_commands(self, register):
+            register("/peek", lambda session, args: commands.TokenView(session.loaded.tokenizer, args))
+            register("/forget", forget)
+            register("/busy", lambda session, args: commands.JobsChanged("nothing runs"))
+            register("/again", lambda session, args: session.regenerate())  # an iterator, as before the types
+
+    monkeypatch.setitem(sys.modules, "_quill_test_mine", Mine())
+    monkeypatch.setattr(host_mod, "BUILTINS", host_mod.BUILTINS + (("mine", "_quill_test_mine"),))
+    host_mod.get_plugin_host.cache_clear()
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await type_command(pilot, "/peek Speak")
+        await until(pilot, lambda: isinstance(app.screen, TokensScreen))
+        assert app.screen.view.pieces == list("Speak")
+        await pilot.press("escape")
+        await say(pilot, "Speak")
+        await say(pilot, "hear me")
+        await type_command(pilot, "/forget")
+        await until(pilot, lambda: [v.text for v in views(app, "user")] == ["Speak"])
+        assert views(app, "model")[0].tokens and views(app, "output")[-1].text == "forgotten"
+        await type_command(pilot, "/busy")
+        await until(pilot, lambda: app.query_one("#jobs").display)
+        before = views(app, "model")[-1]
+        await type_command(pilot, "/again")
+        await until(pilot, lambda: not app.streaming and views(app, "model")[-1] is not before)
+        assert len(views(app, "model")) == 1
+
+    run(app, steps)
+
+
 def test_a_reply_that_fails_midway_keeps_its_error_in_view(profiles, monkeypatch):
     import sys
 
@@ -574,8 +618,12 @@ def test_a_profile_that_fails_to_load_leaves_a_way_out(profiles):
         assert app.session is None and "/profile NAME" in str(app.query_one("#status").render())
         await pilot.press(*"Speak", "enter")  # refused, the text kept
         assert app.query_one("#input").text == "Speak"
-        await type_command(pilot, "/profiles")
-        assert views(app, "output")[-1].text == "profiles: alpha, beta"
+        await type_command(pilot, "/profiles")  # the command itself, with no profile marked current
+        await until(pilot, lambda: bool(views(app, "output")))
+        assert views(app, "output")[-1].text == "  alpha  [user]  alpha: short replies\n  beta  [user]  beta: never stops by itself"
+        assert "/profile NAME" in str(app.query_one("#status").render())
+        await type_command(pilot, "/show")
+        await until(pilot, lambda: views(app, "error")[-1].text.startswith("no model is loaded\nhint: pick one"))
         await type_command(pilot, "/profile alpha")
         await until(pilot, lambda: app.profile_name == "alpha")
         await type_command(pilot, "/set user_name [/]")  # markup characters are just text

@@ -10,7 +10,11 @@ same commands.
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
+import traceback
+import warnings
 from typing import Any
 
 from textual import events, work
@@ -20,12 +24,41 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
+from gpt_runtime import commands
+from gpt_runtime.errors import QuillError, debug_enabled, explain
+from gpt_runtime.profiles import default_profile, find_profiles
+from gpt_runtime.session import ChatSession, Notice
+
 from .panels import JobsPanel, RunCommand, SidePanel
 from .screens import CompareScreen, ConfirmScreen, HelpScreen, ProbabilityScreen, ProvenanceScreen, TokensScreen
 from .widgets import ChatInput, MessageView
 
 MIN_WIDTH, MIN_HEIGHT = 60, 16
 PROBS = 5  # alternatives kept per token for the probability view
+NO_MODEL = "no model loaded: pick a profile with /profile NAME (/profiles lists them)"
+
+
+class NoModel:
+    """The session commands see while no model is loaded (the first one failed to load):
+    `/profile NAME` loads one, which becomes the app's session; from then on this stands
+    for it. Anything else that needs a model says how to get one."""
+
+    def __init__(self, app: QuillApp) -> None:
+        self._app = app
+
+    @property
+    def profile(self) -> Any:
+        return self._app.session.profile if self._app.session is not None else None
+
+    def use_profile(self, name: str) -> None:
+        session = ChatSession(name)
+        session.probs = PROBS
+        self._app.session = session
+
+    def __getattr__(self, name: str) -> Any:
+        if self._app.session is not None:
+            return getattr(self._app.session, name)
+        raise QuillError("no model is loaded", hint="pick one with /profile NAME (/profiles lists them)")
 
 
 class QuillApp(App):
@@ -69,8 +102,6 @@ class QuillApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        import warnings
-
         # Warnings (characters the tokenizer lacks, a prompt cut to fit) become notices:
         # stderr is not visible under the app.
         self._showwarning, warnings.showwarning = warnings.showwarning, self.show_warning
@@ -94,9 +125,6 @@ class QuillApp(App):
     def load(self, name: str | None) -> None:
         """Import torch and load a profile's model off the event loop."""
         try:
-            from gpt_runtime.profiles import default_profile
-            from gpt_runtime.session import ChatSession
-
             name = name or default_profile()
             self.call_from_thread(self.status, f"loading {name}…")
             if self.session is None:
@@ -117,8 +145,6 @@ class QuillApp(App):
         self.show_error(exc)
 
     def loaded(self) -> None:
-        import gc
-
         # torch and the app leave many long-lived objects; a full garbage collection
         # walking them all stalled the screen for 100-200 ms mid-reply. Freeze them out of it.
         gc.freeze()
@@ -130,8 +156,6 @@ class QuillApp(App):
         self.refresh_panels()
 
     def profiles(self) -> list[str]:
-        from gpt_runtime.profiles import find_profiles
-
         return [e.name for e in find_profiles() if e.profile is not None]
 
     def refresh_panels(self, redraw: bool = False) -> None:
@@ -174,18 +198,21 @@ class QuillApp(App):
             self.add_message("user", turn.user, title=names.user_name)
             self.add_message("model", turn.reply, turn=n, title=names.model_name)
 
-    def forget_undone_turn(self) -> None:
-        """After /undo: remove the last exchange's messages (and the notices among them);
-        the other replies keep their token probabilities."""
+    def redraw_turns(self, kept: int) -> None:
+        """After a command changed the turns from `kept` on (/undo, /clear, /load): show
+        them afresh. The replies before `kept` keep their token probabilities."""
         views = list(self.query(MessageView))
-        n = len(self.session.turns)
-        reply = next((i for i, v in enumerate(views) if v.role == "model" and v.turn == n), None)
-        if reply is None:
+        first = next((i for i, v in enumerate(views) if v.role == "model" and v.turn is not None and v.turn >= kept), None)
+        if kept == 0 or first is None:
             self.rebuild_conversation()
             return
-        start = max((i for i in range(reply) if views[i].role == "user"), default=reply)
+        start = max((i for i in range(first) if views[i].role == "user"), default=first)
         for view in views[start:]:
             view.remove()
+        names = self.session.template
+        for n, turn in enumerate(self.session.turns[kept:], start=kept):
+            self.add_message("user", turn.user, title=names.user_name)
+            self.add_message("model", turn.reply, turn=n, title=names.model_name)
 
     def status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
@@ -221,19 +248,14 @@ class QuillApp(App):
                 self.query_one(JobsPanel).show(jobs)
 
     def show_error(self, exc: BaseException) -> None:
-        from gpt_runtime.errors import QuillError, debug_enabled
-
+        kind, message, hint = explain(exc)
         if debug_enabled():
-            import traceback
-
             text = "".join(traceback.format_exception(exc))
-        elif isinstance(exc, QuillError):
-            text = exc.message + (f"\nhint: {exc.hint}" if exc.hint else "")
-        else:
-            text = f"internal error: {type(exc).__name__}: {exc} (QUILL_DEBUG=1 shows the traceback)"
+        else:  # the message box says it is an error; a bug says so itself
+            text = (message if kind == "error" else f"{kind}: {message}") + (f"\nhint: {hint}" if hint else "")
         self.add_message("error", text)
         if self.session is None and not self.loading_model:
-            self.status("no model loaded: pick a profile with /profile NAME (/profiles lists them)")
+            self.status(NO_MODEL)
 
     # --- input ----------------------------------------------------------------------
 
@@ -243,7 +265,7 @@ class QuillApp(App):
 
     def on_run_command(self, event: RunCommand) -> None:
         self.run_line(event.line)
-        if event.line.startswith("/profile"):  # "Chat with it", or a profile picked: go on typing
+        if event.then_type:  # "Chat with it", or a profile picked: go on typing
             self.query_one(ChatInput).focus()
 
     def on_text_area_changed(self, event) -> None:
@@ -252,7 +274,6 @@ class QuillApp(App):
             self.suggestions = []
             self.query_one("#suggestions", Static).update("")
             return
-        from gpt_runtime import commands
 
         try:
             self.suggestions = commands.complete(self.session, text)[:12]
@@ -274,90 +295,73 @@ class QuillApp(App):
 
     def run_line(self, line: str) -> bool:
         """A message to the model, or a slash command; False if it was refused (keep the text)."""
-        name, _, args = line.partition(" ")
-        args = args.strip()
-        if self.session is None:
-            if self.loading_model:
-                self.notify("The model is still loading: send it in a moment (your text is kept).")
-                return False
-            if name == "/profile" and args:  # the first model failed to load: try another
-                self.loading_model = True
-                self.load(args)
-                return True
-            if name == "/profiles":
-                self.add_message("output", "profiles: " + (", ".join(self.profiles()) or "none"))
-                return True
-            if name not in ("/help", "/quit"):
-                self.notify("No model is loaded: pick one with /profile NAME (/profiles lists them).")
-                return False
-        if not line.startswith("/"):
-            if self.streaming or self.session.busy:
-                self.notify("A reply is still streaming (or a model loading): wait, or press Escape to stop it.")
-                return False
-            try:
-                events = self.session.send(line)
-            except Exception as exc:  # noqa: BLE001
-                self.show_error(exc)
-                return True
-            names = self.session.template
-            self.add_message("user", line, title=names.user_name)
-            self.start_stream(events, self.add_message("model", "", turn=len(self.session.turns) - 1,
-                                                       title=names.model_name))
+        if self.loading_model:
+            self.notify("The model is still loading: send it in a moment (your text is kept).")
+            return False
+        if line.startswith("/"):
+            self.command(line)
             return True
-        if name == "/quit":
-            self.action_quit()
-        elif name == "/help" and not args:
-            self.push_screen(HelpScreen())
-        elif name == "/tokens" and args:
-            self.push_screen(TokensScreen(self.session.loaded.tokenizer, args))
-        elif name in ("/jobs", "/train", "/eval", "/cancel"):
-            self.show_panel("jobs", toggle=False)
-            self.command(line)
-        elif name == "/compare" and "|" in args and all(side.strip() for side in args.split("|", 1)):
-            left, _, right = args.partition("|")
-            self.add_message("output", f"comparing {left.strip()} and {right.strip()}…")
-            self.compare(left.replace(" ", ""), right.replace(" ", ""))
-        else:
-            self.command(line)
+        if self.session is None:
+            self.notify("No model is loaded: pick one with /profile NAME (/profiles lists them).")
+            return False
+        if self.streaming or self.session.busy:
+            self.notify("A reply is still streaming (or a model loading): wait, or press Escape to stop it.")
+            return False
+        try:
+            events = self.session.send(line)
+        except Exception as exc:  # noqa: BLE001
+            self.show_error(exc)
+            return True
+        names = self.session.template
+        self.add_message("user", line, title=names.user_name)
+        self.start_stream(events, self.add_message("model", "", turn=len(self.session.turns) - 1, title=names.model_name))
         return True
 
     @work(thread=True, group="command")
     def command(self, line: str) -> None:
-        """Run a slash command off the event loop (switching profile loads a model)."""
-        from gpt_runtime import commands
-
-        name = line.partition(" ")[0]
-        if name == "/profile" and line.strip() != "/profile":
-            self.call_from_thread(self.status, f"loading {line.partition(' ')[2].strip()}…")
+        """Run a slash command off the event loop (switching profile loads a model, /compare
+        generates twice); the status line says what runs meanwhile."""
+        self.call_from_thread(self.status, f"{line.strip()}…")
+        had_model = self.session is not None
         try:
-            result = commands.run(self.session, line)
+            result = commands.run(self.session if had_model else NoModel(self), line)
         except Exception as exc:  # noqa: BLE001 - shown in the app, which goes on
             self.call_from_thread(self.show_error, exc)
             self.call_from_thread(self.refresh_panels, True)  # undo what the panel asked for
             return
-        self.call_from_thread(self.command_done, name, result)
+        self.call_from_thread(self.command_done, result, not had_model and self.session is not None)
 
-    def command_done(self, name: str, result: Any) -> None:
-        from gpt_runtime import commands
-
-        if result is commands.QUIT:
+    def command_done(self, result: commands.Result, first_model: bool = False) -> None:
+        """Show a command's result by its type (see `gpt_runtime.commands`)."""
+        if isinstance(result, commands.Quit):
             self.action_quit()
             return
+        if first_model:
+            self.loaded()
         # The conversation is redrawn first, so what the command says stays below it.
-        if name == "/undo":
-            self.forget_undone_turn()
-        elif name in ("/clear", "/load"):
-            self.rebuild_conversation()
-        if isinstance(result, str):
-            self.add_message("output", result)
-        elif result is not None:  # a reply to stream: /regen
+        if isinstance(result, commands.TurnsChanged):
+            self.redraw_turns(result.kept)
+        if isinstance(result, commands.JobsChanged):
+            self.show_panel("jobs", toggle=False)
+        if isinstance(result, commands.CommandHelp):
+            self.push_screen(HelpScreen())
+        elif isinstance(result, commands.TokenView):
+            self.push_screen(TokensScreen(result))
+        elif isinstance(result, commands.Comparison):
+            self.push_screen(CompareScreen(result.sides))
+        elif isinstance(result, commands.Reply):  # replaces the last reply
             models = [v for v in self.query(MessageView) if v.role == "model"]
             if models:
                 models[-1].remove()
             self.start_stream(result, self.add_message("model", "", turn=len(self.session.turns) - 1,
                                                        title=self.session.template.model_name))
-        if name == "/profile":
+        elif isinstance(result, str):
+            self.add_message("output", result)
+        if self.session is not None:
             self.profile_name = self.session.profile.name
+            self.update_status()
+        else:
+            self.status(NO_MODEL)
         self.refresh_panels()
 
     def start_stream(self, events: Any, view: MessageView) -> None:
@@ -368,7 +372,6 @@ class QuillApp(App):
     @work(thread=True, group="reply")
     def stream(self, events: Any, view: MessageView) -> None:
         from gpt_runtime.generate import Done, Token
-        from gpt_runtime.session import Notice
 
         done = error = None
         try:
@@ -400,15 +403,6 @@ class QuillApp(App):
             stopped = " · stopped" if done.reason == "cancelled" else ""
             view.finish(turn.reply if turn else view.text.strip(), f"{done.new_tokens} tokens · {speed:.0f} tok/s{stopped}")
         self.update_status()
-
-    @work(thread=True, group="command")
-    def compare(self, left: str, right: str) -> None:
-        try:
-            sides = self.session.compare(left, right)
-        except Exception as exc:  # noqa: BLE001
-            self.call_from_thread(self.show_error, exc)
-            return
-        self.call_from_thread(self.push_screen, CompareScreen(sides))
 
     # --- actions --------------------------------------------------------------------
 
@@ -442,7 +436,7 @@ class QuillApp(App):
         if self.session is None or not text:
             self.notify("Type some text first: F4 shows how the tokenizer splits the message box.")
             return
-        self.push_screen(TokensScreen(self.session.loaded.tokenizer, text))
+        self.push_screen(TokensScreen(commands.TokenView(self.session.loaded.tokenizer, text)))
 
     def _selected_message(self, role: str | None = None) -> MessageView | None:
         """The focused message (for a reply: the focused one, or the one answering the
@@ -546,8 +540,6 @@ class QuillApp(App):
         box.move_cursor(box.document.end)
 
     def show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
-        import threading
-
         text = f"warning: {message}"
         if threading.get_ident() == self._thread_id:
             self.add_message("notice", text)
@@ -555,8 +547,6 @@ class QuillApp(App):
             self.call_from_thread(self.add_message, "notice", text)
 
     def on_unmount(self) -> None:
-        import warnings
-
         warnings.showwarning = self._showwarning
         if self.session is not None:
             self.session.jobs.stop_all()

@@ -11,6 +11,8 @@ import argparse
 import sys
 
 from gpt_runtime import cli
+from gpt_runtime.profiles import default_profile, history_path
+from gpt_runtime.session import ChatSession
 
 
 def add_chat(commands) -> None:
@@ -31,9 +33,6 @@ def add_chat(commands) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from gpt_runtime.profiles import default_profile, history_path
-    from gpt_runtime.session import ChatSession
-
     from .repl import run_interactive, run_script
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()

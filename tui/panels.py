@@ -14,15 +14,18 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Button, Input, Label, ProgressBar, Select, Sparkline, Static
 
+from gpt_runtime.plugins import get_registry
+from gpt_runtime.progress import describe_step
+
 from .widgets import LossPlot
 
 
 class RunCommand(Message):
-    """Ask the app to run a slash command, as if typed."""
+    """Ask the app to run a slash command, as if typed; `then_type`: focus the message box after."""
 
-    def __init__(self, line: str) -> None:
+    def __init__(self, line: str, then_type: bool = False) -> None:
         super().__init__()
-        self.line = line
+        self.line, self.then_type = line, then_type
 
 
 class SidePanel(VerticalScroll):
@@ -31,8 +34,6 @@ class SidePanel(VerticalScroll):
     def show(self, session: Any, profiles: list[str], redraw: bool = False) -> None:
         """Rebuild for the session's current profile, chain and options, if they changed
         (or with `redraw`: after a failed change, the widgets show what was asked, not what is)."""
-        from gpt_runtime.plugins import get_registry
-
         state = (session.profile.name, tuple(profiles), session.chain, repr(session.options), session.max_new_tokens,
                  session.seed, session.template.user_name, session.template.model_name)
         if state == getattr(self, "_state", None) and not redraw:
@@ -83,7 +84,7 @@ class SidePanel(VerticalScroll):
     def on_select_changed(self, event: Select.Changed) -> None:
         event.stop()
         if event.value != Select.BLANK and event.value != getattr(self.app, "profile_name", None):
-            self.post_message(RunCommand(f"/profile {event.value}"))
+            self.post_message(RunCommand(f"/profile {event.value}", then_type=True))
 
 
 class JobCard(Vertical):
@@ -113,8 +114,6 @@ class JobCard(Vertical):
             yield Button("Chat with it", id="open", variant="success")
 
     def update_from_job(self) -> None:
-        from gpt_runtime.progress import describe_step
-
         if not self.query("#plot"):
             return  # not composed yet: drawn on the next tick
         job = self.job
@@ -151,7 +150,7 @@ class JobCard(Vertical):
         if event.button.id == "cancel":
             self.post_message(RunCommand(f"/cancel {self.job.id}"))
         elif event.button.id == "open" and self.job.profile:
-            self.post_message(RunCommand(f"/profile {self.job.profile}"))
+            self.post_message(RunCommand(f"/profile {self.job.profile}", then_type=True))
 
 
 class JobsPanel(VerticalScroll):

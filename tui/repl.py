@@ -14,13 +14,14 @@ reaches the session (`cancel`) instead of tearing the generation down.
 from __future__ import annotations
 
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 from gpt_runtime import commands
-from gpt_runtime.errors import QuillError, debug_enabled
+from gpt_runtime.errors import QuillError, debug_enabled, explain
 from gpt_runtime.session import ChatSession, Notice
 
 _END = object()
@@ -89,14 +90,12 @@ def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> str:
                 _stream(session, result, out)
         elif line.strip():
             _stream(session, session.send(line), out)
-    except QuillError as exc:
-        outcome = "failed"
-        err.write(f"error: {exc.message}\n" + (f"  hint: {exc.hint}\n" if exc.hint else ""))
-    except Exception as exc:  # a bug, here or in a plugin: say so in one line and keep the chat
-        if debug_enabled():
+    except Exception as exc:  # shown in one line and a hint; the chat goes on
+        if debug_enabled() and not isinstance(exc, QuillError):
             raise
         outcome = "failed"
-        err.write(f"internal error: {type(exc).__name__}: {exc}\n  hint: run again with QUILL_DEBUG=1 for the traceback\n")
+        kind, message, hint = explain(exc)
+        err.write(f"{kind}: {message}\n" + (f"  hint: {hint}\n" if hint else ""))
     show_job_notices(session, out)
     return outcome
 
@@ -124,8 +123,6 @@ def run_script(session: ChatSession, lines: Iterable[str], out: TextIO | None = 
 
 def run_interactive(session: ChatSession, history_file: str | None = None) -> None:
     """The interactive REPL on the terminal."""
-    import signal
-
     # Ctrl-C must reach us even when started by a shell that ignores it for
     # background work (an inherited SIG_IGN would otherwise stay in force).
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -15,6 +15,8 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, Label, Static
 
+from gpt_runtime import commands
+
 from .widgets import probability_style, token_text
 
 KEYS = [
@@ -48,8 +50,6 @@ class HelpScreen(Closable):
     """F1: the keys and every slash command, plugins' included."""
 
     def compose(self) -> ComposeResult:
-        from gpt_runtime import commands
-
         keys = Table.grid(padding=(0, 2))
         for key, what in KEYS:
             keys.add_row(Text(key, style="bold"), what)
@@ -69,22 +69,20 @@ class HelpScreen(Closable):
 class TokensScreen(Closable):
     """How the active tokenizer splits a text: coloured pieces, then their ids."""
 
-    def __init__(self, tokenizer: Any, text: str) -> None:
+    def __init__(self, view: commands.TokenView) -> None:
         super().__init__()
-        self.tokenizer, self.text = tokenizer, text
+        self.view = view
 
     def compose(self) -> ComposeResult:
-        ids = self.tokenizer.encode(self.text)
-        pieces = [self.tokenizer.decode([i]) for i in ids]
+        view = self.view
         colours = ["on #3b4d7a", "on #6b3b7a", "on #3b7a5a", "on #7a5a3b"]
-        coloured = token_text([(p, f"white {colours[n % len(colours)]}") for n, p in enumerate(pieces)])
+        coloured = token_text([(p, f"white {colours[n % len(colours)]}") for n, p in enumerate(view.pieces)])
         table = Table("#", "id", "piece", box=None, padding=(0, 1))
-        for n, (i, p) in enumerate(zip(ids, pieces)):
+        for n, (i, p) in enumerate(zip(view.ids, view.pieces)):
             table.add_row(str(n), str(i), repr(p))
-        chars = len(self.text)
         self.table = table  # for tests and the curious
         with VerticalScroll(classes="box") as box:
-            box.border_title = f"{len(ids)} tokens for {chars} characters ({self.tokenizer.kind} tokenizer)"
+            box.border_title = f"{len(view.ids)} tokens for {len(view.source)} characters ({view.kind} tokenizer)"
             yield Static(coloured, id="pieces")
             yield Static(table, id="ids")
 
