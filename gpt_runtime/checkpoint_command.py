@@ -1,6 +1,7 @@
 """`quill export`, `quill import` and `quill check`: writing a checkpoint in another
 form, reading one from HuggingFace, and describing one. Each command's flags, then
-its handler; torch loads inside the handlers, after the cheap checks."""
+its handler; torch loads only inside the handlers, so `quill --help` stays instant.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """`quill data list|fetch` (public corpora) and `quill prepare` (a corpus into a
-data directory): each command's flags, then its handler."""
+data directory): each command's flags, then its handler.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """`quill generate`: its flags, the --profile defaults, and the handler, which
-checks every flag before it loads torch and the checkpoint."""
+checks every flag before it loads torch and the checkpoint.
+"""
 
 from __future__ import annotations
 

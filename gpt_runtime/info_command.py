@@ -1,6 +1,7 @@
 """`quill samplers`, `quill plugins` and `quill doctor`: reports on what this
 install has and what it will choose on this machine. Each command's flags, then
-its handler."""
+its handler.
+"""
 
 from __future__ import annotations
 
