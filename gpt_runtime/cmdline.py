@@ -1,6 +1,8 @@
-"""What every `quill` command line shares: its parser, subcommands and runner.
+"""What every `quill` command line shares: its parser, subcommands, reading an
+argument or `-` (standard input), and the runner.
 
-The CLI (`gpt_runtime.cli`) builds `quill` from these; the chat's background
+Each `*_command.py` module adds its commands with these, and the CLI
+(`gpt_runtime.cli`) puts them together into `quill`; the chat's background
 jobs and each torchrun rank parse `quill train` / `quill eval` with them too,
 without importing the CLI, so all of them parse and report alike. Only argparse
 and the standard library load here: `quill --help` stays instant.
@@ -40,6 +42,18 @@ def subcommand(subparsers, name: str, help: str, examples: tuple[str, ...], desc
         epilog=examples_epilog(*examples),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def read_arg(value: str, what: str) -> str:
+    """The argument itself, or standard input when it is '-'; UTF-8 either way."""
+    # Python turns undecodable argument bytes into lone surrogates; undo that to
+    # report them as what they are.
+    data = sys.stdin.buffer.read() if value == "-" else os.fsencode(value)
+    where = "on standard input" if value == "-" else "given as an argument"
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise QuillError(f"{what} {where} is not UTF-8 (invalid byte at offset {exc.start})") from None
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -1,16 +1,18 @@
 """`quill train` and `quill eval` on the command line: their flags, the training
-settings they give, and the train command itself.
+settings they give, and the two commands themselves.
 
 The CLI, the chat's background jobs (`/train`, `/eval`) and each torchrun rank
 (`gpt_runtime.torchrun`) all parse with these, so they take exactly the same
 flags, and a rank runs the very command `quill train` runs. It lives outside the
 CLI so that the engine needs nothing from `gpt_runtime.cli`. No torch here at
-import: `cmd_train` loads the training loop when it trains.
+import: `cmd_train` and `cmd_eval` load the training and evaluation code when
+they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import fields, replace
@@ -65,6 +67,21 @@ def add_eval_command(commands) -> Parser:
                    help="backend: auto ($QUILL_DEVICE, else the best available), cpu, cuda, mps, or a plugin's")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+    from .progress import progress_bar
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, not {args.batch_size}")
+    with progress_bar("evaluating", unit="batches") as progress:
+        result = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device, progress=progress)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return
+    print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}  "
+          f"({result.tokens:,} tokens, {result.bytes:,} bytes)")
 
 
 def command_parser() -> Parser:
