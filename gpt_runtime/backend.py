@@ -14,6 +14,7 @@ import contextlib
 import os
 from typing import TYPE_CHECKING
 
+from .config import DTYPE_NAMES
 from .errors import QuillError, did_you_mean
 from .plugins import get_registry
 
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
     import torch
 
 AUTO_ORDER = ("cuda", "mps", "cpu")
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-               "float16": "float16", "fp16": "float16"}
 
 
 class Backend:

@@ -1,6 +1,9 @@
 """`quill export`, `quill import` and `quill check`: writing a checkpoint in another
 form, reading one from HuggingFace, and describing one. Each command's flags, then
-its handler; torch loads only inside the handlers, so `quill --help` stays instant.
+its handler.
+
+Every `quill` command line imports this module, `quill --help` included, so each
+handler imports the engine modules it uses when it runs (torch comes with most).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .cmdline import subcommand
+from .config import DTYPES
 from .errors import QuillError, UsageError
 
 
@@ -27,7 +31,7 @@ def add_export_command(commands) -> None:
     p.add_argument("checkpoint", help="checkpoint file, or a run directory (its best checkpoint)")
     p.add_argument("--out", required=True, help="file (quill) or directory (hf) to write")
     p.add_argument("--format", default="quill", choices=("quill", "hf"), help="quill or hf (default: quill)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+    p.add_argument("--dtype", choices=DTYPES,
                    help="weights' dtype (default: bfloat16 for quill, float32 for hf)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(run=cmd_export)

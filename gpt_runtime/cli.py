@@ -16,14 +16,12 @@ from typing import Any
 
 from . import __version__
 from .checkpoint_command import add_check_command, add_export_command, add_import_command
-# `subcommand` is here for `tui.cli`, which adds `quill chat` with `cli.subcommand`.
-from .cmdline import PROG, Parser, examples_epilog, run, subcommand
+from .cmdline import PROG, Parser, examples_epilog, run
 from .data_command import add_data_command, add_prepare_command
 from .generate_command import add_generate_command
 from .info_command import add_doctor_command, add_plugins_command, add_samplers_command
 from .profiles_command import add_profiles_command
 from .tokenizer_command import add_tokenizer_command
-# `quill train` and `quill eval` live with the code the chat's jobs and torchrun ranks share.
 from .train_command import add_eval_command, add_train_command, cmd_eval, cmd_train
 
 

@@ -18,6 +18,13 @@ from typing import Any
 from .errors import QuillError, did_you_mean
 from .fileio import read_user_file
 
+# The names a compute dtype may be given by (flags, profiles, TrainConfig), and the
+# weight formats `inference.prepare_model` offers: the one list each check uses.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+DTYPES = ("bfloat16", "float16", "float32")
+QUANTIZE = ("none", "int8")
+
 
 def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})

@@ -1,5 +1,8 @@
 """`quill data list|fetch` (public corpora) and `quill prepare` (a corpus into a
 data directory): each command's flags, then its handler.
+
+Every `quill` command line imports this module, `quill --help` included, so each
+handler imports the engine modules it uses when it runs (torch comes with most).
 """
 
 from __future__ import annotations

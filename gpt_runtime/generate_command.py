@@ -1,5 +1,8 @@
 """`quill generate`: its flags, the --profile defaults, and the handler, which
 checks every flag before it loads torch and the checkpoint.
+
+Every `quill` command line imports this module, `quill --help` included, so each
+handler imports the engine modules it uses when it runs (torch comes with most).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import sys
 from typing import Any
 
 from .cmdline import read_arg, subcommand
+from .config import QUANTIZE
 from .errors import QuillError, UsageError
 
 
@@ -41,7 +45,7 @@ def add_generate_command(commands) -> None:
     p.add_argument("--device", default=None,
                    help="backend: auto ($QUILL_DEVICE, else the best available), cpu, cuda, mps, or a plugin's")
     p.add_argument("--dtype", default=None, help="auto, float32 or bfloat16 (default: auto, the fastest for the model)")
-    p.add_argument("--quantize", default=None, choices=("none", "int8"),
+    p.add_argument("--quantize", default=None, choices=QUANTIZE,
                    help="int8: weights in 8 bits, faster on the CPU, slightly less accurate (default: none)")
     p.set_defaults(run=cmd_generate)
 
@@ -122,7 +126,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for event in events:
         if args.show_probs and isinstance(event, Token):
             alternatives = ", ".join(f"{text!r} {p:.1%}" for _, text, p in event.top)
-            piece = ckpt.tokenizer.pieces[event.id].decode("utf-8", "replace")
+            piece = ckpt.tokenizer.decode([event.id])
             out.write(f"{piece!r:<14} {event.prob:7.2%}   {alternatives}\n")
         elif not args.show_probs:
             out.write(event.text)

@@ -22,11 +22,10 @@ import torch
 import torch.nn as nn
 
 from .backend import Backend, resolve_dtype
+from .config import QUANTIZE
 from .errors import QuillError
 from .model import GPT
 from .plugins import get_registry
-
-QUANTIZE = ("none", "int8")
 
 
 class PackedLinear(nn.Module):

@@ -1,6 +1,9 @@
 """`quill samplers`, `quill plugins` and `quill doctor`: reports on what this
 install has and what it will choose on this machine. Each command's flags, then
 its handler.
+
+Every `quill` command line imports this module, `quill --help` included, so each
+handler imports the engine modules it uses when it runs (torch comes with most).
 """
 
 from __future__ import annotations

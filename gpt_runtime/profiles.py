@@ -47,11 +47,12 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import read_metadata, resolve_checkpoint_path
-from .config import load_toml
+from .config import DTYPE_NAMES, QUANTIZE, load_toml
 from .errors import QuillError, did_you_mean
 from .fileio import atomic_write_bytes
 from .plugins import get_registry
 from .sampling import DEFAULT_CHAIN, build_chain
+from .tokenizer import load_tokenizer
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"  # QUILL_SHIPPED_PROFILES overrides it
 SHIPPED_DEFAULT = "shakespeare-char"  # what `quill chat` opens when no profile is named
@@ -165,8 +166,6 @@ def load_profile(path: str | os.PathLike) -> Profile:
         raise QuillError(f"{where}, key checkpoint: {exc.message}", hint=exc.hint) from None
     profile.tokenizer_fingerprint = fingerprint
     if "tokenizer" in top:
-        from .tokenizer import load_tokenizer
-
         profile.tokenizer = (path.parent / top["tokenizer"]).resolve()
         try:
             given = load_tokenizer(profile.tokenizer).fingerprint
@@ -200,9 +199,9 @@ def load_profile(path: str | os.PathLike) -> Profile:
     profile.device = backend.get("device", profile.device)
     profile.dtype = backend.get("dtype", profile.dtype)
     profile.quantize = backend.get("quantize", profile.quantize)
-    if profile.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
+    if profile.dtype != "auto" and profile.dtype not in DTYPE_NAMES:
         raise QuillError(f"{where}: [backend] dtype {profile.dtype!r} is not auto, float32 or bfloat16")
-    if profile.quantize not in ("none", "int8"):
+    if profile.quantize not in QUANTIZE:
         raise QuillError(f"{where}: [backend] quantize {profile.quantize!r} is not none or int8")
     generation = data.get("generation", {})
     profile.max_new_tokens = generation.get("max_new_tokens", profile.max_new_tokens)
@@ -215,7 +214,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     if not all(isinstance(s, str) and s for s in template.get("stop", [])):
         raise QuillError(f"{where}: [template] stop must be a list of non-empty strings")
     for key in ("user_name", "model_name"):
-        if key in template and not _is_name(template[key]):
+        if key in template and not is_name(template[key]):
             raise QuillError(f"{where}: [template] {key} must be one line of text, not {template[key]!r}")
     profile.template = ChatTemplate(**template)
     return profile
@@ -247,7 +246,7 @@ def _check_value(table: str, key: str, value: Any, where: str, label: str) -> No
         raise QuillError(f"{where}: {label}{key} must be {expected}, not {value!r}")
 
 
-def _is_name(text: str) -> bool:
+def is_name(text: str) -> bool:
     return bool(text.strip()) and "\n" not in text
 
 

@@ -1,4 +1,8 @@
-"""`quill profiles list|show|validate`: each action's flags, then its handler."""
+"""`quill profiles list|show|validate`: each action's flags, then its handler.
+
+Every `quill` command line imports this module, `quill --help` included, so each
+handler imports the engine modules it uses when it runs (torch comes with most).
+"""
 
 from __future__ import annotations
 

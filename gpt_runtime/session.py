@@ -29,7 +29,7 @@ from .errors import QuillError, UsageError, did_you_mean
 from .fileio import atomic_write_bytes, file_sha256, read_user_file
 from .jobs import Jobs, check_arguments
 from .plugins import get_registry
-from .profiles import ChatTemplate, Profile, free_profile_name, get_profile, write_profile
+from .profiles import ChatTemplate, Profile, free_profile_name, get_profile, is_name, write_profile
 from .sampling import build_chain, settings_from_strings
 
 
@@ -210,9 +210,7 @@ class ChatSession:
             self.max_new_tokens = number
             return f"max_new_tokens = {number}"
         if name in ("user_name", "model_name"):
-            from .profiles import _is_name
-
-            if not _is_name(value):
+            if not is_name(value):
                 raise QuillError(f"{name} must be one line of text, not {value!r}")
             self.template = replace(self.template, **{name: value.strip()})
             unused = "" if self.template.uses_names() else " (this profile's template does not use the names)"

@@ -1,4 +1,8 @@
-"""`quill tokenizer train|encode|decode|inspect`: each action's flags, then its handler."""
+"""`quill tokenizer train|encode|decode|inspect`: each action's flags, then its handler.
+
+Every `quill` command line imports this module, `quill --help` included, so each
+handler imports the engine modules it uses when it runs (torch comes with most).
+"""
 
 from __future__ import annotations
 
@@ -158,7 +162,7 @@ def cmd_tokenizer_inspect(args: argparse.Namespace) -> None:
         info["text_bytes"] = n_bytes
         info["tokens"] = len(ids)
         info["bytes_per_token"] = round(n_bytes / len(ids), 3) if ids else None
-        info["pieces"] = [{"id": i, "text": tok.pieces[i].decode("utf-8", "replace"), "bytes": tok.pieces[i].hex()} for i in ids]
+        info["pieces"] = [{"id": i, "text": tok.decode([i]), "bytes": tok.pieces[i].hex()} for i in ids]
         info_pieces = [(i, tok.pieces[i]) for i in ids]
     if args.json:
         print(json.dumps(info, ensure_ascii=False, indent=1))

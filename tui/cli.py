@@ -11,13 +11,12 @@ import argparse
 import sys
 
 from gpt_runtime import cli
-from gpt_runtime.profiles import default_profile, history_path
-from gpt_runtime.session import ChatSession
+from gpt_runtime.cmdline import subcommand
 
 
 def add_chat(commands) -> None:
     """Add `quill chat` to the engine's subcommands."""
-    p = cli.subcommand(commands, "chat", "chat with a model, full-screen (or --plain, line by line)", (
+    p = subcommand(commands, "chat", "chat with a model, full-screen (or --plain, line by line)", (
         "quill chat",
         "quill chat --profile shakespeare-bpe",
         "quill chat --plain",
@@ -33,6 +32,10 @@ def add_chat(commands) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    # The chat's modules load when it runs: `quill --help` passes through here.
+    from gpt_runtime.profiles import default_profile, history_path
+    from gpt_runtime.session import ChatSession
+
     from .repl import run_interactive, run_script
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
