@@ -1,7 +1,7 @@
 """The training loop: one process, or data-parallel under torchrun.
 
     quill train --data DIR --out RUN [--config FILE.toml] [flags]
-    torchrun --nproc_per_node N -m gpt_runtime.train --data DIR --out RUN ...
+    torchrun --nproc_per_node N -m gpt_runtime.torchrun --data DIR --out RUN ...
 
 Both run `train(config)`. Under torchrun every rank draws the same global batch
 and trains on its own slice (DDP averages the gradients), so N ranks with batch B
@@ -485,10 +485,12 @@ def _trim_log(path: Path, step: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
-if __name__ == "__main__":
-    # `torchrun ... -m gpt_runtime.train ARGS` (the documented form) runs this file:
-    # each rank runs `quill train ARGS`, from a module of its own so that importing
-    # the training loop never imports a command line.
-    from .torchrun import main
 
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    # `torchrun ... -m gpt_runtime.train ARGS`, the entry older docs name, still works:
+    # it runs the rank entry `gpt_runtime.torchrun` as a script. Through runpy, not an
+    # import, so that the training loop never depends on a command line (which itself
+    # loads the loop to train).
+    import runpy
+
+    runpy.run_module("gpt_runtime.torchrun", run_name="__main__")
