@@ -1,13 +1,15 @@
 """One torchrun rank of a data-parallel `quill train`.
 
-`quill train --nproc N` launches ``torchrun --nproc_per_node N -m gpt_runtime.train
-ARGS`` (also the documented way to run torchrun by hand); `gpt_runtime.train`, run
-as a script, hands its arguments to `main` here. Each rank runs the CLI's own
-`train` command through the CLI's runner, so its output, errors and exit codes are
-those of `quill train`, without the engine importing the CLI.
+`quill train --nproc N` launches ``torchrun --nproc_per_node N -m gpt_runtime.torchrun
+ARGS``, also the documented way to run torchrun by hand (``-m gpt_runtime.train ARGS``,
+the older form, runs this module too). Each rank runs the CLI's own `train` command
+through the CLI's runner, so its output, errors and exit codes are those of
+`quill train`, without the engine importing the CLI.
 """
 
 from __future__ import annotations
+
+import sys
 
 from .cmdline import PROG, Parser, run
 from .train_command import add_train_command, cmd_train
@@ -19,3 +21,7 @@ def main(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     add_train_command(commands).set_defaults(run=cmd_train)
     return run(parser, ["train", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """The training loop: one process, or data-parallel under torchrun.
 
     quill train --data DIR --out RUN [--config FILE.toml] [flags]
-    torchrun --nproc_per_node N -m gpt_runtime.train --data DIR --out RUN ...
+    torchrun --nproc_per_node N -m gpt_runtime.torchrun --data DIR --out RUN ...
 
 Both run `train(config)`. Under torchrun every rank draws the same global batch
 and trains on its own slice (DDP averages the gradients), so N ranks with batch B
@@ -30,14 +30,14 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .backend import dtype_name, get_backend, resolve_dtype
+from .backend import Backend, dtype_name, get_backend, resolve_dtype
 from .checkpoint import check_tokenizer_match, load_resume_state, save_checkpoint, save_resume_state
 from .config import TrainConfig
 from .data import BatchSampler, DataDir
@@ -73,6 +73,8 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
 
 @dataclass
 class TrainResult:
+    """Where a run got to: its directory, last step, losses and logged history."""
+
     out: Path
     step: int
     best_val_loss: float | None
@@ -101,6 +103,41 @@ class _StopFlag:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+@dataclass
+class _Run:
+    """One run of `train`: what setup built, and where the loop has got to."""
+
+    cfg: TrainConfig
+    out: Path
+    rank: int
+    world: int
+    backend: Backend
+    device: torch.device
+    dtype: torch.dtype
+    autocast: AbstractContextManager  # computes in `dtype` inside, for the steps and evaluation
+    data: DataDir
+    train_batches: BatchSampler
+    val_tokens: torch.Tensor
+    model: GPT
+    runner: torch.nn.Module  # what the steps call: the model, compiled and/or wrapped by DDP
+    optimizer: torch.optim.Optimizer
+    step: int
+    best_val: float | None
+    last_val: float | None
+    flops_per_token: float
+    peak: float  # FLOP/s of all ranks together, for MFU; 0 where unknown (and off rank 0)
+    peak_source: str
+    history: list[dict] = field(default_factory=list)
+    first_step: int = 0  # where this invocation began, for the ETA
+    train_seconds: float = 0.0  # time in training steps; evaluation is not counted
+    window_start: float = 0.0  # tokens/s is over the steps since the last log line
+    window_tokens: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.block_size * self.cfg.grad_accum * self.world
 
 
 def _distributed() -> tuple[int, int]:
@@ -141,171 +178,49 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
     `RESUME_MAY_CHANGE`. `on_event` receives dicts for each logged step
     (``{"event": "step", ...}``), evaluation and the end of training.
     """
-    out = Path(cfg.out)
-    state = None
-    if resume:
-        state = load_resume_state(out / "last.state.pt")
-        saved = TrainConfig.from_dict(state["config"], f"{out}/last.state.pt")
-        for name in sorted(set(asdict(cfg)) - RESUME_MAY_CHANGE):
-            if getattr(cfg, name) != getattr(saved, name):
-                raise QuillError(
-                    f"cannot resume {str(out)!r} with {name} = {getattr(cfg, name)!r}: the run used {getattr(saved, name)!r}",
-                    hint=f"resuming may only change {', '.join(sorted(RESUME_MAY_CHANGE))}",
-                )
-    elif (out / "last.state.pt").exists():
-        raise QuillError(f"{str(out)!r} already holds a run", hint="continue it with --resume, or choose another --out")
-    cfg.validate()
-    rank, world = _distributed()
-    emit = on_event if (on_event and rank == 0) else (lambda event: None)
+    run = _setup(cfg, resume)
+    emit = on_event if (on_event and run.rank == 0) else _ignore
+    emit({"event": "start", "step": run.step, "max_steps": cfg.max_steps, "params": run.model.num_params(),
+          "device": str(run.device), "dtype": dtype_name(run.dtype), "world_size": run.world,
+          "tokens_per_step": run.tokens_per_step, "peak_flops": run.peak, "peak_source": run.peak_source})
+    return _train_loop(run, emit)
 
-    if state is not None and cfg.max_steps <= state["step"]:
-        raise QuillError(f"the run in {str(out)!r} is already at step {state['step']}", hint=f"pass --max-steps above {state['step']} to train further")
-    backend = get_backend(cfg.device)
-    device = backend.device
-    dtype = resolve_dtype(backend, cfg.dtype)
-    if dtype == torch.float16:
-        raise QuillError("training in float16 needs a gradient scaler, which Quill does not have", hint="use --dtype bfloat16 or float32")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend.distributed_backend())
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
 
-    data = DataDir.open(cfg.data)
-    if state is not None:
-        check_tokenizer_match(state["tokenizer_fingerprint"], data.tokenizer, f"run {str(out)!r}", f"data directory {cfg.data!r}")
-    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
-    train_batches = BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, rank, world)
-    if len(val_tokens) <= cfg.block_size:
-        warnings.warn(
-            f"the validation split of {cfg.data!r} has {len(val_tokens)} tokens, less than one block; "
-            "validation losses are measured on training data",
-            QuillWarning,
-            stacklevel=2,
-        )
-        val_tokens = train_tokens
+def _ignore(event: dict) -> None:
+    pass
 
-    torch.manual_seed(cfg.seed + rank)
-    model_cfg = cfg.model_config(data.tokenizer.vocab_size)
-    model = GPT(model_cfg).to(device)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    optimizer = make_optimizer(model, cfg)
-    step, best_val, last_val = 0, None, None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        train_batches.load_state(state["data_rng"])
-        _restore_rng(state, rank, device)
-        step, best_val, last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
-    first_step = step
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "config.json", (json.dumps(asdict(cfg), indent=1) + "\n").encode())
-        _trim_log(out / "log.jsonl", step)
 
-    runner = model
-    if cfg.compile:
-        runner = torch.compile(model)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = backend.autocast(dtype)
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
-    flops_per_token = model.flops_per_token()
-    # The throughput counted is all ranks', and each rank has a device of its own (on CPUs
-    # under torchrun, a thread of its own), so the yardstick is rank 0's times the ranks.
-    peak, peak_source = peak_flops(backend, dtype) if rank == 0 else (0.0, "")
-    peak *= world
-    emit({"event": "start", "step": step, "max_steps": cfg.max_steps, "params": model.num_params(),
-          "device": str(device), "dtype": dtype_name(dtype), "world_size": world, "tokens_per_step": tokens_per_step,
-          "peak_flops": peak, "peak_source": peak_source})
-
-    def evaluate_now() -> float:
-        val_batches = BatchSampler(val_tokens, cfg.block_size, cfg.batch_size, cfg.seed + 1, rank, world)
-        return estimate_loss(model, val_batches, cfg.eval_steps, autocast, world, device)
-
-    def save(val_loss: float | None) -> None:
-        rng_states = _rng_states(device, world)  # every rank takes part
-        if rank != 0:
-            return
-        args = asdict(cfg)
-        save_resume_state(out / "last.state.pt", {
-            "config": args, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "data_rng": train_batches.state(), "rng_states": rng_states,
-            "best_val_loss": best_val, "last_val_loss": val_loss,
-            "tokenizer_fingerprint": data.tokenizer.fingerprint,
-        })
-        save_checkpoint(out / "last.safetensors", model, data.tokenizer, step, val_loss, args)
-
+def _train_loop(run: _Run, emit: Callable[[dict], None]) -> TrainResult:
+    """Step until `max_steps` or a stop; log, evaluate and checkpoint on the way."""
+    cfg = run.cfg
     stop = _StopFlag()
-    history: list[dict] = []
-    log_file = open(out / "log.jsonl", "a") if rank == 0 else None
-    window_start, window_tokens, train_seconds = time.perf_counter(), 0, 0.0
-    model.train()
+    log_file = open(run.out / "log.jsonl", "a") if run.rank == 0 else None
+    run.window_start = time.perf_counter()
+    run.model.train()
     try:
         with stop.installed():
-            while step < cfg.max_steps:
+            while run.step < cfg.max_steps:
                 step_start = time.perf_counter()
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(cfg.grad_accum):
-                    x, y = train_batches.next()
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    sync = world == 1 or micro == cfg.grad_accum - 1
-                    with (nullcontext() if sync else runner.no_sync()), autocast:
-                        _, loss = runner(x, y)
-                    (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.detach()
-                loss_value = loss_sum / cfg.grad_accum
-                if world > 1:
-                    torch.distributed.all_reduce(loss_value)
-                    loss_value /= world
-                loss_value = loss_value.item()
-                if not math.isfinite(loss_value):
-                    raise _diverged("loss", loss_value, step + 1, out)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                backend.synchronize()
+                lr = lr_at(run.step, cfg)
+                loss = _train_step(run, lr)
                 now = time.perf_counter()
-                train_seconds += now - step_start
-                window_tokens += tokens_per_step
+                run.train_seconds += now - step_start
+                run.window_tokens += run.tokens_per_step
 
                 record = None
-                if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                    tps = window_tokens / (now - window_start)
-                    record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": round(tps, 1),
-                              "mfu": round(flops_per_token * tps / peak, 4) if peak else None,
-                              "elapsed_s": round(train_seconds, 2)}
-                    window_start, window_tokens = now, 0
-                stopping = _should_stop(stop, cfg, train_seconds, world, device)
-                if step % cfg.eval_interval == 0 or step == cfg.max_steps or stopping:
-                    last_val = evaluate_now()
-                    if not math.isfinite(last_val):  # weights that give this are not worth a checkpoint
-                        raise _diverged("validation loss", last_val, step, out)
-                    record = record or {"step": step, "loss": loss_value, "lr": lr, "elapsed_s": round(train_seconds, 2)}
-                    record["val_loss"] = last_val
-                    if best_val is None or last_val < best_val:
-                        best_val = last_val
-                        if rank == 0:
-                            save_checkpoint(out / "best.safetensors", model, data.tokenizer, step, last_val, asdict(cfg))
-                    save(last_val)
-                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                if run.step % cfg.log_interval == 0 or run.step == cfg.max_steps:
+                    record = _throughput_record(run, loss, lr, now)
+                stopping = _should_stop(stop, cfg, run.train_seconds, run.world, run.device)
+                if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps or stopping:
+                    val_loss = _evaluate_and_checkpoint(run)
+                    record = record or {"step": run.step, "loss": loss, "lr": lr, "elapsed_s": round(run.train_seconds, 2)}
+                    record["val_loss"] = val_loss
+                    run.window_start = time.perf_counter()  # evaluation time is not training throughput
                 if record is not None:
-                    history.append(record)
-                    if log_file:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                    emit({"event": "step", "max_steps": cfg.max_steps,
-                          "eta_s": (cfg.max_steps - step) * train_seconds / max(1, step - first_step), **record})
+                    _log(run, record, log_file, emit)
                 if stopping:
-                    emit({"event": "stopped", "step": step, "reason": stopping})
-                    return TrainResult(out, step, best_val, last_val, stopping, history)
+                    emit({"event": "stopped", "step": run.step, "reason": stopping})
+                    return TrainResult(run.out, run.step, run.best_val, run.last_val, stopping, run.history)
     except RuntimeError as exc:
         if _is_oom(exc):
             raise QuillError(
@@ -316,14 +231,189 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
     finally:
         if log_file:
             log_file.close()
-        if world > 1 and torch.distributed.is_initialized():
-            if sys.exc_info()[0] is None:
-                # Leave together: a rank that tore down its group while rank 0 was still
-                # saving the last checkpoint was seen to abort ("terminate called ...").
-                torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-    emit({"event": "done", "step": step, "best_val_loss": best_val, "val_loss": last_val})
-    return TrainResult(out, step, best_val, last_val, None, history)
+        _leave_process_group(run.world, failed=sys.exc_info()[0] is not None)
+    emit({"event": "done", "step": run.step, "best_val_loss": run.best_val, "val_loss": run.last_val})
+    return TrainResult(run.out, run.step, run.best_val, run.last_val, None, run.history)
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+def _setup(cfg: TrainConfig, resume: bool) -> _Run:
+    """Check the run may start, then build its device, data, model and optimizer (restored
+    from the run's last state with `resume`), and write its config."""
+    out = Path(cfg.out)
+    state = None
+    if resume:
+        state = _state_to_resume(cfg, out)
+    elif (out / "last.state.pt").exists():
+        raise QuillError(f"{str(out)!r} already holds a run", hint="continue it with --resume, or choose another --out")
+    cfg.validate()
+    rank, world = _distributed()
+    if state is not None and cfg.max_steps <= state["step"]:
+        raise QuillError(f"the run in {str(out)!r} is already at step {state['step']}", hint=f"pass --max-steps above {state['step']} to train further")
+    backend, device, dtype = _start_backend(cfg, world)
+    data, train_batches, val_tokens = _open_data(cfg, state, out, rank, world)
+
+    torch.manual_seed(cfg.seed + rank)
+    model = GPT(cfg.model_config(data.tokenizer.vocab_size)).to(device)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    optimizer = make_optimizer(model, cfg)
+    step, best_val, last_val = 0, None, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        train_batches.load_state(state["data_rng"])
+        _restore_rng(state, rank, device)
+        step, best_val, last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "config.json", (json.dumps(asdict(cfg), indent=1) + "\n").encode())
+        _trim_log(out / "log.jsonl", step)
+
+    runner = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+    # The throughput counted is all ranks', and each rank has a device of its own (on CPUs
+    # under torchrun, a thread of its own), so the yardstick is rank 0's times the ranks.
+    peak, peak_source = peak_flops(backend, dtype) if rank == 0 else (0.0, "")
+    return _Run(cfg, out, rank, world, backend, device, dtype, backend.autocast(dtype), data, train_batches, val_tokens,
+                model, runner, optimizer, step, best_val, last_val, model.flops_per_token(), peak * world, peak_source,
+                first_step=step)
+
+
+def _state_to_resume(cfg: TrainConfig, out: Path) -> dict:
+    """The run's saved state, once `cfg` is known to change only what a resume may."""
+    state = load_resume_state(out / "last.state.pt")
+    saved = TrainConfig.from_dict(state["config"], f"{out}/last.state.pt")
+    for name in sorted(set(asdict(cfg)) - RESUME_MAY_CHANGE):
+        if getattr(cfg, name) != getattr(saved, name):
+            raise QuillError(
+                f"cannot resume {str(out)!r} with {name} = {getattr(cfg, name)!r}: the run used {getattr(saved, name)!r}",
+                hint=f"resuming may only change {', '.join(sorted(RESUME_MAY_CHANGE))}",
+            )
+    return state
+
+
+def _start_backend(cfg: TrainConfig, world: int) -> tuple[Backend, torch.device, torch.dtype]:
+    """The backend, this rank's device and the dtype to train in; joins the process group under torchrun."""
+    backend = get_backend(cfg.device)
+    device = backend.device
+    dtype = resolve_dtype(backend, cfg.dtype)
+    if dtype == torch.float16:
+        raise QuillError("training in float16 needs a gradient scaler, which Quill does not have", hint="use --dtype bfloat16 or float32")
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend.distributed_backend())
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    return backend, device, dtype
+
+
+def _open_data(cfg: TrainConfig, state: dict | None, out: Path, rank: int, world: int) -> tuple[DataDir, BatchSampler, torch.Tensor]:
+    """The data directory, this rank's training batches and the validation tokens."""
+    data = DataDir.open(cfg.data)
+    if state is not None:
+        check_tokenizer_match(state["tokenizer_fingerprint"], data.tokenizer, f"run {str(out)!r}", f"data directory {cfg.data!r}")
+    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+    train_batches = BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, rank, world)
+    if len(val_tokens) <= cfg.block_size:
+        warnings.warn(
+            f"the validation split of {cfg.data!r} has {len(val_tokens)} tokens, less than one block; "
+            "validation losses are measured on training data",
+            QuillWarning,
+            stacklevel=4,  # the caller of train(), which called _setup, which called us
+        )
+        val_tokens = train_tokens
+    return data, train_batches, val_tokens
+
+
+# --- one step, evaluation, logging ---------------------------------------------------------------
+
+def _train_step(run: _Run, lr: float) -> float:
+    """One optimizer step at `lr` over `grad_accum` micro-batches; returns the loss, averaged over ranks."""
+    cfg = run.cfg
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(cfg.grad_accum):
+        x, y = run.train_batches.next()
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        # DDP averages gradients on every backward; only the last micro-batch's need it.
+        sync = run.world == 1 or micro == cfg.grad_accum - 1
+        with (nullcontext() if sync else run.runner.no_sync()), run.autocast:
+            _, loss = run.runner(x, y)
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach()
+    mean = loss_sum / cfg.grad_accum
+    if run.world > 1:
+        torch.distributed.all_reduce(mean)
+        mean /= run.world
+    loss_value = mean.item()
+    if not math.isfinite(loss_value):
+        raise _diverged("loss", loss_value, run.step + 1, run.out)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.backend.synchronize()
+    return loss_value
+
+
+def _evaluate_and_checkpoint(run: _Run) -> float:
+    """Measure the validation loss; save the best checkpoint if it is one, then the last
+    checkpoint and resume state. Every rank takes part; only rank 0 writes."""
+    cfg = run.cfg
+    val_batches = BatchSampler(run.val_tokens, cfg.block_size, cfg.batch_size, cfg.seed + 1, run.rank, run.world)
+    run.last_val = estimate_loss(run.model, val_batches, cfg.eval_steps, run.autocast, run.world, run.device)
+    if not math.isfinite(run.last_val):  # weights that give this are not worth a checkpoint
+        raise _diverged("validation loss", run.last_val, run.step, run.out)
+    if run.best_val is None or run.last_val < run.best_val:
+        run.best_val = run.last_val
+        if run.rank == 0:
+            save_checkpoint(run.out / "best.safetensors", run.model, run.data.tokenizer, run.step, run.last_val, asdict(cfg))
+    rng_states = _rng_states(run.device, run.world)  # every rank takes part
+    if run.rank == 0:
+        args = asdict(cfg)
+        save_resume_state(run.out / "last.state.pt", {
+            "config": args, "step": run.step, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "data_rng": run.train_batches.state(), "rng_states": rng_states,
+            "best_val_loss": run.best_val, "last_val_loss": run.last_val,
+            "tokenizer_fingerprint": run.data.tokenizer.fingerprint,
+        })
+        save_checkpoint(run.out / "last.safetensors", run.model, run.data.tokenizer, run.step, run.last_val, args)
+    return run.last_val
+
+
+def _throughput_record(run: _Run, loss: float, lr: float, now: float) -> dict:
+    """A log line for this step, with the tokens/s and MFU since the last one (and a new window)."""
+    tps = run.window_tokens / (now - run.window_start)
+    record = {"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
+              "mfu": round(run.flops_per_token * tps / run.peak, 4) if run.peak else None,
+              "elapsed_s": round(run.train_seconds, 2)}
+    run.window_start, run.window_tokens = now, 0
+    return record
+
+
+def _log(run: _Run, record: dict, log_file, emit: Callable[[dict], None]) -> None:
+    """Keep `record` in the history, the log file (rank 0) and a step event."""
+    run.history.append(record)
+    if log_file:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+    eta = (run.cfg.max_steps - run.step) * run.train_seconds / max(1, run.step - run.first_step)
+    emit({"event": "step", "max_steps": run.cfg.max_steps, "eta_s": eta, **record})
+
+
+def _leave_process_group(world: int, failed: bool) -> None:
+    if world > 1 and torch.distributed.is_initialized():
+        if not failed:
+            # Leave together: a rank that tore down its group while rank 0 was still
+            # saving the last checkpoint was seen to abort ("terminate called ...").
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _rng_states(device: torch.device, world: int) -> list[dict[str, torch.Tensor]]:
@@ -394,10 +484,12 @@ def _trim_log(path: Path, step: int) -> None:
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
-if __name__ == "__main__":
-    # `torchrun ... -m gpt_runtime.train ARGS` (the documented form) runs this file:
-    # each rank runs `quill train ARGS`, from a module of its own so that importing
-    # the training loop never imports a command line.
-    from .torchrun import main
 
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":
+    # `torchrun ... -m gpt_runtime.train ARGS`, the entry older docs name, still works:
+    # it runs the rank entry `gpt_runtime.torchrun` as a script. Through runpy, not an
+    # import, so that the training loop never depends on a command line (which itself
+    # loads the loop to train).
+    import runpy
+
+    runpy.run_module("gpt_runtime.torchrun", run_name="__main__")

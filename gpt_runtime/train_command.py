@@ -146,7 +146,7 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "gpt_runtime.train", *_train_command_line(args.argv[1:])]
+               "-m", "gpt_runtime.torchrun", *_train_command_line(args.argv[1:])]
     # Ctrl-C reaches torchrun and its workers through the terminal; they save and
     # stop, so the parent only waits. A SIGTERM sent to us is passed on.
     child = subprocess.Popen(command, env=env)

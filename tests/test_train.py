@@ -390,17 +390,34 @@ def test_two_process_ddp_matches_one_process_with_the_double_batch(data, tmp_pat
     assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
 
 
-def test_the_torchrun_entry_runs_quill_train():
-    # torchrun runs `-m gpt_runtime.train ARGS` on each rank: the same command as
-    # `quill train ARGS`, with its help, its one-line errors and its exit codes.
+@pytest.mark.parametrize("entry", ["gpt_runtime.torchrun", "gpt_runtime.train"])
+def test_the_torchrun_entry_runs_quill_train(entry):
+    # torchrun runs `-m gpt_runtime.torchrun ARGS` on each rank (`quill train --nproc`
+    # does, above), or `-m gpt_runtime.train ARGS`, the form older docs name: the same
+    # command as `quill train ARGS`, with its help, its one-line errors and its exit codes.
     def rank(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "gpt_runtime.train", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", entry, *args], capture_output=True,
                               env=quill_env(), timeout=120)
 
     assert rank("--help").stdout == run_quill("train", "--help").stdout
     out = rank("--bogus")
     assert out.returncode == 2
     assert out.stderr.decode() == "quill: error: quill: unrecognized arguments: --bogus\n  hint: see `quill --help`\n"
+
+
+def test_the_training_loop_imports_no_command_line():
+    # The command lines import the loop to train; the loop importing one back, even
+    # under `if __name__ == "__main__"` or inside a function, would close a cycle.
+    import ast
+
+    tree = ast.parse(Path(train_module.__file__).read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported |= {(node.module or "").rpartition(".")[2]} | {a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name.rpartition(".")[2] for a in node.names}
+    assert imported & {"cli", "cmdline", "torchrun", "train_command"} == set()
 
 
 # --- backends -----------------------------------------------------------------------------------
