@@ -80,15 +80,15 @@ def _apply_profile(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .sampling import DEFAULT_CHAIN, build_chain, settings_from_strings
+    from .sampling import DEFAULT_CHAIN, build_chain, check_seed, settings_from_strings
 
     profile_options = _apply_profile(args)
     if args.max_new_tokens < 0:
         raise UsageError(f"--max-new-tokens must be 0 or more, not {args.max_new_tokens}")
     if args.show_probs < 0:
         raise UsageError(f"--show-probs must be 0 or more, not {args.show_probs}")
-    if args.seed is not None and not 0 <= args.seed < 2**64:
-        raise UsageError(f"--seed must be from 0 to 2**64 - 1, not {args.seed}")
+    if args.seed is not None:
+        check_seed(args.seed, "--seed", UsageError)
     if args.num_beams is not None and args.num_beams < 1:
         raise UsageError(f"--num-beams must be at least 1, not {args.num_beams}")
     # Beam search alone scores by the model's own probabilities; the sampling

@@ -51,7 +51,7 @@ from .config import DTYPE_NAMES, QUANTIZE, load_toml
 from .errors import QuillError, did_you_mean
 from .fileio import atomic_write_bytes
 from .plugins import get_registry
-from .sampling import DEFAULT_CHAIN, build_chain
+from .sampling import DEFAULT_CHAIN, build_chain, check_seed
 from .tokenizer import load_tokenizer
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"  # QUILL_SHIPPED_PROFILES overrides it
@@ -208,8 +208,8 @@ def load_profile(path: str | os.PathLike) -> Profile:
     profile.seed = generation.get("seed")
     if profile.max_new_tokens < 1:
         raise QuillError(f"{where}: [generation] max_new_tokens must be at least 1, not {profile.max_new_tokens}")
-    if profile.seed is not None and not 0 <= profile.seed < 2**64:
-        raise QuillError(f"{where}: [generation] seed must be from 0 to 2**64 - 1, not {profile.seed}")
+    if profile.seed is not None:
+        check_seed(profile.seed, f"{where}: [generation] seed")
     template = data.get("template", {})
     if not all(isinstance(s, str) and s for s in template.get("stop", [])):
         raise QuillError(f"{where}: [template] stop must be a list of non-empty strings")

@@ -50,6 +50,13 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_CHAIN = "top_k,top_p,temperature"
+
+
+def check_seed(seed: int, what: str = "the seed", error: type[QuillError] = QuillError) -> None:
+    """Refuse a seed torch's random generators cannot take (they take 0 to 2**64 - 1),
+    calling it `what` in the message: the one check of every place a seed comes from."""
+    if not 0 <= seed < 2**64:
+        raise error(f"{what} must be from 0 to 2**64 - 1, not {seed}")
 # Samplers that belong at the end of a chain, by how late: a filter placed after
 # temperature changes less than intended, and nothing after greedy has any effect.
 _LATE = {"temperature": 1, "greedy": 2, "beam": 2}

@@ -30,7 +30,7 @@ from .fileio import atomic_write_bytes, file_sha256, read_user_file
 from .jobs import Jobs, check_arguments
 from .plugins import get_registry
 from .profiles import ChatTemplate, Profile, free_profile_name, get_profile, is_name, write_profile
-from .sampling import build_chain, settings_from_strings
+from .sampling import build_chain, check_seed, settings_from_strings
 
 
 @dataclass
@@ -220,8 +220,7 @@ class ChatSession:
                 self.seed = None
                 return "seed = random for each reply"
             number = _whole(name, value)
-            if not 0 <= number < 2**64:
-                raise QuillError(f"seed must be from 0 to 2**64 - 1, not {number}")
+            check_seed(number, "seed")
             self.seed = number
             return f"seed = {number}"
         known = self.setting_names()
