@@ -16,7 +16,9 @@ can go on past `block_size`.
 
 With ``beam`` in the chain, `generate` runs beam search instead and streams the
 best sequence once the search is over. `generate_batch` samples several
-continuations of one prompt together, one batch row each.
+continuations of one prompt together, one batch row each. All three decode
+with a `Decoder`: the prompt runs once and its cache is copied to every row;
+sampling is one row, a batch n rows, and beam search k rows that it reorders.
 """
 
 from __future__ import annotations
@@ -103,20 +105,24 @@ def fit_prompt(ids: Sequence[int], block_size: int) -> tuple[list[int], int]:
 class Window:
     """The model's view of a batch of sequences: a KV cache over their last tokens.
 
-    `tokens` holds every token so far (prompt and generated), `logits` the
-    next-token logits for each row, float32 (batch, vocab). When the cache is
-    full, the oldest quarter of the window is dropped and the rest re-run.
+    The prompt is run once, at batch 1, and its cache copied to every row: rows
+    that share a prompt cost one prefill, not one each. `tokens` holds every
+    token so far (prompt and generated), `logits` the next-token logits for each
+    row, float32 (batch, vocab). When the cache is full, the oldest quarter of
+    the window is dropped and the rest re-run.
     """
 
-    def __init__(self, model: GPT, ids: Sequence[int], rows: int) -> None:
+    def __init__(self, model: GPT, ids: Sequence[int], rows: int = 1) -> None:
         self.model = model
         param = next(model.parameters())
         self.block = model.config.block_size
-        self.tokens_buf = torch.empty(rows, 2 * len(ids) + 64, dtype=torch.long, device=param.device)
+        self.tokens_buf = torch.empty(1, 2 * len(ids) + 64, dtype=torch.long, device=param.device)
         self.tokens_buf[:, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         self.length = len(ids)
-        self.cache = KVCache(model.config, rows, param.device, cache_dtype(model))
+        self.cache = KVCache(model.config, 1, param.device, cache_dtype(model))
         self.logits = self._run(self.tokens_buf[:, : self.length])
+        if rows > 1:
+            self.reorder(torch.zeros(rows, dtype=torch.long, device=param.device))
 
     @property
     def tokens(self) -> torch.Tensor:
@@ -140,8 +146,13 @@ class Window:
             self.logits = self._run(self.tokens[:, -keep:])
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep rows `rows`, in that order (beam search following its beams)."""
-        self.tokens_buf[:, : self.length] = self.tokens_buf[:, : self.length].index_select(0, rows)
+        """Keep rows `rows`, in that order, a row as often as it is named.
+
+        Beam search follows its beams with it; a new window copies its one
+        prefilled row to all of its rows with it.
+        """
+        self.tokens_buf = self.tokens_buf.index_select(0, rows)
+        self.logits = self.logits.index_select(0, rows)
         self.cache.reorder(rows)
 
 
@@ -185,20 +196,6 @@ class TextStream:
         return out
 
 
-def _banned_ids(tokenizer: Tokenizer, vocab_size: int) -> list[int]:
-    # Specials that are never text, and ids the tokenizer has no piece for (a
-    # model vocabulary padded beyond the tokenizer's, e.g. to a multiple of 64).
-    specials = [i for name, i in tokenizer.special_tokens.items() if name in BANNED_SPECIALS]
-    return specials + list(range(len(tokenizer.pieces), vocab_size))
-
-
-def _ban_mask(banned: list[int], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """A (vocab,) boolean mask of the banned ids: one cheap masked_fill per step."""
-    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-    mask[banned] = True
-    return mask
-
-
 def _choose(logits: torch.Tensor, chain: Chain, state: SamplerState) -> torch.Tensor:
     """The next token of every row: (batch,)."""
     if chain.greedy and len(chain.links) == 1:
@@ -208,6 +205,74 @@ def _choose(logits: torch.Tensor, chain: Chain, state: SamplerState) -> torch.Te
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=state.generator).view(-1)
+
+
+class Decoder:
+    """Rows that continue one prompt together, and what each row has said so far.
+
+    Sampling decodes one row, `generate_batch` n rows that each stop on their
+    own, beam search k rows that it reorders to follow its best beams. All of
+    them mask the never-produced ids and give samplers the same state.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, ids: Sequence[int], rows: int, chain: Chain,
+                 generator: torch.Generator, stop: Sequence[str] = ()) -> None:
+        vocab_size = model.config.vocab_size
+        self.tokenizer, self.chain, self.generator = tokenizer, chain, generator
+        self.prompt_length = len(ids)
+        # Specials that are never text, and ids the tokenizer has no piece for (a
+        # model vocabulary padded beyond the tokenizer's, e.g. to a multiple of 64).
+        specials = [i for name, i in tokenizer.special_tokens.items() if name in BANNED_SPECIALS]
+        self.banned = tuple(specials + list(range(len(tokenizer.pieces), vocab_size)))
+        self.eos = eos_id(tokenizer)
+        self.window = Window(model, ids, rows)
+        # A mask, not a list of ids: one cheap masked_fill per step.
+        self.ban = torch.zeros(vocab_size, dtype=torch.bool, device=self.window.tokens_buf.device)
+        self.ban[list(self.banned)] = True
+        self.streams = [TextStream(stop) for _ in range(rows)]
+        self.ended: list[str | None] = [None] * rows  # "eos" or "stop" once a row is done
+        self.cancelled = False
+
+    def logits(self, step: int) -> tuple[torch.Tensor, SamplerState]:
+        """This step's logits with the banned ids masked (in place), and the samplers' view of the rows."""
+        logits = self.window.logits.masked_fill_(self.ban, float("-inf"))
+        return logits, SamplerState(self.window.tokens, self.prompt_length, step, self.generator, self.banned)
+
+    def feed(self, tokens: list[int]) -> list[str | None]:
+        """Each row's text from its new token; None for a row that has ended (at <eos>, now or before)."""
+        texts: list[str | None] = []
+        for row, token in enumerate(tokens):
+            if self.ended[row] is None and token == self.eos:
+                self.ended[row] = "eos"
+            if self.ended[row] is not None:
+                texts.append(None)
+                continue
+            texts.append(self.streams[row].feed(self.tokenizer.pieces[token]))
+            if self.streams[row].matched is not None:
+                self.ended[row] = "stop"
+        return texts
+
+    def sample(self, max_new_tokens: int, cancel: threading.Event | None,
+               keep_logits: bool = False) -> Iterator[tuple[list[int], list[str | None], torch.Tensor | None]]:
+        """Sample every row, a step at a time: (the tokens, each row's text, the logits before the chain).
+
+        The logits are kept only with `keep_logits`. Stops after `max_new_tokens`,
+        once every row has ended, or when `cancel` is set (checked before every
+        step; `cancelled` says so afterwards).
+        """
+        for step in range(max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                self.cancelled = True
+                return
+            logits, state = self.logits(step)
+            before = logits.clone() if keep_logits else None  # samplers may change logits in place
+            chosen = _choose(logits, self.chain, state)
+            tokens = chosen.tolist()
+            yield tokens, self.feed(tokens), before
+            if all(self.ended):
+                return
+            if step + 1 < max_new_tokens:
+                self.window.append(chosen)
 
 
 def _top(tokenizer: Tokenizer, logits: torch.Tensor, chosen: int, n: int) -> tuple[float, list[tuple[int, str, float]]]:
@@ -279,37 +344,20 @@ def generate(
 @torch.inference_mode()
 def _sample_events(model, tokenizer, ids, dropped, chain, max_new_tokens, stop, seed, generator, cancel, probs):
     t0 = time.perf_counter()
-    first = None
-    banned = _banned_ids(tokenizer, model.config.vocab_size)
-    eos = eos_id(tokenizer)
-    text = TextStream(stop)
-    window = Window(model, ids, 1)
-    ban = _ban_mask(banned, model.config.vocab_size, window.tokens_buf.device)
-    reason, n = "length", 0
-    for n in range(max_new_tokens):
-        if cancel is not None and cancel.is_set():
-            reason = "cancelled"
-            break
-        logits = window.logits.masked_fill_(ban, float("-inf"))
-        before_chain = logits.clone() if probs else None  # samplers may change logits in place
-        state = SamplerState(window.tokens, len(ids), n, generator, tuple(banned))
-        token = int(_choose(logits, chain, state))
+    first, n = None, 0
+    decoder = Decoder(model, tokenizer, ids, 1, chain, generator, stop)
+    for tokens, texts, before in decoder.sample(max_new_tokens, cancel, keep_logits=probs > 0):
         if first is None:
             first = time.perf_counter() - t0
-        if token == eos:
-            reason = "eos"
-            break
-        event = Token(token, text.feed(tokenizer.pieces[token]))
+        if texts[0] is None:  # <eos>: nothing to show
+            continue
+        n += 1
+        event = Token(tokens[0], texts[0])
         if probs:
-            event.prob, event.top = _top(tokenizer, before_chain[0], token, probs)
+            event.prob, event.top = _top(tokenizer, before[0], tokens[0], probs)
         yield event
-        if text.matched is not None:
-            n, reason = n + 1, "stop"
-            break
-        if n + 1 < max_new_tokens:
-            window.append(torch.tensor([token], device=window.tokens_buf.device))
-    else:
-        n = max_new_tokens
+    reason = decoder.ended[0] or ("cancelled" if decoder.cancelled else "length")
+    text = decoder.streams[0]
     yield Done(reason, text.flush(), seed, len(ids), n, time.perf_counter() - t0, first, dropped, text.matched)
 
 
@@ -338,30 +386,13 @@ def generate_batch(
     chain, ids, _, seed, generator = _start(model, tokenizer, prompt, chain, seed, max_new_tokens)
     if chain.beam is not None:
         raise QuillError("generate_batch samples; for beam search use generate with `beam` in the chain")
-    banned = _banned_ids(tokenizer, model.config.vocab_size)
-    eos = eos_id(tokenizer)
-    streams = [TextStream(stop) for _ in range(n)]
+    decoder = Decoder(model, tokenizer, ids, n, chain, generator, stop)
     outputs = [""] * n
-    running = [True] * n
-    window = Window(model, ids, n)
-    ban = _ban_mask(banned, model.config.vocab_size, window.tokens_buf.device)
-    for step in range(max_new_tokens):
-        if (cancel is not None and cancel.is_set()) or not any(running):
-            break
-        logits = window.logits
-        logits.masked_fill_(ban, float("-inf"))
-        chosen = _choose(logits, chain, SamplerState(window.tokens, len(ids), step, generator, tuple(banned)))
-        for row, token in enumerate(chosen.tolist()):
-            if not running[row]:
-                continue
-            if token == eos:
-                running[row] = False
-                continue
-            outputs[row] += streams[row].feed(tokenizer.pieces[token])
-            running[row] = streams[row].matched is None
-        if step + 1 < max_new_tokens:
-            window.append(chosen)
-    return Batch([out + stream.flush() for out, stream in zip(outputs, streams)], seed)
+    for _, texts, _ in decoder.sample(max_new_tokens, cancel):
+        for row, text in enumerate(texts):
+            if text is not None:
+                outputs[row] += text
+    return Batch([out + stream.flush() for out, stream in zip(outputs, decoder.streams)], seed)
 
 
 @dataclass(order=True)
@@ -392,11 +423,9 @@ def _beam_search(
     of them (a heuristic: with length_penalty > 0 a longer beam might still).
     """
     k = beam.num_beams
-    banned = _banned_ids(tokenizer, model.config.vocab_size)
-    eos = eos_id(tokenizer)
-    window = Window(model, ids, k)
+    decoder = Decoder(model, tokenizer, ids, k, chain, generator)
+    window = decoder.window
     device = window.tokens_buf.device
-    ban = _ban_mask(banned, model.config.vocab_size, device)
     # Every row starts as the same prompt: only row 0 may expand at the first step.
     scores = [0.0] + [float("-inf")] * (k - 1)
     beams: list[list[int]] = [[] for _ in range(k)]
@@ -413,9 +442,7 @@ def _beam_search(
     for step in range(max_new_tokens):
         if cancel is not None and cancel.is_set():
             return beams[max(range(k), key=scores.__getitem__)], False, True
-        logits = window.logits
-        logits.masked_fill_(ban, float("-inf"))
-        logits = chain.apply(logits, SamplerState(window.tokens, len(ids), step, generator, tuple(banned)))
+        logits = chain.apply(*decoder.logits(step))
         total = torch.tensor(scores, device=device)[:, None] + torch.log_softmax(logits, dim=-1)
         values, flat = total.view(-1).topk(min(2 * k, total.numel()))
         rows, new_scores, new_tokens = [], [], []
@@ -423,7 +450,7 @@ def _beam_search(
             if value == float("-inf"):
                 break
             row, token = divmod(index, logits.size(-1))
-            if token == eos:
+            if token == decoder.eos:
                 finish(_Hypothesis(normalised(value, step + 1), beams[row][:], True))
             else:
                 rows.append(row)

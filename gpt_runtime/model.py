@@ -303,5 +303,8 @@ class KVCache:
         self.length = 0  # positions filled
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep batch rows `rows` (in that order): beam search follows its best beams."""
+        """Keep batch rows `rows`, in that order, a row as often as it is named.
+
+        Beam search follows its best beams; a prompt prefilled once is copied to every row.
+        """
         self.kv = self.kv.index_select(2, rows)

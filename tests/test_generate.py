@@ -166,6 +166,35 @@ def test_after_the_window_slides_its_logits_are_a_plain_forward_over_the_tokens_
         torch.testing.assert_close(window.logits, model(window.tokens[:, -(keep + 2):])[0][:, -1], atol=1e-5, rtol=1e-5)
 
 
+def test_rows_that_share_a_prompt_run_it_once(model, tok):
+    prompt = tok.encode("First Citizen")
+    seen = []  # the (batch, tokens) shape of every forward call
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        generate_batch(model, tok, prompt, 4, chain=greedy_without_eos(tok), max_new_tokens=5)
+        assert seen == [(1, len(prompt))] + [(4, 1)] * 4
+        seen.clear()
+        chain = build_chain("logit_bias,beam", {"logit_bias": {"bias": f"{tok.special_tokens['<eos>']}:-inf"},
+                                                "beam": {"num_beams": 3}})
+        run(model, tok, prompt, chain=chain, max_new_tokens=5)
+        assert seen == [(1, len(prompt))] + [(3, 1)] * 4
+    finally:
+        hook.remove()
+
+
+def test_a_window_copies_its_prefill_to_every_row_and_the_rows_then_go_their_own_ways(model, tok):
+    ids = tok.encode("First Citizen")
+    with torch.no_grad():
+        one, three = Window(model, ids, 1), Window(model, ids, 3)
+        assert torch.equal(three.logits, one.logits.expand(3, -1)) and torch.equal(three.tokens, one.tokens.expand(3, -1))
+        assert torch.equal(three.cache.kv, one.cache.kv.expand(-1, -1, 3, -1, -1, -1))
+        three.append(torch.tensor([7, 9, 11]))  # each row writes its own copy of the cache
+        for row, token in enumerate((7, 9, 11)):
+            alone = Window(model, ids + [token], 1)
+            assert three.tokens[row].tolist() == ids + [token]
+            torch.testing.assert_close(three.logits[row], alone.logits[0], atol=1e-5, rtol=1e-5)
+
+
 def test_generation_goes_on_past_the_context_window(model, tok):
     n = 3 * BLOCK
     tokens, done = run(model, tok, "First", chain=greedy_without_eos(tok), max_new_tokens=n)
