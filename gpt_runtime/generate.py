@@ -36,7 +36,7 @@ import torch
 from .errors import QuillError, QuillWarning
 from .inference import cache_dtype
 from .model import GPT, KVCache
-from .sampling import DEFAULT_CHAIN, BeamSearch, Chain, SamplerState, build_chain
+from .sampling import DEFAULT_CHAIN, BeamSearch, Chain, SamplerState, build_chain, check_seed
 from .tokenizer import Tokenizer, eos_id
 
 # Never produced as text: padding, markers and the unknown-character token.
@@ -286,8 +286,8 @@ def _start(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], chain:
            max_new_tokens: int):
     if max_new_tokens < 0:
         raise QuillError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise QuillError(f"the seed must be a whole number from 0 to 2**64 - 1, not {seed}")
+    if seed is not None:
+        check_seed(seed)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise QuillError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than its tokenizer's "
                          f"({tokenizer.vocab_size}): they do not belong together")
