@@ -1,4 +1,4 @@
-"""Helpers for tests: run the real CLI, sample text."""
+"""Helpers for tests: run the real CLI, sample text, the chat's two small models."""
 
 from __future__ import annotations
 
@@ -74,3 +74,77 @@ def one_line_error(out: subprocess.CompletedProcess, code: int = 1) -> tuple[str
     if len(lines) == 2:
         assert lines[1].startswith("  hint: "), err
     return lines[0].removeprefix("quill: error: "), lines[1].removeprefix("  hint: ") if len(lines) == 2 else None
+
+
+# --- the chat's two small models (test_session, test_repl, test_tui) ---------------------------------
+
+CHAT_BLOCK = 64
+
+ALPHA_TOML = r'''description = "alpha: short replies"
+checkpoint = "../models/a.safetensors"
+
+[sampler]
+chain = "top_k,temperature"
+top_k = { k = 20 }
+temperature = { t = 0.9 }
+
+[generation]
+max_new_tokens = 10
+
+[template]
+system = ""
+user_prefix = "A: "
+user_suffix = "\n"
+model_prefix = "F: "
+model_suffix = "\n"
+stop = ["\n", "A:"]
+'''
+
+BETA_TOML = r'''description = "beta: never stops by itself"
+checkpoint = "../models/b.safetensors"
+
+[sampler]
+chain = "logit_bias,top_k,temperature"
+logit_bias = { bias = "3:-inf" }  # <eos> never comes
+top_k = { k = 30 }
+
+[generation]
+max_new_tokens = 20
+seed = 42
+
+[template]
+user_prefix = "You: "
+user_suffix = "\n"
+model_prefix = "Bot: "
+model_suffix = "\n"
+stop = ["@"]  # not in the vocabulary: never matches
+'''
+
+
+def write_chat_models(root: Path) -> dict:
+    """Two checkpoints in root/models, profiles alpha and beta in root/two, alpha alone in root/one."""
+    import torch
+
+    from gpt_runtime.checkpoint import save_checkpoint
+    from gpt_runtime.model import GPT, GPTConfig
+    from plugins.char_tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train(SAMPLE_TEXT)
+    (root / "models").mkdir()
+    paths = {}
+    for name, seed, step in (("a", 0, 7), ("b", 1, 9)):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=CHAT_BLOCK, n_layer=1, n_head=2, n_embd=32,
+                              tie_embeddings=False))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.2)  # untrained, but its text varies
+        paths[name] = root / "models" / f"{name}.safetensors"
+        save_checkpoint(paths[name], model, tok, step=step)
+    for folder, profiles in (("two", {"alpha": ALPHA_TOML, "beta": BETA_TOML}), ("one", {"alpha": ALPHA_TOML})):
+        (root / folder).mkdir()
+        for name, text in profiles.items():
+            (root / folder / f"{name}.toml").write_text(text, encoding="utf-8")
+    return {"root": root, "two": root / "two", "one": root / "one", "a": paths["a"].resolve(),
+            "b": paths["b"].resolve(), "fingerprint": tok.fingerprint}

@@ -1,6 +1,6 @@
 """The full-screen chat, driven through Textual's Pilot as a user would drive it.
 
-The models are the small ones of test_session (profiles alpha and beta); the
+The models are the chat's small ones from helpers (profiles alpha and beta); the
 third-party plugin is the installed example, quill-xtc.
 """
 
@@ -13,8 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import SAMPLE_TEXT
-from test_session import write_chat_models
+from helpers import SAMPLE_TEXT, write_chat_models
 
 from gpt_runtime.data import prepare
 from gpt_runtime.tokenizer import train_tokenizer
