@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 SAMPLE_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
@@ -38,6 +44,18 @@ def run_quill(*args: str, input: bytes | None = None, env: dict | None = None, c
         cwd=cwd,
         timeout=120,
     )
+
+
+@contextmanager
+def side_by_side(jobs: dict[str, Callable[[], T]], at_once: int = 2) -> Iterator[dict[str, Future[T]]]:
+    """Start every job, `at_once` at a time, and give their futures by name; on leaving, wait for them all.
+
+    Each test waits for the result of its own job, so a job that fails fails only the tests
+    that look at it, while the jobs (CLI subprocesses, each paying for its imports) still run
+    side by side.
+    """
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        yield {name: pool.submit(job) for name, job in jobs.items()}
 
 
 def pip_install_target(sources: list[Path], site: Path) -> Path:
