@@ -35,8 +35,15 @@ def quill_env(extra: dict | None = None) -> dict[str, str]:
 
 def run_quill(*args: str, input: bytes | None = None, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `quill` CLI in a subprocess; returns bytes stdout/stderr."""
-    full_env = quill_env(env)
-    return subprocess.run(
+    return quill_later(*args, input=input, env=env, cwd=cwd)()
+
+
+def quill_later(*args: str, input: bytes | None = None, env: dict | None = None,
+                cwd: Path | None = None) -> Callable[[], subprocess.CompletedProcess]:
+    """`run_quill` to call later, maybe on another thread, in the environment and working
+    directory of now: the tests that run meanwhile change both."""
+    full_env, cwd = quill_env(env), cwd or Path.cwd()
+    return lambda: subprocess.run(
         [sys.executable, "-m", "tui.cli", *args],
         input=input if input is not None else b"",
         capture_output=True,
@@ -52,7 +59,8 @@ def side_by_side(jobs: dict[str, Callable[[], T]], at_once: int = 2) -> Iterator
 
     Each test waits for the result of its own job, so a job that fails fails only the tests
     that look at it, while the jobs (CLI subprocesses, each paying for its imports) still run
-    side by side.
+    side by side. Tests run meanwhile, so a job takes its environment when it is made
+    (quill_later), not when it starts.
     """
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         yield {name: pool.submit(job) for name, job in jobs.items()}

@@ -25,7 +25,7 @@ from gpt_runtime.errors import QuillWarning
 from gpt_runtime.generate import generate, generate_text
 from gpt_runtime.model import GPT, GPTConfig
 from gpt_runtime.sampling import build_chain, settings_from_strings
-from helpers import SAMPLE_TEXT, one_line_error, run_quill, side_by_side
+from helpers import SAMPLE_TEXT, one_line_error, quill_later, side_by_side
 from plugins.char_tokenizer import CharTokenizer
 from plugins.samplers import SAMPLERS
 
@@ -145,8 +145,7 @@ def commands(ckpt: Path, stop: str) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def out(ckpt, stop) -> Iterator[dict[str, Future[subprocess.CompletedProcess]]]:
     """Every command, started two at a time, one torch thread each: futures by name."""
-    env = {"OMP_NUM_THREADS": "1"}
-    jobs = {name: (lambda args=args: run_quill(*args, env=env)) for name, args in commands(ckpt, stop).items()}
+    jobs = {name: quill_later(*args, env={"OMP_NUM_THREADS": "1"}) for name, args in commands(ckpt, stop).items()}
     with side_by_side(jobs) as futures:
         yield futures
 
