@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SAMPLE_TEXT
+from helpers import SAMPLE_TEXT, write_chat_models
 
 
 @pytest.fixture
@@ -73,6 +73,22 @@ def _fresh_plugin_host(monkeypatch):
     get_plugin_host.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory) -> dict:
+    """The chat's two small models and their profile folders (helpers.write_chat_models)."""
+    return write_chat_models(tmp_path_factory.mktemp("chat"))
+
+
+@pytest.fixture
+def chat_profiles(chat_models, monkeypatch, tmp_path) -> Path:
+    """Profiles alpha and beta in a user directory of their own (finished runs are written there)."""
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    for name in ("alpha", "beta"):
+        (folder / f"{name}.toml").write_text((chat_models["two"] / f"{name}.toml").read_text().replace(
+            f"../models/{name[0]}.safetensors", str(chat_models[name[0]])))
+    monkeypatch.setenv("QUILL_PROFILES", str(folder))
+    return folder
 
 
 @pytest.fixture(scope="module")

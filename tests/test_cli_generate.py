@@ -1,20 +1,21 @@
 """`quill generate` and `quill samplers` through the real CLI, in subprocesses.
 
-One module fixture writes a tiny checkpoint, works out in-process what each
-command must print, then runs every command side by side (each pays about 2 s
-for importing torch; usage errors are caught before that and cost little).
+A module fixture writes a tiny checkpoint; another starts every command at once,
+two at a time (each pays about 2 s for importing torch; usage errors are caught
+before that and cost little). Each test works out in-process what its commands
+must print and waits only for those, so a command that fails fails only its tests.
 """
 
 from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import subprocess
-import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from gpt_runtime.errors import QuillWarning
 from gpt_runtime.generate import generate, generate_text
 from gpt_runtime.model import GPT, GPTConfig
 from gpt_runtime.sampling import build_chain, settings_from_strings
-from helpers import SAMPLE_TEXT, one_line_error, quill_env
+from helpers import SAMPLE_TEXT, one_line_error, quill_later, side_by_side
 from plugins.char_tokenizer import CharTokenizer
 from plugins.samplers import SAMPLERS
 
@@ -36,19 +37,6 @@ LONG_SETTINGS = ["repetition_penalty.penalty=1.3", "frequency_penalty.penalty=0.
                  "temperature=0.9"]
 UNKNOWN_PROMPT = "All: Æq"  # "Æ" and "q" are not in the corpus
 LONG_PROMPT = SAMPLE_TEXT[:40]
-
-
-def run_all(commands: dict[str, list[str]], at_once: int = 2) -> dict[str, subprocess.CompletedProcess]:
-    """Run `quill` commands side by side, one torch thread each; results by name."""
-    env = quill_env({"OMP_NUM_THREADS": "1"})
-
-    def run(args: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "tui.cli", *args], stdin=subprocess.DEVNULL,
-                              capture_output=True, env=env, timeout=120)
-
-    with ThreadPoolExecutor(max_workers=at_once) as pool:
-        futures = {name: pool.submit(run, args) for name, args in commands.items()}
-        return {name: future.result() for name, future in futures.items()}
 
 
 def ok(out: subprocess.CompletedProcess, warns: bool = False) -> str:
@@ -67,8 +55,8 @@ def usage_error(out: subprocess.CompletedProcess) -> tuple[str, str | None]:
 
 
 @pytest.fixture(scope="module")
-def w(tmp_path_factory, one_torch_thread) -> dict:
-    """A tiny checkpoint, what generating from it in-process gives, and every command's result."""
+def ckpt(tmp_path_factory, one_torch_thread) -> Path:
+    """A tiny checkpoint of an untrained model whose greedy text varies."""
     path = tmp_path_factory.mktemp("generate") / "model.safetensors"
     tok = CharTokenizer.train(SAMPLE_TEXT)
     assert tok.encode(" ") == [SPACE_ID]
@@ -79,36 +67,48 @@ def w(tmp_path_factory, one_torch_thread) -> dict:
             if p.dim() == 2:
                 p.normal_(0.0, 0.2)  # untrained, but its greedy text varies
     save_checkpoint(path, model, tok, step=1)
-    ckpt = load_checkpoint(path)
-    model, tok = ckpt.model, ckpt.tokenizer
+    return path
 
-    def text(prompt: str, spec: str, settings: list[str] = (), **options) -> str:
-        return generate_text(model, tok, prompt, chain=build_chain(spec, settings_from_strings(list(settings))), **options)
 
-    greedy = text("First", "greedy", max_new_tokens=30)
-    stop = greedy[8:11]
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+    """The checkpoint as `quill generate` loads it: what the CLI's text is checked against."""
+    return load_checkpoint(ckpt)
+
+
+@pytest.fixture(scope="module")
+def tok(loaded) -> CharTokenizer:
+    return loaded.tokenizer
+
+
+def in_process(loaded, prompt: str, spec: str, settings: list[str] = (), **options) -> str:
+    """The text generating in this process gives (its warnings are the CLI tests' business)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", QuillWarning)
-        expect = {
-            "greedy": greedy,
-            "stop": greedy[:greedy.find(stop)],
-            "chain": text("All:", LONG_CHAIN, LONG_SETTINGS, max_new_tokens=40, seed=11),
-            "beams": text("First", "beam", ["beam.num_beams=3"], max_new_tokens=12),  # --num-beams alone: just beam
-            "probs": list(generate(model, tok, "First", chain=build_chain("greedy"), max_new_tokens=5, probs=2))[:-1],
-            "unknown": text(UNKNOWN_PROMPT, "greedy", max_new_tokens=10),
-            "long": text(LONG_PROMPT, "greedy", max_new_tokens=10),
-        }
-    assert len(greedy) == 30 and greedy.find(stop) >= 4 and len(set(greedy)) > 5
+        return generate_text(loaded.model, loaded.tokenizer, prompt,
+                             chain=build_chain(spec, settings_from_strings(list(settings))), **options)
 
-    ckpt_arg = str(path)
 
+@pytest.fixture(scope="module")
+def greedy(loaded) -> str:
+    return in_process(loaded, "First", "greedy", max_new_tokens=30)
+
+
+@pytest.fixture(scope="module")
+def stop(greedy) -> str:
+    """A stop string from the middle of the greedy text."""
+    return greedy[8:11]
+
+
+def commands(ckpt: Path, stop: str) -> dict[str, list[str]]:
+    """Every command the tests run, by name: the ones that generate first, as they take longest."""
     def gen(*args: str) -> list[str]:
-        return ["generate", ckpt_arg, *args]
+        return ["generate", str(ckpt), *args]
 
     chain_args = ["--prompt", "All:", "--sampler", LONG_CHAIN, "--max-new-tokens", "40"]
     for setting in LONG_SETTINGS:
         chain_args += ["--set", setting]
-    commands = {
+    return {
         # generating: about 2 s each
         "chain_a": gen(*chain_args, "--seed", "11"),
         "chain_b": gen(*chain_args, "--seed", "11"),
@@ -140,69 +140,78 @@ def w(tmp_path_factory, one_torch_thread) -> dict:
         "seed_negative": gen("--seed", "-1"),
         "seed_too_big": gen("--seed", str(2**64)),
     }
-    return {"tok": tok, "stop": stop, "expect": expect, "out": run_all(commands)}
 
 
-def test_a_long_chain_of_every_filter_and_penalty(w):
-    out, expect, tok = w["out"], w["expect"], w["tok"]
-    a = ok(out["chain_a"])
-    assert a == expect["chain"]  # the CLI builds the chain and seeds the draw exactly as the engine does
+@pytest.fixture(scope="module")
+def out(ckpt, stop) -> Iterator[dict[str, Future[subprocess.CompletedProcess]]]:
+    """Every command, started two at a time, one torch thread each: futures by name."""
+    jobs = {name: quill_later(*args, env={"OMP_NUM_THREADS": "1"}) for name, args in commands(ckpt, stop).items()}
+    with side_by_side(jobs) as futures:
+        yield futures
+
+
+def test_a_long_chain_of_every_filter_and_penalty(out, loaded, tok):
+    a = ok(out["chain_a"].result())
+    # the CLI builds the chain and seeds the draw exactly as the engine does
+    assert a == in_process(loaded, "All:", LONG_CHAIN, LONG_SETTINGS, max_new_tokens=40, seed=11)
     assert 0 < len(tok.encode(a)) <= 40 and set(a) <= set(tok.chars)
     assert " " not in a  # logit_bias banned it
-    assert ok(out["chain_b"]) == a, "the same --seed must give the same text"
-    assert ok(out["chain_c"]) != a, "another --seed should give another text"
-    assert "\n" in a[1:] and ok(out["chain_stop"]) == a[:a.index("\n")]
+    assert ok(out["chain_b"].result()) == a, "the same --seed must give the same text"
+    assert ok(out["chain_c"].result()) != a, "another --seed should give another text"
+    assert "\n" in a[1:] and ok(out["chain_stop"].result()) == a[:a.index("\n")]
 
 
-def test_greedy_and_beam_search(w):
-    out, expect = w["out"], w["expect"]
-    assert ok(out["greedy"]) == expect["greedy"]
-    assert ok(out["beams"]) == expect["beams"] and len(expect["beams"]) > 0
+def test_greedy_and_beam_search(out, loaded, greedy):
+    assert len(greedy) == 30 and len(set(greedy)) > 5
+    assert ok(out["greedy"].result()) == greedy
+    beams = in_process(loaded, "First", "beam", ["beam.num_beams=3"], max_new_tokens=12)  # --num-beams alone: just beam
+    assert ok(out["beams"].result()) == beams and len(beams) > 0
 
 
-def test_stop_strings(w):
-    out, expect = w["out"], w["expect"]
-    text = ok(out["stop"])
-    assert text == expect["stop"] and w["stop"] not in text and len(text) >= 4
+def test_stop_strings(out, greedy, stop):
+    assert greedy.find(stop) >= 4
+    text = ok(out["stop"].result())
+    assert text == greedy[:greedy.find(stop)] and stop not in text and len(text) >= 4
 
 
-def test_show_probs_prints_a_line_per_token(w):
-    lines = ok(w["out"]["probs"]).splitlines()
-    tokens = w["expect"]["probs"]
+def test_show_probs_prints_a_line_per_token(out, loaded, tok, greedy):
+    lines = ok(out["probs"].result()).splitlines()
+    tokens = list(generate(loaded.model, tok, "First", chain=build_chain("greedy"), max_new_tokens=5, probs=2))[:-1]
     assert len(lines) == len(tokens) == 5
     for line, token in zip(lines, tokens):
         match = re.fullmatch(r"('.*?')\s+(\d+\.\d\d)%   (.*)", line)
         assert match, line
-        assert ast.literal_eval(match[1]) == w["tok"].pieces[token.id].decode()
+        assert ast.literal_eval(match[1]) == tok.pieces[token.id].decode()
         assert float(match[2]) == pytest.approx(100 * token.prob, abs=0.006)
         alternatives = re.findall(r"('(?:[^'\\]|\\.)*') (\d+\.\d)%", match[3])
         assert [(ast.literal_eval(t), float(p)) for t, p in alternatives] == [
             (text, pytest.approx(100 * p, abs=0.06)) for _, text, p in token.top]
-    assert "".join(ast.literal_eval(re.match(r"'.*?'", line)[0]) for line in lines) == w["expect"]["greedy"][:5]
+    assert "".join(ast.literal_eval(re.match(r"'.*?'", line)[0]) for line in lines) == greedy[:5]
 
 
-def test_other_dtypes_generate(w):
+def test_other_dtypes_generate(out, tok):
     for name in ("bf16", "int8"):
-        text = ok(w["out"][name])
-        assert 0 < len(text) <= 10 and set(text) <= set(w["tok"].chars)
+        text = ok(out[name].result())
+        assert 0 < len(text) <= 10 and set(text) <= set(tok.chars)
 
 
-def test_unknown_characters_are_named_and_generation_goes_on(w):
-    out = w["out"]["unknown"]
-    assert ok(out, warns=True) == w["expect"]["unknown"]
-    assert out.stderr.decode() == "quill: warning: 2 character(s) not in the char vocabulary became <unk>: 'q' 'Æ'\n"
+def test_unknown_characters_are_named_and_generation_goes_on(out, loaded):
+    result = out["unknown"].result()
+    assert ok(result, warns=True) == in_process(loaded, UNKNOWN_PROMPT, "greedy", max_new_tokens=10)
+    assert result.stderr.decode() == "quill: warning: 2 character(s) not in the char vocabulary became <unk>: 'q' 'Æ'\n"
 
 
-def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(w):
-    out = w["out"]["long"]
-    assert ok(out, warns=True) == w["expect"]["long"] and len(w["expect"]["long"]) > 0
-    assert out.stderr.decode() == ("quill: warning: the prompt is 40 tokens, longer than the context window (16); "
-                                   "its first 24 tokens were dropped\n")
+def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(out, loaded):
+    result = out["long"].result()
+    expected = in_process(loaded, LONG_PROMPT, "greedy", max_new_tokens=10)
+    assert ok(result, warns=True) == expected and len(expected) > 0
+    assert result.stderr.decode() == ("quill: warning: the prompt is 40 tokens, longer than the context window (16); "
+                                      "its first 24 tokens were dropped\n")
 
 
-def test_samplers_lists_every_builtin_with_its_options(w):
-    rows = {row["name"]: row for row in json.loads(ok(w["out"]["samplers_json"]))}
-    text = ok(w["out"]["samplers"])
+def test_samplers_lists_every_builtin_with_its_options(out):
+    rows = {row["name"]: row for row in json.loads(ok(out["samplers_json"].result()))}
+    text = ok(out["samplers"].result())
     assert {cls.name for cls in SAMPLERS} <= set(rows) and len(SAMPLERS) == 11
     for cls in SAMPLERS:
         row = rows[cls.name]
@@ -235,5 +244,5 @@ def test_samplers_lists_every_builtin_with_its_options(w):
     ("seed_negative", "--seed must be from 0 to 2**64 - 1, not -1", None),
     ("seed_too_big", f"--seed must be from 0 to 2**64 - 1, not {2**64}", None),
 ])
-def test_bad_generate_options_are_one_line_usage_errors(w, name, message, hint):
-    assert usage_error(w["out"][name]) == (message, hint)
+def test_bad_generate_options_are_one_line_usage_errors(out, name, message, hint):
+    assert usage_error(out[name].result()) == (message, hint)

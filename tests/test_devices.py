@@ -24,6 +24,8 @@ import threading
 import pytest
 import torch
 
+from generation_helpers import ARCHITECTURES, BANNED, BLOCK, cancelled_after, greedy_without_eos, ids_of, tiny_gpt
+from generation_helpers import run as run_generation
 from gpt_runtime.backend import dtype_name, get_backend, resolve_dtype
 from gpt_runtime.checkpoint import load_checkpoint
 from gpt_runtime.config import TrainConfig, saved_config
@@ -38,12 +40,10 @@ from gpt_runtime.sampling import build_chain
 from gpt_runtime.session import ChatSession
 from gpt_runtime.train import train
 from helpers import SAMPLE_TEXT, one_line_error, run_quill
+from pilot import run as run_app
+from pilot import say
 from plugins.backends import cuda_has_bf16
 from plugins.char_tokenizer import CharTokenizer
-from test_generate import ARCHITECTURES, BANNED, BLOCK, cancelled_after, greedy_without_eos, ids_of, tiny_gpt
-from test_generate import run as run_generation
-from test_tui import run as run_app
-from test_tui import say
 from tui.app import QuillApp
 
 DEVICES = [pytest.param("cuda", marks=pytest.mark.cuda), pytest.param("mps", marks=pytest.mark.mps)]
@@ -95,7 +95,7 @@ def tok() -> CharTokenizer:
 
 @pytest.fixture(scope="module")
 def model(tok):
-    """An untrained tiny GPT on the CPU, float32, whose greedy text varies (see test_generate)."""
+    """An untrained tiny GPT on the CPU, float32, whose greedy text varies (see generation_helpers)."""
     return tiny_gpt(tok.vocab_size)
 
 

@@ -8,7 +8,6 @@ values worked out by hand.
 from __future__ import annotations
 
 import copy
-import queue
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from generation_helpers import ARCHITECTURES, BANNED, BLOCK, cancelled_after, greedy_without_eos, ids_of, run, tiny_gpt
 from gpt_runtime import plugins as host_mod
 from gpt_runtime.errors import QuillError, QuillWarning
 from gpt_runtime.generate import (Done, TextStream, Token, Window, _beam_search, generate, generate_batch, generate_text,
@@ -35,23 +35,6 @@ from plugins.char_tokenizer import CharTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BLOCK = 32
-BANNED = ("<pad>", "<unk>", "<bos>")
-
-
-def tiny_gpt(vocab_size: int, seed: int = 0, **overrides) -> GPT:
-    """A small untrained GPT with weights large enough that its greedy text varies."""
-    settings = dict(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, tie_embeddings=False)
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**settings)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tok() -> CharTokenizer:
     return CharTokenizer.train(SAMPLE_TEXT)
@@ -62,28 +45,12 @@ def model(tok) -> GPT:
     return tiny_gpt(tok.vocab_size)
 
 
-def run(model, tokenizer, prompt, **options) -> tuple[list[Token], Done]:
-    """All events of one generation: (tokens, done), checking their shape on the way."""
-    *tokens, done = list(generate(model, tokenizer, prompt, **options))
-    assert isinstance(done, Done) and all(isinstance(t, Token) for t in tokens)
-    assert done.new_tokens == len(tokens)
-    return tokens, done
-
-
-def ids_of(tokens: list[Token]) -> list[int]:
-    return [t.id for t in tokens]
-
-
 def text_of(tokens: list[Token], done: Done) -> str:
     return "".join(t.text for t in tokens) + done.text
 
 
 def greedy() -> object:
     return build_chain("greedy")
-
-
-def greedy_without_eos(tokenizer) -> object:
-    return build_chain("logit_bias,greedy", {"logit_bias": {"bias": f"{tokenizer.special_tokens['<eos>']}:-inf"}})
 
 
 class TableModel(nn.Module):
@@ -108,9 +75,6 @@ def fixed_logits(logits: torch.Tensor, **options) -> TableModel:
 
 
 # --- the KV cache changes nothing ---------------------------------------------------------------------
-
-ARCHITECTURES = [("learned", "layernorm"), ("learned", "rmsnorm"), ("rope", "layernorm"), ("rope", "rmsnorm")]
-
 
 @pytest.mark.parametrize("position,norm", ARCHITECTURES)
 def test_greedy_with_the_cache_equals_recomputing_the_whole_context(tok, position, norm):
@@ -378,28 +342,6 @@ def test_probs_are_the_models_softmax_without_the_never_produced_tokens(model, t
 
 
 # --- cancelling from another thread ---------------------------------------------------------------------
-
-def cancelled_after(model, tok, k: int) -> list:
-    """The events of a generation on another thread that this one cancels on receiving the k-th."""
-    cancel = threading.Event()
-    events: queue.Queue = queue.Queue()
-
-    def produce():  # generation on its own thread; each event waits until the consumer has it
-        for event in generate(model, tok, "First", chain=greedy_without_eos(tok), max_new_tokens=100, cancel=cancel):
-            events.put(event)
-            events.join()
-
-    producer = threading.Thread(target=produce)
-    producer.start()
-    received = []
-    while not received or not isinstance(received[-1], Done):
-        received.append(events.get(timeout=30))
-        if len(received) == k:
-            cancel.set()
-        events.task_done()
-    producer.join(timeout=30)
-    return received
-
 
 def test_cancel_set_by_another_thread_stops_within_one_token(model, tok):
     *tokens, done = cancelled_after(model, tok, 4)

@@ -457,7 +457,7 @@ def test_an_imported_model_is_a_profile_every_sampler_works_and_decoding_uses_th
 
 
 def test_a_user_imports_a_gpt2_directory_and_chats_with_it_in_the_full_screen_chat(imported):
-    from test_tui import run, say, type_command, until
+    from pilot import run, say, type_command, until
 
     from tui.app import QuillApp
 

@@ -1,9 +1,11 @@
 """Background jobs from the chat (/train, /eval, /jobs, /cancel): whole lives of real, tiny runs.
 
-One module fixture starts every job at once (each child pays for importing torch, so
-they run side by side), drives them as a user would (watches the progress, lists the
-jobs, cancels the long run after its first step, chats meanwhile), waits for the end,
-and records what happened; the tests then look at the records and the files.
+A module fixture prepares the data and trains a base model once. Each scenario (finished
+runs, a cancelled run, failing runs, a noisy eval, jobs started and stopped directly, the
+REPL's script mode) has a chat and a directory of its own, starts only its jobs, drives them
+as a user would and records what happened. The scenarios run side by side, each in a thread
+(every job pays for importing torch), and each test asks for the scenarios it looks at, so a
+scenario that breaks fails only its own tests.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,7 +51,7 @@ pytestmark = [
 MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
          "--warmup-steps", "2", "--eval-steps", "2", "--device", "cpu", "--dtype", "float32"]
 LONG = 1_000_000  # steps the cancelled run would take
-DEADLINE = 90  # seconds for all the jobs together (they take ~20 on a busy 2-core machine)
+DEADLINE = 90  # seconds for a scenario's jobs (each takes a few on a busy 2-core machine)
 
 BASE_PROFILE = r'''description = "tiny base model for the job tests"
 checkpoint = "../base_run"
@@ -107,8 +111,8 @@ def error_of(session: ChatSession, line: str) -> QuillError:
     return e.value
 
 
-def events_of(w: dict, job) -> list[dict]:
-    return [event for j, event in w["tee"].seen if j is job]
+def events_of(r: dict, job) -> list[dict]:
+    return [event for j, event in r["tee"].seen if j is job]
 
 
 def ended(job) -> bool:
@@ -116,7 +120,9 @@ def ended(job) -> bool:
 
 
 @pytest.fixture(scope="module")
-def w(tmp_path_factory, request):
+def base(tmp_path_factory) -> Iterator[dict]:
+    """What every scenario shares: prepared data (and two broken copies), the base run, and the
+    profile directory (QUILL_PROFILES for the whole module) that holds its profile."""
     root = tmp_path_factory.mktemp("jobs")
     (root / "corpus.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
     data = root / "data"
@@ -131,113 +137,229 @@ def w(tmp_path_factory, request):
     profiles = root / "profiles"
     profiles.mkdir()
     (profiles / "base.toml").write_text(BASE_PROFILE, encoding="utf-8")
-    r = {"root": root, "data": data, "not_prepared": not_prepared, "corrupt": corrupt, "profiles": profiles,
-         "tiny": root / "runs" / "tiny", "tiny_again": root / "more" / "tiny", "long": root / "runs" / "long",
-         "bad": root / "runs" / "bad", "broken": root / "runs" / "broken", "script_run": root / "runs" / "script_run",
-         "stopped": root / "runs" / "stopped", "killed": root / "runs" / "killed"}
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QUILL_PROFILES", str(profiles))
         mp.setattr(train_module, "peak_flops", lambda backend, dtype: (1e12, "a stand-in"))  # in this process only
         train(TrainConfig(data=str(data), out=str(root / "base_run"), n_layer=1, n_head=2, n_embd=16, block_size=16,
                           batch_size=4, max_steps=4, warmup_steps=1, eval_interval=2, eval_steps=2, device="cpu",
                           dtype="float32"))
-        r["base_toml"] = (profiles / "base.toml").read_bytes()
-        session = ChatSession("base")
-        r["session"] = session
-        r["tee"] = session.jobs.events = Tee()
-        r["before"] = listing(root)
+        yield {"root": root, "data": data, "not_prepared": not_prepared, "corrupt": corrupt, "profiles": profiles,
+               "base_toml": (profiles / "base.toml").read_bytes(), "before": listing(root)}
 
-        def kill_leftovers() -> None:  # should the fixture fail midway: no million-step run goes on alone
-            for jobs in (session.jobs, r.get("chatty"), r.get("direct"), getattr(r.get("script_session"), "jobs", None)):
-                for job in jobs.all() if jobs else []:
-                    if job.process.poll() is None:
-                        job.process.kill()
 
-        request.addfinalizer(kill_leftovers)
+def drive(what: str, done: Callable[[], bool], step: Callable[[], None] = lambda: None) -> None:
+    """Call `step` every 50 ms until `done`; fail after DEADLINE seconds."""
+    deadline = time.monotonic() + DEADLINE
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not end in {DEADLINE} s")
+        step()
+        time.sleep(0.05)
 
-        # A job whose stderr is far more than a pipe holds (PYTHONVERBOSE: every import of torch).
-        mp.setenv("PYTHONVERBOSE", "1")
-        r["chatty"] = Jobs()
-        r["chatty_job"] = r["chatty"].start("eval", [str(root / "base_run"), "--data", str(data), "--device", "cpu"])
-        mp.delenv("PYTHONVERBOSE")
 
-        # The REPL's script mode, on a session of its own, side by side with the rest.
-        script_session = ChatSession("base")
-        script = (f"/train --data {data} --out {r['script_run']} {' '.join(MODEL)} --max-steps 10 --eval-interval 5\n"
-                  "/jobs\n")
-        r["script_out"], r["script_err"] = io.StringIO(), io.StringIO()
-        script_thread = threading.Thread(target=run_script, args=(script_session, io.StringIO(script), r["script_out"],
-                                                                   r["script_err"]))
-        script_thread.start()
-        r["script_session"] = script_session
+def finish(r: dict, notices: list) -> None:
+    """Wait for the chat's jobs to end, then record its notices and what /jobs shows."""
+    session = r["session"]
+    drive("the jobs", lambda: all(ended(job) for job in session.jobs.all()),
+          lambda: notices.extend(session.job_notices()))
+    session.jobs.wait()
+    notices += session.job_notices()
+    r["notices"] = [n.text for n in notices]
+    r["jobs_at_end"] = commands.run(session, "/jobs")
 
-        # Through the session, as the commands of the chat.
-        flags = " ".join(MODEL)
-        r["replies"] = [
-            commands.run(session, f"/train --data {data} --out {r['tiny']} {flags} --max-steps 30 --eval-interval 10 "
-                                  "--log-interval 5"),
-            commands.run(session, f"/train --data {data} --out {r['tiny_again']} {flags} --max-steps 20 --eval-interval 10"),
-            commands.run(session, f"/train --data {data} --out {r['long']} {flags} --max-steps {LONG} --eval-interval 5 "
-                                  "--log-interval 1"),
-            commands.run(session, f"/train --data {not_prepared} --out {r['bad']} {flags} --max-steps 5"),
-            commands.run(session, f"/train --data {corrupt} --out {r['broken']} {flags} --max-steps 5"),
-            commands.run(session, f"/eval {data}"),
-        ]
-        r["job"] = dict(zip(["tiny", "tiny_again", "long", "bad", "broken", "eval"], session.jobs.all()))
 
-        # Through Jobs directly: a bad flag, a job killed outright, and one stopped by stop_all.
-        direct = r["direct"] = Jobs()
-        with pytest.raises(UsageError) as r["bogus"]:
-            direct.start("train", ["--data", str(data), "--bogus-flag"])
-        r["killed_job"] = direct.start("train", ["--data", str(data), "--out", str(r["killed"]), *MODEL])
-        r["killed_job"].process.kill()
-        r["stop_all_job"] = direct.start("train", ["--data", str(data), "--out", str(r["stopped"]), *MODEL,
+def trained_runs(r: dict) -> None:
+    """Two /train runs to the end, the second in another directory of the same name."""
+    session, flags, data = r["session"], " ".join(MODEL), r["data"]
+    r["tiny"], r["tiny_again"] = r["home"] / "runs" / "tiny", r["home"] / "more" / "tiny"
+    r["replies"] = [
+        commands.run(session, f"/train --data {data} --out {r['tiny']} {flags} --max-steps 30 --eval-interval 10 "
+                              "--log-interval 5"),
+        commands.run(session, f"/train --data {data} --out {r['tiny_again']} {flags} --max-steps 20 --eval-interval 10"),
+    ]
+    r["job"] = dict(zip(["tiny", "tiny_again"], session.jobs.all()))
+    finish(r, [])
+
+
+def cancelled_run(r: dict) -> None:
+    """A long /train cancelled after its first step (/jobs is asked just before), an /eval beside it."""
+    session, flags = r["session"], " ".join(MODEL)
+    r["long"] = r["home"] / "runs" / "long"
+    r["replies"] = [
+        commands.run(session, f"/train --data {r['data']} --out {r['long']} {flags} --max-steps {LONG} "
+                              "--eval-interval 5 --log-interval 1"),
+        commands.run(session, f"/eval {r['data']}"),
+    ]
+    r["job"] = dict(zip(["long", "eval"], session.jobs.all()))
+    long_job, notices = r["job"]["long"], []
+    drive("the long run's first step", lambda: any(e["event"] == "step" for e in events_of(r, long_job)),
+          lambda: notices.extend(session.job_notices()))
+    r["jobs_while_running"] = commands.run(session, "/jobs")
+    r["cancel"] = commands.run(session, f"/cancel {long_job.id}")
+    finish(r, notices)
+
+
+def failing_runs(r: dict) -> None:
+    """Two /train runs that fail (data never prepared, data cut short), and a chat after them."""
+    session, flags = r["session"], " ".join(MODEL)
+    r["bad"], r["broken"] = r["home"] / "runs" / "bad", r["home"] / "runs" / "broken"
+    for key, data in (("bad", r["not_prepared"]), ("broken", r["corrupt"])):
+        commands.run(session, f"/train --data {data} --out {r[key]} {flags} --max-steps 5")
+    r["job"] = dict(zip(["bad", "broken"], session.jobs.all()))
+    notices = []
+    drive("the failing jobs", lambda: all(ended(job) for job in session.jobs.all()),
+          lambda: notices.extend(session.job_notices()))
+    r["chat_after_failure"] = chat(session, "Speak")  # while the other scenarios' jobs still run
+    finish(r, notices)
+
+
+def chatty_eval(r: dict, started: threading.Event) -> None:
+    """An eval job whose stderr is far more than a pipe holds (PYTHONVERBOSE: every import of torch).
+
+    Jobs inherit this process's environment: no other job may start while PYTHONVERBOSE is set,
+    so the others wait for `started`.
+    """
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYTHONVERBOSE", "1")
+            jobs = Jobs()
+            r["jobs"].append(jobs)
+            r["chatty_job"] = jobs.start("eval", [str(r["root"] / "base_run"), "--data", str(r["data"]), "--device", "cpu"])
+    finally:
+        started.set()
+    try:
+        r["chatty_job"].process.wait(timeout=DEADLINE)
+    except subprocess.TimeoutExpired:  # stuck writing to a full stderr pipe
+        r["chatty_job"].process.kill()
+    jobs.wait()
+
+
+def direct_failures(r: dict) -> None:
+    """Through Jobs directly: a bad flag, and a job killed outright."""
+    r["killed"] = r["home"] / "runs" / "killed"
+    jobs = r["direct"] = Jobs()
+    r["jobs"].append(jobs)
+    with pytest.raises(UsageError) as r["bogus"]:
+        jobs.start("train", ["--data", str(r["data"]), "--bogus-flag"])
+    r["killed_job"] = jobs.start("train", ["--data", str(r["data"]), "--out", str(r["killed"]), *MODEL])
+    r["killed_job"].process.kill()
+    jobs.wait()
+
+
+def stopped_run(r: dict) -> None:
+    """A long run through Jobs directly, stopped by stop_all after its first step."""
+    r["stopped"] = r["home"] / "runs" / "stopped"
+    jobs = Jobs()
+    r["jobs"].append(jobs)
+    r["stop_all_job"] = job = jobs.start("train", ["--data", str(r["data"]), "--out", str(r["stopped"]), *MODEL,
                                                    "--max-steps", str(LONG), "--eval-interval", "5", "--log-interval", "1"])
-        r["pgid"] = os.getpgid(r["stop_all_job"].process.pid)
+    r["pgid"] = os.getpgid(job.process.pid)
+    events = r["direct_events"] = []
 
-        notices, long_job, deadline = [], r["job"]["long"], time.monotonic() + DEADLINE
-        direct_events, stop_all_stepped = [], False
-        while time.monotonic() < deadline:
-            notices += session.job_notices()
-            if "cancel" not in r and any(e["event"] == "step" for e in events_of(r, long_job)):
-                r["jobs_while_running"] = commands.run(session, "/jobs")
-                r["cancel"] = commands.run(session, f"/cancel {long_job.id}")
-            if "chat_after_failure" not in r and ended(r["job"]["bad"]) and ended(r["job"]["broken"]):
-                r["chat_after_failure"] = chat(session, "Speak")  # while the other jobs still run
-            while not direct.events.empty():
-                direct_events.append(direct.events.get_nowait())
-                stop_all_stepped |= direct_events[-1][1]["event"] == "step" and direct_events[-1][0] is r["stop_all_job"]
-            if stop_all_stepped and "stop_all" not in r:
-                direct.stop_all()
-                r["stop_all"] = True
-            if all(ended(job) for job in session.jobs.all()) and "stop_all" in r:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"the jobs did not end in {DEADLINE} s: {[j.describe() for j in session.jobs.all()]}")
-        session.jobs.wait()
-        direct.wait()
+    def take_events() -> None:
+        while not jobs.events.empty():
+            events.append(jobs.events.get_nowait())
+
+    drive("the run's first step", lambda: any(j is job and e["event"] == "step" for j, e in events), take_events)
+    jobs.stop_all()
+    take_events()
+
+
+def script_run(r: dict) -> None:
+    """The REPL's script mode: a /train and a /jobs, then the script's end (it waits for its job)."""
+    r["script_run"] = r["home"] / "runs" / "script_run"
+    text = f"/train --data {r['data']} --out {r['script_run']} {' '.join(MODEL)} --max-steps 10 --eval-interval 5\n/jobs\n"
+    r["script_out"], r["script_err"] = io.StringIO(), io.StringIO()
+    run_script(r["session"], io.StringIO(text), r["script_out"], r["script_err"])
+
+
+SCENARIOS = {"trained": trained_runs, "cancelled": cancelled_run, "failing": failing_runs, "direct": direct_failures,
+             "stopped": stopped_run, "script": script_run}
+
+
+def scenario_record(base: dict, name: str) -> dict:
+    """What a scenario starts from: the shared inputs, a home directory for its runs, and a chat
+    on the base profile whose events are all kept."""
+    session = ChatSession("base")
+    home = base["root"] / name
+    home.mkdir()
+    tee = session.jobs.events = Tee()
+    return {**base, "name": name, "home": home, "session": session, "tee": tee, "jobs": [session.jobs]}
+
+
+@pytest.fixture(scope="module")
+def running(base) -> Iterator[dict[str, Future]]:
+    """Every scenario, as it runs: all at once, since each job pays for importing torch, each in a
+    thread of its own so that one that fails or hangs fails only the tests that ask for it."""
+    records = {name: scenario_record(base, name) for name in ["chatty", *SCENARIOS]}
+
+    def run(scenario: Callable[..., None], r: dict, *args) -> dict:
+        scenario(r, *args)
+        r["after"] = listing(base["root"])
+        return r
+
+    started = threading.Event()
+    with ThreadPoolExecutor(max_workers=len(records)) as pool:
+        futures = {"chatty": pool.submit(run, chatty_eval, records["chatty"], started)}
+        started.wait(DEADLINE)
+        futures |= {name: pool.submit(run, scenario, records[name]) for name, scenario in SCENARIOS.items()}
         try:
-            r["chatty_job"].process.wait(timeout=20)
-        except subprocess.TimeoutExpired:  # stuck writing to a full stderr pipe
-            r["chatty_job"].process.kill()
-        r["chatty"].wait()
-        notices += session.job_notices()
-        while not direct.events.empty():
-            direct_events.append(direct.events.get_nowait())
-        script_thread.join(DEADLINE)
-        assert not script_thread.is_alive(), "run_script did not end"
-        r["notices"] = [n.text for n in notices]
-        r["direct_events"] = direct_events
-        r["after"] = listing(root)
-        r["jobs_at_end"] = commands.run(session, "/jobs")
-        yield r
+            yield futures
+        finally:  # a scenario that failed midway leaves no million-step run going on alone
+            for r in records.values():
+                for jobs in r["jobs"]:
+                    for job in jobs.all():
+                        if job.process.poll() is None:
+                            job.process.kill()
+
+
+def outcome(running: dict[str, Future], name: str) -> dict:
+    """A scenario's record once it has ended; what went wrong in it, else."""
+    try:
+        return running[name].result(timeout=2 * DEADLINE)
+    except TimeoutError:
+        pytest.fail(f"scenario {name} did not end in {2 * DEADLINE} s")
+
+
+@pytest.fixture(scope="module")
+def trained(running) -> dict:
+    return outcome(running, "trained")
+
+
+@pytest.fixture(scope="module")
+def cancelled(running) -> dict:
+    return outcome(running, "cancelled")
+
+
+@pytest.fixture(scope="module")
+def failing(running) -> dict:
+    return outcome(running, "failing")
+
+
+@pytest.fixture(scope="module")
+def chatty(running) -> dict:
+    return outcome(running, "chatty")
+
+
+@pytest.fixture(scope="module")
+def direct(running) -> dict:
+    return outcome(running, "direct")
+
+
+@pytest.fixture(scope="module")
+def stopped(running) -> dict:
+    return outcome(running, "stopped")
+
+
+@pytest.fixture(scope="module")
+def script(running) -> dict:
+    return outcome(running, "script")
 
 
 # --- progress -------------------------------------------------------------------------------------
 
-def test_progress_events_arrive_and_match_the_run_log(w):
+def test_progress_events_arrive_and_match_the_run_log(trained):
+    w = trained
     job = w["job"]["tiny"]
     assert w["replies"][0] == (f"started job {job.id}: train --data {w['data']} --out {w['tiny']} {' '.join(MODEL)} "
                                f"--max-steps 30 --eval-interval 10 --log-interval 5 "
@@ -268,10 +390,10 @@ def test_progress_events_arrive_and_match_the_run_log(w):
     assert job.history == steps  # every step kept, for a UI's loss plot
 
 
-def test_jobs_lists_progress_while_running_and_results_at_the_end(w):
-    jobs = w["job"]
+def test_jobs_lists_progress_while_running_and_results_at_the_end(cancelled, trained, failing):
+    w, jobs = cancelled, cancelled["job"]
     running = {line.split(":", 1)[0]: line for line in w["jobs_while_running"].splitlines()}
-    assert len(running) == 6
+    assert len(running) == 2
     long_line = running[f"job {jobs['long'].id}"]
     assert long_line.startswith(f"job {jobs['long'].id}: train --data {w['data']} --out {w['long']} ")
     m = re.search(rf"\[running\] step (\d+)/{LONG}  loss (\d+\.\d{{4}})  (?:val (\d+\.\d{{4}})  )?"
@@ -281,18 +403,19 @@ def test_jobs_lists_progress_while_running_and_results_at_the_end(w):
     assert shown and f"{shown[0]['loss']:.4f}" == m.group(2)  # the latest step it had reported
     # its validation loss too, on evaluation steps (every 5th)
     assert m.group(3) == (f"{shown[0]['val_loss']:.4f}" if int(m.group(1)) % 5 == 0 else None)
-    for other in ("tiny", "tiny_again", "eval"):  # still starting, or on their way
-        assert re.search(r"\[(running|finished)\]", running[f"job {jobs[other].id}"])
+    assert re.search(r"\[(running|finished)\]", running[f"job {jobs['eval'].id}"])  # still starting, or on its way
 
     at_end = {line.split(":", 1)[0]: line for line in w["jobs_at_end"].splitlines()}
-    tiny = jobs["tiny"].result
-    assert at_end[f"job {jobs['tiny'].id}"].endswith(
-        f"[finished] 30 steps, best val loss {tiny['best_val_loss']:.4f}, in {w['tiny']}")
     assert f"[cancelled] {jobs['long'].result['steps']} steps" in at_end[f"job {jobs['long'].id}"]
-    assert at_end[f"job {jobs['bad'].id}"].endswith(f"[failed] {jobs['bad'].error}")
     ev = jobs["eval"].result
     assert at_end[f"job {jobs['eval'].id}"].endswith(
         f"[finished] loss {ev['loss']:.4f}, bits/byte {ev['bits_per_byte']:.4f}")
+    tiny_job, bad = trained["job"]["tiny"], failing["job"]["bad"]
+    trained_at_end = {line.split(":", 1)[0]: line for line in trained["jobs_at_end"].splitlines()}
+    assert trained_at_end[f"job {tiny_job.id}"].endswith(
+        f"[finished] 30 steps, best val loss {tiny_job.result['best_val_loss']:.4f}, in {trained['tiny']}")
+    failing_at_end = {line.split(":", 1)[0]: line for line in failing["jobs_at_end"].splitlines()}
+    assert failing_at_end[f"job {bad.id}"].endswith(f"[failed] {bad.error}")
 
 
 # --- a finished run becomes a profile ---------------------------------------------------------------
@@ -307,11 +430,13 @@ def trained_notices(w) -> dict[str, tuple[int, str]]:
     return found
 
 
-def test_a_finished_run_is_written_as_a_profile_the_chat_can_switch_to(w):
+def test_a_finished_run_is_written_as_a_profile_the_chat_can_switch_to(trained, monkeypatch):
+    w = trained
+    monkeypatch.setenv("QUILL_PROFILES", str(w["profiles"]))
     session = w["session"]
-    trained = trained_notices(w)
-    assert set(trained) == {str(w["tiny"]), str(w["tiny_again"])}
-    job_id, name = trained[str(w["tiny"])]
+    adopted = trained_notices(w)
+    assert set(adopted) == {str(w["tiny"]), str(w["tiny_again"])}
+    job_id, name = adopted[str(w["tiny"])]
     assert job_id == w["job"]["tiny"].id and w["job"]["tiny"].profile == name
     path = w["profiles"] / f"{name}.toml"
     assert path.is_file()
@@ -340,19 +465,24 @@ def test_a_finished_run_is_written_as_a_profile_the_chat_can_switch_to(w):
         session.use_profile("base")
 
 
-def test_a_second_run_with_the_same_directory_name_gets_its_own_profile(w):
-    trained = trained_notices(w)
-    names = {trained[str(w["tiny"])][1], trained[str(w["tiny_again"])][1]}
+def test_a_second_run_with_the_same_directory_name_gets_its_own_profile(trained):
+    w = trained
+    adopted = trained_notices(w)
+    names = {adopted[str(w["tiny"])][1], adopted[str(w["tiny_again"])][1]}
     assert names == {"tiny", "tiny-2"}
     for run in (w["tiny"], w["tiny_again"]):
-        assert load_profile(w["profiles"] / f"{trained[str(run)][1]}.toml").checkpoint == (run / "best.safetensors").resolve()
+        assert load_profile(w["profiles"] / f"{adopted[str(run)][1]}.toml").checkpoint == (run / "best.safetensors").resolve()
     assert (w["profiles"] / "base.toml").read_bytes() == w["base_toml"]
-    assert sorted(p.name for p in w["profiles"].iterdir()) == ["base.toml", "script_run.toml", "tiny-2.toml", "tiny.toml"]
+
+
+def test_only_finished_runs_become_profiles(base, trained, cancelled, failing, chatty, direct, stopped, script):
+    assert sorted(p.name for p in base["profiles"].iterdir()) == ["base.toml", "script_run.toml", "tiny-2.toml", "tiny.toml"]
 
 
 # --- cancel -----------------------------------------------------------------------------------------
 
-def test_a_cancelled_run_saves_its_last_checkpoint(w):
+def test_a_cancelled_run_saves_its_last_checkpoint(cancelled):
+    w = cancelled
     job = w["job"]["long"]
     assert w["cancel"] == f"cancelling job {job.id} (it saves its last checkpoint first)"
     assert job.status == "cancelled" and job.error is None
@@ -368,7 +498,8 @@ def test_a_cancelled_run_saves_its_last_checkpoint(w):
     assert error_of(w["session"], f"/cancel {job.id}").message == f"job {job.id} is not running (it is cancelled)"
 
 
-def test_stop_all_cancels_the_running_jobs_and_they_run_in_their_own_process_group(w):
+def test_stop_all_cancels_the_running_jobs_and_they_run_in_their_own_process_group(stopped):
+    w = stopped
     job = w["stop_all_job"]
     assert job.status == "cancelled" and job.result["stopped"] == "SIGINT"
     assert load_checkpoint(w["stopped"] / "last.safetensors").step == job.result["steps"] >= 1
@@ -377,9 +508,9 @@ def test_stop_all_cancels_the_running_jobs_and_they_run_in_their_own_process_gro
     assert [e["event"] for j, e in w["direct_events"] if j is job][-1] == "cancelled"
 
 
-def test_stop_all_kills_a_job_that_does_not_stop_in_time(w, monkeypatch):
+def test_stop_all_kills_a_job_that_does_not_stop_in_time(base, monkeypatch, tmp_path):
     jobs = Jobs()
-    job = jobs.start("train", ["--data", str(w["data"]), "--out", str(w["root"] / "runs" / "impatient"), *MODEL,
+    job = jobs.start("train", ["--data", str(base["data"]), "--out", str(tmp_path / "impatient"), *MODEL,
                                "--max-steps", str(LONG)])
     # a job deaf to being cancelled
     monkeypatch.setattr(jobs, "cancel", lambda job_id: setattr(jobs.get(job_id), "status", "cancelling"))
@@ -389,23 +520,24 @@ def test_stop_all_kills_a_job_that_does_not_stop_in_time(w, monkeypatch):
     assert job.describe().endswith("[cancelled] killed: it did not stop within 0.5 s of being cancelled")
 
 
-def test_cancel_errors(w):
-    session, jobs = w["session"], w["job"]
+def test_cancel_errors(trained, failing):
+    session, tiny, bad = failing["session"], trained["job"]["tiny"], failing["job"]["bad"]
     unknown = error_of(session, "/cancel 99")
     assert unknown.message == "there is no job 99"
-    assert unknown.hint == "jobs: " + ", ".join(str(j.id) for j in session.jobs.all()) == "jobs: 1, 2, 3, 4, 5, 6"
-    finished = error_of(session, f"/cancel {jobs['tiny'].id}")
-    assert finished.message == f"job {jobs['tiny'].id} is not running (it is finished)"
-    assert error_of(session, f"/cancel {jobs['bad'].id}").message == f"job {jobs['bad'].id} is not running (it is failed)"
+    assert unknown.hint == "jobs: " + ", ".join(str(j.id) for j in session.jobs.all()) == "jobs: 1, 2"
+    finished = error_of(trained["session"], f"/cancel {tiny.id}")
+    assert finished.message == f"job {tiny.id} is not running (it is finished)"
+    assert error_of(session, f"/cancel {bad.id}").message == f"job {bad.id} is not running (it is failed)"
     for line, message in (("/cancel x", "/cancel takes a job number, not 'x'"), ("/cancel", "/cancel needs a job number")):
         e = error_of(session, line)
         assert isinstance(e, UsageError) and (e.message, e.hint) == (message, "usage: /cancel ID")
-    assert jobs["tiny"].status == "finished"
+    assert tiny.status == "finished"
 
 
 # --- failures ---------------------------------------------------------------------------------------
 
-def test_failed_jobs_report_one_line_and_the_chat_goes_on(w):
+def test_failed_jobs_report_one_line_and_the_chat_goes_on(failing):
+    w = failing
     session, bad, broken = w["session"], w["job"]["bad"], w["job"]["broken"]
     assert bad.status == broken.status == "failed" and bad.result is None and broken.result is None
     assert bad.error == (f"{str(w['not_prepared'])!r} has no meta.json: not a prepared data directory "
@@ -418,12 +550,13 @@ def test_failed_jobs_report_one_line_and_the_chat_goes_on(w):
         assert notice in w["notices"] and "\n" not in notice and "Traceback" not in notice
         assert [e["event"] for e in events_of(w, job)] == ["error", "failed"]
         assert job.process.returncode == 1
-    # the chat went on while the other jobs ran, and still does
+    # the chat went on after its jobs failed, and still does
     assert w["chat_after_failure"].new_tokens >= 1
     assert chat(session, "Resolved.").new_tokens >= 1 and session.profile.name == "base"
 
 
-def test_direct_jobs_that_fail_before_training(w):
+def test_direct_jobs_that_fail_before_training(direct):
+    w = direct
     bogus, killed = w["bogus"].value, w["killed_job"]
     # a bad flag is refused before any process starts
     assert (bogus.message, bogus.hint) == ("/train: unrecognized arguments: --bogus-flag",
@@ -433,16 +566,18 @@ def test_direct_jobs_that_fail_before_training(w):
     assert not w["killed"].exists()
 
 
-def test_a_job_that_writes_much_to_stderr_still_ends(w):
-    job, eval_job = w["chatty_job"], w["job"]["eval"]
+def test_a_job_that_writes_much_to_stderr_still_ends(chatty, cancelled):
+    job, eval_job = chatty["chatty_job"], cancelled["job"]["eval"]
     assert (job.status, job.error) == ("finished", None)
     # the same checkpoint and data as /eval
     assert (job.result["tokens"], job.result["bytes"]) == (eval_job.result["tokens"], eval_job.result["bytes"])
     assert job.result["loss"] == pytest.approx(eval_job.result["loss"], rel=1e-5)
 
 
-def test_train_or_eval_on_missing_data_is_refused_at_once(w):
-    session = w["session"]
+def test_train_or_eval_on_missing_data_is_refused_at_once(base, monkeypatch):
+    w = base
+    monkeypatch.setenv("QUILL_PROFILES", str(w["profiles"]))
+    session = ChatSession("base")
     count = len(session.jobs.all())
     missing = w["root"] / "missing"
     never = w["root"] / "runs" / "never"
@@ -464,12 +599,13 @@ def test_train_or_eval_on_missing_data_is_refused_at_once(w):
     assert not (w["root"] / "runs" / "never").exists()
 
 
-def test_train_takes_its_flags_in_every_form_quill_train_does_and_refuses_nproc(w, monkeypatch):
+def test_train_takes_its_flags_in_every_form_quill_train_does_and_refuses_nproc(base, monkeypatch, tmp_path):
+    w = base
     # It wanted the literal tokens --data and --out, and took --nproc 2 only to train in one process
     monkeypatch.setenv("QUILL_PROFILES", str(w["profiles"]))
     session, started = ChatSession("base"), []
     monkeypatch.setattr(session.jobs, "start", lambda kind, argv: started.append(argv) or Job(len(started), kind, argv, None))
-    run, config = w["root"] / "runs" / "forms", w["root"] / "forms.toml"
+    run, config = tmp_path / "runs" / "forms", tmp_path / "forms.toml"
     config.write_text(f'data = "{w["data"]}"\nn_layer = 1\n', encoding="utf-8")
     for line in (f"/train --data={w['data']} --out={run} --max-steps 5", f"/train --out {run} --resume --max-steps 9",
                  f"/train --config {config} --out {run}"):
@@ -486,9 +622,10 @@ def test_train_takes_its_flags_in_every_form_quill_train_does_and_refuses_nproc(
 
 # --- eval -------------------------------------------------------------------------------------------
 
-def test_an_eval_job_reports_loss_and_bits_per_byte(w):
+def test_an_eval_job_reports_loss_and_bits_per_byte(cancelled):
+    w = cancelled
     job, checkpoint = w["job"]["eval"], w["session"].profile.checkpoint
-    assert w["replies"][5] == f"started job {job.id}: eval of base on {w['data']}"
+    assert w["replies"][1] == f"started job {job.id}: eval of base on {w['data']}"
     assert job.argv == [str(checkpoint), "--data", str(w["data"])] and job.status == "finished"
     expected = evaluate(checkpoint, w["data"], device="cpu")
     result = job.result
@@ -503,13 +640,21 @@ def test_an_eval_job_reports_loss_and_bits_per_byte(w):
 
 # --- the files --------------------------------------------------------------------------------------
 
-def test_jobs_write_only_in_their_run_directories(w):
+# scenario -> the run directories it trains (profiles are the test above's)
+RUN_DIRS = {"trained": ["tiny", "tiny_again"], "cancelled": ["long"], "failing": [], "chatty": [], "direct": [],
+            "stopped": ["stopped"], "script": ["script_run"]}
+
+
+@pytest.mark.parametrize("name", RUN_DIRS)
+def test_jobs_write_only_in_their_run_directories(request, name):
+    w = request.getfixturevalue(name)
     root, before, after = w["root"], w["before"], w["after"]
     assert all(after.get(path) == stat for path, stat in before.items())  # nothing changed or removed
-    run_dirs = [w[k].relative_to(root) for k in ("tiny", "tiny_again", "long", "script_run", "stopped")]
-    new = set(after) - set(before)
+    run_dirs = [w[k].relative_to(root) for k in RUN_DIRS[name]]
+    others = [Path(other) for other in RUN_DIRS if other != name] + [Path("profiles")]  # the other scenarios' homes
+    new = {path for path in set(after) - set(before) if not any(Path(path).is_relative_to(d) for d in others)}
     outside = {path for path in new if not any(Path(path).is_relative_to(d) for d in run_dirs)}
-    assert outside == {"profiles/tiny.toml", "profiles/tiny-2.toml", "profiles/script_run.toml"}
+    assert outside == set()
     for d in run_dirs:
         assert {"best.safetensors", "last.safetensors", "last.state.pt", "log.jsonl", "config.json"} <= \
             {Path(p).name for p in new if Path(p).parent == d}
@@ -517,8 +662,9 @@ def test_jobs_write_only_in_their_run_directories(w):
 
 # --- the REPL's script mode -------------------------------------------------------------------------
 
-def test_a_script_waits_for_its_jobs_before_it_ends(w):
-    session, out = w["script_session"], w["script_out"].getvalue()
+def test_a_script_waits_for_its_jobs_before_it_ends(script):
+    w = script
+    session, out = w["session"], w["script_out"].getvalue()
     job, = session.jobs.all()
     assert job.status == "finished" and job.process.returncode == 0 and job.result["steps"] == 10
     assert w["script_err"].getvalue() == ""

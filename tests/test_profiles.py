@@ -1,21 +1,22 @@
 """Profiles: loading and checking TOML profiles, finding them, and `quill profiles` / `generate --profile`.
 
-One module fixture writes a tiny checkpoint (a file and a run directory), its
-tokenizer file and a few profiles, works out in-process what generating with
-the good profile must print, then runs every CLI command two at a time (a
-command that generates pays about 2 s for importing torch; the others need no
-torch and cost little). Loading, discovery and templates are tested in-process.
+A module fixture writes a tiny checkpoint (a file and a run directory), its
+tokenizer file and a few profiles; another starts every CLI command at once, two
+at a time (a command that generates pays about 2 s for importing torch; the
+others need no torch and cost little), and each CLI test waits only for its own
+commands and works out in-process what they must print. Loading, discovery and
+templates are tested in-process.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from gpt_runtime.checkpoint import read_metadata
 from gpt_runtime.errors import QuillError
 from gpt_runtime.profiles import ChatTemplate, find_profiles, get_profile, load_profile, user_profile_dir
 from gpt_runtime.sampling import DEFAULT_CHAIN, build_chain
-from helpers import SAMPLE_TEXT, one_line_error, quill_env, run_quill
+from helpers import SAMPLE_TEXT, one_line_error, quill_env, quill_later, side_by_side
 
 PROMPT = "First"
 CHAIN = "top_k,temperature"
@@ -81,13 +82,6 @@ def raw_safetensors(path: Path, metadata: dict) -> Path:
     return path
 
 
-def run_all(jobs: dict[str, object]) -> dict[str, subprocess.CompletedProcess]:
-    """Run the jobs (functions returning a finished process) two at a time; results by name."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(job) for name, job in jobs.items()}
-        return {name: future.result() for name, future in futures.items()}
-
-
 def ok(out: subprocess.CompletedProcess) -> str:
     err = out.stderr.decode("utf-8", "replace")
     assert out.returncode == 0 and err == "", (out.returncode, err[-3000:])
@@ -98,12 +92,12 @@ error = one_line_error  # exit code, one `quill: error:` line, at most a hint
 
 
 @pytest.fixture(scope="module")
-def w(tmp_path_factory, one_torch_thread) -> dict:
-    """The files, what generating with the good profile gives in-process, and every command's result."""
+def disk(tmp_path_factory, one_torch_thread) -> dict:
+    """The files: a tiny checkpoint (a file and a run directory), its tokenizer file, another
+    tokenizer's, and the profiles tiny, run, broken and garbled in a user directory."""
     import torch
 
-    from gpt_runtime.checkpoint import load_checkpoint, save_checkpoint
-    from gpt_runtime.generate import generate_text
+    from gpt_runtime.checkpoint import save_checkpoint
     from gpt_runtime.model import GPT, GPTConfig
     from plugins.char_tokenizer import CharTokenizer
 
@@ -125,23 +119,26 @@ def w(tmp_path_factory, one_torch_thread) -> dict:
     other.save(models / "other-chars.json")
     files = {"tiny": write(user / "tiny.toml", TINY), "run": write(user / "run.toml", RUN),
              "broken": write(user / "broken.toml", BROKEN), "garbled": write(user / "garbled.toml", GARBLED)}
+    return {"root": root, "models": models, "user": user, "files": files, "ckpt": ckpt, "tok": tok, "other": other}
 
-    model = load_checkpoint(ckpt).model
+
+@pytest.fixture(scope="module")
+def in_process(disk):
+    """generate_text from PROMPT with the tiny checkpoint, as loaded in this process: what the CLI must print."""
+    from gpt_runtime.checkpoint import load_checkpoint
+    from gpt_runtime.generate import generate_text
+
+    model = load_checkpoint(disk["ckpt"]).model
 
     def text(chain: str, options: dict | None = None, **kw) -> str:
-        return generate_text(model, tok, PROMPT, chain=build_chain(chain, options), **kw)
+        return generate_text(model, disk["tok"], PROMPT, chain=build_chain(chain, options), **kw)
+    return text
 
-    expect = {
-        "profile": text(CHAIN, OPTIONS, max_new_tokens=MAX_NEW, seed=SEED),
-        "defaults": text(CHAIN, max_new_tokens=MAX_NEW, seed=SEED),  # the profile's chain, default options
-        "greedy": text("greedy", max_new_tokens=MAX_NEW),
-        "short": text(CHAIN, OPTIONS, max_new_tokens=6, seed=8),
-    }
-    assert len(expect["profile"]) == MAX_NEW and expect["profile"] != expect["defaults"], "the options must matter"
-    assert expect["greedy"] != expect["profile"] and len(expect["short"]) == 6
 
-    env = {"QUILL_PROFILES": str(user), "OMP_NUM_THREADS": "1"}
-    commands = {
+def commands(disk: dict) -> dict[str, list[str]]:
+    """Every CLI command the tests run, by name: the ones that generate first, as they take longest."""
+    ckpt, files = disk["ckpt"], disk["files"]
+    return {
         # generating: about 2 s each
         "gen_profile": ["generate", "--profile", "tiny", "--prompt", PROMPT],
         "gen_explicit": ["generate", str(ckpt), "--prompt", PROMPT, "--sampler", CHAIN, "--set", "top_k.k=5",
@@ -164,46 +161,53 @@ def w(tmp_path_factory, one_torch_thread) -> dict:
         "gen_unknown": ["generate", "--profile", "tinny", "--prompt", PROMPT],
         "gen_broken": ["generate", "--profile", "broken", "--prompt", PROMPT],
     }
-    jobs = {name: (lambda args=args: run_quill(*args, env=env)) for name, args in commands.items()}
+
+
+@pytest.fixture(scope="module")
+def out(disk) -> Iterator[dict[str, Future[subprocess.CompletedProcess]]]:
+    """Every CLI command, and a probe that loads profiles in plain Python, started two at a time
+    with QUILL_PROFILES at the user directory: futures by name."""
+    env = {"QUILL_PROFILES": str(disk["user"]), "OMP_NUM_THREADS": "1"}
+    jobs = {name: quill_later(*args, env=env) for name, args in commands(disk).items()}
     probe = ("import sys; from gpt_runtime.profiles import find_profiles, load_profile; "
              "load_profile(sys.argv[1]); find_profiles(); print('torch' in sys.modules)")
-    probe_env = quill_env(env)
-    jobs["no_torch"] = lambda: subprocess.run([sys.executable, "-c", probe, str(files["tiny"])], stdin=subprocess.DEVNULL,
-                                              capture_output=True, env=probe_env, timeout=120)
-    return {"root": root, "models": models, "user": user, "files": files, "ckpt": ckpt, "tok": tok, "other": other,
-            "expect": expect, "out": run_all(jobs)}
+    probe_args, probe_env, cwd = [sys.executable, "-c", probe, str(disk["files"]["tiny"])], quill_env(env), Path.cwd()
+    jobs["no_torch"] = lambda: subprocess.run(probe_args, stdin=subprocess.DEVNULL, capture_output=True, env=probe_env,
+                                              cwd=cwd, timeout=120)
+    with side_by_side(jobs) as futures:
+        yield futures
 
 
 # ---- a good profile ----------------------------------------------------------------------------------------------
 
-def test_a_good_profile_with_relative_paths_and_every_table(w, tmp_path, monkeypatch):
+def test_a_good_profile_with_relative_paths_and_every_table(disk, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # paths are relative to the profile file, not to the working directory
-    p = load_profile(w["files"]["tiny"])
-    models = w["models"]
-    assert (p.name, p.path, p.description) == ("tiny", w["files"]["tiny"], DESCRIPTION)
+    p = load_profile(disk["files"]["tiny"])
+    models = disk["models"]
+    assert (p.name, p.path, p.description) == ("tiny", disk["files"]["tiny"], DESCRIPTION)
     assert p.checkpoint == models / "tiny.safetensors" and p.tokenizer == models / "chars.json"
-    assert p.tokenizer_fingerprint == w["tok"].fingerprint
+    assert p.tokenizer_fingerprint == disk["tok"].fingerprint
     assert p.chain == CHAIN and p.options == OPTIONS
     assert (p.device, p.dtype, p.quantize, p.max_new_tokens, p.seed) == ("cpu", "float32", "none", MAX_NEW, SEED)
     assert p.template == ChatTemplate(**TEMPLATE)
     assert p.to_dict() == {
-        "name": "tiny", "path": str(w["files"]["tiny"]), "description": DESCRIPTION,
+        "name": "tiny", "path": str(disk["files"]["tiny"]), "description": DESCRIPTION,
         "checkpoint": str(models / "tiny.safetensors"), "tokenizer": str(models / "chars.json"),
-        "tokenizer_fingerprint": w["tok"].fingerprint,
+        "tokenizer_fingerprint": disk["tok"].fingerprint,
         "sampler": {"chain": CHAIN, "top_k": {"k": 5}, "temperature": {"t": 1.5}},
         "backend": {"device": "cpu", "dtype": "float32", "quantize": "none"},
         "generation": {"max_new_tokens": MAX_NEW, "seed": SEED},
         "template": TEMPLATE,
     }
     # a relative path to the profile itself is from the working directory
-    monkeypatch.chdir(w["root"])
+    monkeypatch.chdir(disk["root"])
     assert load_profile(Path("user") / "tiny.toml").to_dict() == p.to_dict()
 
 
-def test_a_minimal_profile_gets_every_default(w):
-    p = load_profile(w["files"]["run"])
-    assert p.checkpoint == w["models"] / "run" / "best.safetensors"  # a run directory: its best checkpoint
-    assert (p.description, p.tokenizer, p.tokenizer_fingerprint) == ("", None, w["tok"].fingerprint)
+def test_a_minimal_profile_gets_every_default(disk):
+    p = load_profile(disk["files"]["run"])
+    assert p.checkpoint == disk["models"] / "run" / "best.safetensors"  # a run directory: its best checkpoint
+    assert (p.description, p.tokenizer, p.tokenizer_fingerprint) == ("", None, disk["tok"].fingerprint)
     assert p.chain == DEFAULT_CHAIN == "top_k,top_p,temperature"
     assert p.options == build_chain(DEFAULT_CHAIN).settings() == {
         "top_k": {"k": 40}, "top_p": {"p": 0.95, "min_keep": 1}, "temperature": {"t": 0.8}}
@@ -214,12 +218,12 @@ def test_a_minimal_profile_gets_every_default(w):
     assert data["sampler"] == {"chain": DEFAULT_CHAIN, **p.options}
 
 
-def test_options_for_some_samplers_keep_the_others_defaults(w, tmp_path):
-    path = write(tmp_path / "partial.toml", f'checkpoint = "{w["ckpt"]}"\n[sampler]\ntop_p = {{ p = 0.5 }}\n')
+def test_options_for_some_samplers_keep_the_others_defaults(disk, tmp_path):
+    path = write(tmp_path / "partial.toml", f'checkpoint = "{disk["ckpt"]}"\n[sampler]\ntop_p = {{ p = 0.5 }}\n')
     p = load_profile(path)
     assert p.chain == DEFAULT_CHAIN
     assert p.options == {"top_k": {"k": 40}, "top_p": {"p": 0.5, "min_keep": 1}, "temperature": {"t": 0.8}}
-    write(path, f'checkpoint = "{w["ckpt"]}"\n[sampler]\nchain = "min_p, greedy"\nmin_p = {{ p = 0.1 }}\n')
+    write(path, f'checkpoint = "{disk["ckpt"]}"\n[sampler]\nchain = "min_p, greedy"\nmin_p = {{ p = 0.1 }}\n')
     p = load_profile(path)
     assert p.chain == "min_p, greedy" and p.options == {"min_p": {"p": 0.1}, "greedy": {}}
 
@@ -319,16 +323,16 @@ ERRORS = [
 
 
 @pytest.mark.parametrize(("text", "message", "hint"), [case[1:] for case in ERRORS], ids=[case[0] for case in ERRORS])
-def test_each_mistake_is_one_clear_error_naming_the_file(w, tmp_path, text, message, hint):
+def test_each_mistake_is_one_clear_error_naming_the_file(disk, tmp_path, text, message, hint):
     here = tmp_path.resolve()
     (here / "emptyrun").mkdir()
     raw_safetensors(here / "plain.safetensors", {"format": "something-else"})
     raw_safetensors(here / "nofp.safetensors", {"format": "quill-checkpoint", "version": "1"})
-    (here / "cut.safetensors").write_bytes(w["ckpt"].read_bytes()[:100])
+    (here / "cut.safetensors").write_bytes(disk["ckpt"].read_bytes()[:100])
 
     def fill(s: str) -> str:
-        for key, value in {"@CKPT@": str(w["ckpt"]), "@MODELS@": str(w["models"]), "@DIR@": str(here),
-                           "@FP@": w["tok"].fingerprint, "@OTHER@": w["other"].fingerprint}.items():
+        for key, value in {"@CKPT@": str(disk["ckpt"]), "@MODELS@": str(disk["models"]), "@DIR@": str(here),
+                           "@FP@": disk["tok"].fingerprint, "@OTHER@": disk["other"].fingerprint}.items():
             s = s.replace(key, value)
         return s
 
@@ -341,8 +345,8 @@ def test_each_mistake_is_one_clear_error_naming_the_file(w, tmp_path, text, mess
     assert "\n" not in info.value.message
 
 
-def test_a_toml_syntax_error_names_the_line_and_column(w, tmp_path):
-    path = write(tmp_path / "bad.toml", CKPT_LINE.replace("@CKPT@", str(w["ckpt"])) + "[backend]\ndevice = cpu\n").resolve()
+def test_a_toml_syntax_error_names_the_line_and_column(disk, tmp_path):
+    path = write(tmp_path / "bad.toml", CKPT_LINE.replace("@CKPT@", str(disk["ckpt"])) + "[backend]\ndevice = cpu\n").resolve()
     with pytest.raises(QuillError) as info:
         load_profile(path)
     message = info.value.message
@@ -357,29 +361,29 @@ def test_a_missing_profile_file_is_named(tmp_path):
     assert info.value.message == f"profile {str(path)!r} does not exist"
 
 
-def test_the_error_for_a_mismatched_tokenizer_names_both_files_and_fingerprints(w, tmp_path):
-    path = write(tmp_path / "mismatch.toml", f'checkpoint = "{w["ckpt"]}"\ntokenizer = "{w["models"]}/other-chars.json"\n')
+def test_the_error_for_a_mismatched_tokenizer_names_both_files_and_fingerprints(disk, tmp_path):
+    path = write(tmp_path / "mismatch.toml", f'checkpoint = "{disk["ckpt"]}"\ntokenizer = "{disk["models"]}/other-chars.json"\n')
     with pytest.raises(QuillError) as info:
         load_profile(path)
     message = info.value.message
-    for part in (str(w["ckpt"]), str(w["models"] / "other-chars.json"), w["tok"].fingerprint, w["other"].fingerprint):
+    for part in (str(disk["ckpt"]), str(disk["models"] / "other-chars.json"), disk["tok"].fingerprint, disk["other"].fingerprint):
         assert part in message
-    assert w["tok"].fingerprint != w["other"].fingerprint
+    assert disk["tok"].fingerprint != disk["other"].fingerprint
 
 
 # ---- checkpoint metadata without torch -----------------------------------------------------------------------------
 
-def test_read_metadata_gives_the_quill_metadata(w):
-    meta = read_metadata(w["ckpt"])
+def test_read_metadata_gives_the_quill_metadata(disk):
+    meta = read_metadata(disk["ckpt"])
     assert meta["format"] == "quill-checkpoint" and meta["version"] == "1" and meta["step"] == "1"
-    assert meta["tokenizer_fingerprint"] == w["tok"].fingerprint
-    assert read_metadata(w["models"] / "run")["step"] == "2"  # a run directory: its best checkpoint
+    assert meta["tokenizer_fingerprint"] == disk["tok"].fingerprint
+    assert read_metadata(disk["models"] / "run")["step"] == "2"  # a run directory: its best checkpoint
 
 
 @pytest.mark.parametrize("content", [b"", b"\x05\x00", "truncated", b"hello, this is plain text\n" * 4, b"\x10" + b"\0" * 7 + b"[1, 2"])
-def test_read_metadata_on_a_truncated_or_foreign_file_is_a_clear_error(w, tmp_path, content):
+def test_read_metadata_on_a_truncated_or_foreign_file_is_a_clear_error(disk, tmp_path, content):
     path = tmp_path / "model.safetensors"
-    path.write_bytes(w["ckpt"].read_bytes()[:200] if content == "truncated" else content)
+    path.write_bytes(disk["ckpt"].read_bytes()[:200] if content == "truncated" else content)
     with pytest.raises(QuillError) as info:
         read_metadata(path)
     assert info.value.message == f"checkpoint {str(path)!r} is truncated or not a safetensors file"
@@ -393,8 +397,8 @@ def test_read_metadata_on_a_foreign_safetensors_file(tmp_path):
     assert info.value.message == f"{str(path)!r} is a safetensors file but not a Quill checkpoint (no Quill metadata)"
 
 
-def test_read_metadata_on_a_checkpoint_cut_in_its_tensor_data(w, tmp_path):
-    data = w["ckpt"].read_bytes()
+def test_read_metadata_on_a_checkpoint_cut_in_its_tensor_data(disk, tmp_path):
+    data = disk["ckpt"].read_bytes()
     assert 8 + int.from_bytes(data[:8], "little") < len(data) - 100  # the header is whole
     path = tmp_path / "cut.safetensors"
     path.write_bytes(data[:-100])
@@ -409,16 +413,16 @@ def test_read_metadata_on_a_checkpoint_cut_in_its_tensor_data(w, tmp_path):
         read_metadata(path)
 
 
-def test_loading_a_profile_does_not_import_torch(w):
-    out = w["out"]["no_torch"]
-    assert out.returncode == 0, out.stderr.decode()[-3000:]
-    assert out.stdout.decode() == "False\n"
+def test_loading_a_profile_does_not_import_torch(out):
+    probe = out["no_torch"].result()
+    assert probe.returncode == 0, probe.stderr.decode()[-3000:]
+    assert probe.stdout.decode() == "False\n"
 
 
 # ---- finding profiles ----------------------------------------------------------------------------------------------
 
-def profile_text(w, description: str) -> str:
-    return f'description = "{description}"\ncheckpoint = "{w["ckpt"]}"\n'
+def profile_text(disk, description: str) -> str:
+    return f'description = "{description}"\ncheckpoint = "{disk["ckpt"]}"\n'
 
 
 @pytest.fixture
@@ -432,25 +436,25 @@ def dirs(tmp_path, monkeypatch) -> tuple[Path, Path]:
     return shipped, user
 
 
-def test_quill_profiles_names_the_user_directory(w, dirs):
+def test_quill_profiles_names_the_user_directory(disk, dirs):
     shipped, user = dirs
     assert user_profile_dir() == user
-    write(user / "mine.toml", profile_text(w, "mine"))
+    write(user / "mine.toml", profile_text(disk, "mine"))
     write(user / "notes.txt", "not a profile")
     write(shipped / "README.md", "# not a profile")
     [entry] = find_profiles()
     assert (entry.name, entry.origin, entry.path, entry.error) == ("mine", "user", user / "mine.toml", None)
-    assert entry.profile.description == "mine" and entry.profile.checkpoint == w["ckpt"]
+    assert entry.profile.description == "mine" and entry.profile.checkpoint == disk["ckpt"]
 
 
-def test_xdg_config_home_on_linux_when_quill_profiles_is_unset(w, dirs, tmp_path, monkeypatch):
+def test_xdg_config_home_on_linux_when_quill_profiles_is_unset(disk, dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     for unset in (lambda: monkeypatch.delenv("QUILL_PROFILES"), lambda: monkeypatch.setenv("QUILL_PROFILES", "")):
         unset()
         assert user_profile_dir() == tmp_path / "xdg" / "quill" / "profiles"
-    write(tmp_path / "xdg" / "quill" / "profiles" / "xdg.toml", profile_text(w, "from xdg"))
+    write(tmp_path / "xdg" / "quill" / "profiles" / "xdg.toml", profile_text(disk, "from xdg"))
     assert [(e.name, e.origin, e.profile.description) for e in find_profiles()] == [("xdg", "user", "from xdg")]
     monkeypatch.delenv("XDG_CONFIG_HOME")
     assert user_profile_dir() == tmp_path / "home" / ".config" / "quill" / "profiles"
@@ -469,11 +473,11 @@ def test_other_platforms_use_their_usual_place(tmp_path, monkeypatch):
     assert user_profile_dir() == tmp_path / "appdata" / "quill" / "profiles"
 
 
-def test_a_user_profile_hides_a_shipped_one_of_the_same_name(w, dirs):
+def test_a_user_profile_hides_a_shipped_one_of_the_same_name(disk, dirs):
     shipped, user = dirs
-    write(shipped / "shared.toml", profile_text(w, "shipped copy"))
-    write(shipped / "only_shipped.toml", profile_text(w, "shipped only"))
-    write(user / "shared.toml", profile_text(w, "user copy"))
+    write(shipped / "shared.toml", profile_text(disk, "shipped copy"))
+    write(shipped / "only_shipped.toml", profile_text(disk, "shipped only"))
+    write(user / "shared.toml", profile_text(disk, "user copy"))
     rows = [(e.name, e.origin, e.path, e.profile.description) for e in find_profiles()]
     assert rows == [("only_shipped", "shipped", shipped / "only_shipped.toml", "shipped only"),
                     ("shared", "user", user / "shared.toml", "user copy")]
@@ -481,13 +485,13 @@ def test_a_user_profile_hides_a_shipped_one_of_the_same_name(w, dirs):
     assert get_profile("only_shipped").path == (shipped / "only_shipped.toml").resolve()
 
 
-def test_bad_profiles_are_listed_with_their_error_and_hide_no_good_one(w, dirs):
+def test_bad_profiles_are_listed_with_their_error_and_hide_no_good_one(disk, dirs):
     shipped, user = dirs
-    write(shipped / "b_shipped.toml", profile_text(w, "good shipped"))
-    write(user / "a_good.toml", profile_text(w, "good a"))
-    write(user / "broken.toml", profile_text(w, "broken") + "[generation]\nmax_new_tokens = 0\n")
+    write(shipped / "b_shipped.toml", profile_text(disk, "good shipped"))
+    write(user / "a_good.toml", profile_text(disk, "good a"))
+    write(user / "broken.toml", profile_text(disk, "broken") + "[generation]\nmax_new_tokens = 0\n")
     write(user / "garbled.toml", "checkpoint = \n")
-    write(user / "z_good.toml", profile_text(w, "good z"))
+    write(user / "z_good.toml", profile_text(disk, "good z"))
     entries = {e.name: e for e in find_profiles()}
     assert list(entries) == ["a_good", "b_shipped", "broken", "garbled", "z_good"]
     for name, description in {"a_good": "good a", "b_shipped": "good shipped", "z_good": "good z"}.items():
@@ -504,9 +508,9 @@ def test_bad_profiles_are_listed_with_their_error_and_hide_no_good_one(w, dirs):
     assert info.value.message == broken.error.message  # its own error, not "no profile named"
 
 
-def test_a_bad_user_profile_is_not_replaced_by_a_good_shipped_one(w, dirs):
+def test_a_bad_user_profile_is_not_replaced_by_a_good_shipped_one(disk, dirs):
     shipped, user = dirs
-    write(shipped / "shared.toml", profile_text(w, "shipped copy"))
+    write(shipped / "shared.toml", profile_text(disk, "shipped copy"))
     write(user / "shared.toml", 'checkpoint = "nope.safetensors"\n')
     [entry] = find_profiles()
     assert entry.origin == "user" and entry.profile is None and "nope.safetensors" in entry.error.message
@@ -514,10 +518,10 @@ def test_a_bad_user_profile_is_not_replaced_by_a_good_shipped_one(w, dirs):
         get_profile("shared")
 
 
-def test_get_profile_by_name_or_path_and_unknown_names(w, dirs, tmp_path, monkeypatch):
+def test_get_profile_by_name_or_path_and_unknown_names(disk, dirs, tmp_path, monkeypatch):
     shipped, user = dirs
-    write(user / "shakespeare.toml", profile_text(w, "by name"))
-    elsewhere = write(tmp_path / "elsewhere" / "loose.toml", profile_text(w, "by path"))
+    write(user / "shakespeare.toml", profile_text(disk, "by name"))
+    elsewhere = write(tmp_path / "elsewhere" / "loose.toml", profile_text(disk, "by path"))
     assert get_profile("shakespeare").description == "by name"
     assert get_profile(str(elsewhere)).description == "by path"
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -525,7 +529,7 @@ def test_get_profile_by_name_or_path_and_unknown_names(w, dirs, tmp_path, monkey
     with pytest.raises(QuillError) as info:
         get_profile("shakespear")
     assert (info.value.message, info.value.hint) == ("no profile named 'shakespear'", "did you mean 'shakespeare'?")
-    write(user / "tiny.toml", profile_text(w, "tiny"))
+    write(user / "tiny.toml", profile_text(disk, "tiny"))
     with pytest.raises(QuillError) as info:
         get_profile("xyz")
     assert (info.value.message, info.value.hint) == ("no profile named 'xyz'", "profiles: shakespeare, tiny")
@@ -547,21 +551,21 @@ def test_chat_template_lays_out_the_turns():
     assert ChatTemplate().render([("a", "b")], "c") == "User: a\nQuill: b\nUser: c\nQuill: "
 
 
-def test_a_profile_template_from_toml_escapes(w):
-    template = load_profile(w["files"]["tiny"]).template
+def test_a_profile_template_from_toml_escapes(disk):
+    template = load_profile(disk["files"]["tiny"]).template
     assert template.render([("Hi", "Hello")], "Bye") == "A play.\n\nROMEO:\nHi\n\nJULIET:\nHello\n\nROMEO:\nBye\n\nJULIET:\n"
     assert template.stop == ["\n\n", "ROMEO:"]
 
 
 # ---- the CLI -------------------------------------------------------------------------------------------------------
 
-def test_profiles_list_shows_good_and_bad_profiles(w):
+def test_profiles_list_shows_good_and_bad_profiles(disk, out):
     rows = {}
-    for line in ok(w["out"]["list"]).splitlines():
+    for line in ok(out["list"].result()).splitlines():
         match = re.fullmatch(r"(\S+) +\[(shipped|user)\]  (.*)", line)
         assert match, line
         rows[match[1]] = (match[2], match[3])
-    files = w["files"]
+    files = disk["files"]
     assert rows["tiny"] == ("user", DESCRIPTION)
     assert rows["run"] == ("user", "")
     assert rows["broken"] == ("user", f"ERROR: profile {str(files['broken'])!r}: "
@@ -570,10 +574,10 @@ def test_profiles_list_shows_good_and_bad_profiles(w):
     assert "(at line 3, column 10)" in rows["garbled"][1]
 
 
-def test_profiles_list_json(w):
-    rows = {row["name"]: row for row in json.loads(ok(w["out"]["list_json"])) if row["origin"] == "user"}
+def test_profiles_list_json(disk, out):
+    rows = {row["name"]: row for row in json.loads(ok(out["list_json"].result())) if row["origin"] == "user"}
     assert list(rows) == ["broken", "garbled", "run", "tiny"]
-    files = w["files"]
+    files = disk["files"]
     for name in ("tiny", "run"):
         assert rows[name]["error"] is None and rows[name]["path"] == str(files[name])
         assert rows[name]["profile"] == json.loads(json.dumps(load_profile(files[name]).to_dict()))
@@ -583,11 +587,11 @@ def test_profiles_list_json(w):
     assert rows["garbled"]["profile"] is None and "is not valid TOML" in rows["garbled"]["error"]
 
 
-def test_profiles_show_prints_every_setting(w):
-    models = w["models"]
-    assert ok(w["out"]["show"]) == "\n".join([
-        f"# profile tiny: {w['files']['tiny']}",
-        f"# tokenizer fingerprint {w['tok'].fingerprint}",
+def test_profiles_show_prints_every_setting(disk, out):
+    models = disk["models"]
+    assert ok(out["show"].result()) == "\n".join([
+        f"# profile tiny: {disk['files']['tiny']}",
+        f"# tokenizer fingerprint {disk['tok'].fingerprint}",
         f'description = "{DESCRIPTION}"',
         f'checkpoint = "{models / "tiny.safetensors"}"',
         f'tokenizer = "{models / "chars.json"}"',
@@ -605,64 +609,66 @@ def test_profiles_show_prints_every_setting(w):
     ]) + "\n"
 
 
-def test_profiles_show_json_and_by_path(w):
-    files = w["files"]
-    assert json.loads(ok(w["out"]["show_json"])) == json.loads(json.dumps(load_profile(files["tiny"]).to_dict()))
-    run = json.loads(ok(w["out"]["show_run_path"]))
-    assert run["checkpoint"] == str(w["models"] / "run" / "best.safetensors") and run["tokenizer"] is None
+def test_profiles_show_json_and_by_path(disk, out):
+    files = disk["files"]
+    assert json.loads(ok(out["show_json"].result())) == json.loads(json.dumps(load_profile(files["tiny"]).to_dict()))
+    run = json.loads(ok(out["show_run_path"].result()))
+    assert run["checkpoint"] == str(disk["models"] / "run" / "best.safetensors") and run["tokenizer"] is None
     assert run["sampler"] == {"chain": DEFAULT_CHAIN, "top_k": {"k": 40}, "top_p": {"p": 0.95, "min_keep": 1},
                               "temperature": {"t": 0.8}}
     assert run["generation"] == {"max_new_tokens": 200, "seed": None}
 
 
-def test_profiles_show_and_validate_errors(w):
-    out, files = w["out"], w["files"]
+def test_profiles_show_and_validate_errors(disk, out):
+    files = disk["files"]
     broken = f"profile {str(files['broken'])!r}: [generation] max_new_tokens must be at least 1, not 0"
-    assert error(out["show_broken"]) == (broken, None)
-    assert error(out["validate_bad"]) == (broken, None)
-    assert error(out["show_unknown"]) == ("no profile named 'tinny'", "did you mean 'tiny'?")
-    message, hint = error(out["validate_garbled"])
+    assert error(out["show_broken"].result()) == (broken, None)
+    assert error(out["validate_bad"].result()) == (broken, None)
+    assert error(out["show_unknown"].result()) == ("no profile named 'tinny'", "did you mean 'tiny'?")
+    message, hint = error(out["validate_garbled"].result())
     assert message.startswith(f"profile {str(files['garbled'])!r} is not valid TOML: ")
     assert "(at line 3, column 10)" in message and hint is None
 
 
-def test_profiles_validate_ok(w):
-    assert ok(w["out"]["validate_ok"]) == (
-        f"ok: profile 'tiny': checkpoint {w['models'] / 'tiny.safetensors'} (tokenizer {w['tok'].fingerprint}), "
+def test_profiles_validate_ok(disk, out):
+    assert ok(out["validate_ok"].result()) == (
+        f"ok: profile 'tiny': checkpoint {disk['models'] / 'tiny.safetensors'} (tokenizer {disk['tok'].fingerprint}), "
         f"sampler chain {CHAIN}\n")
 
 
-def test_generate_with_a_profile_is_generate_with_its_settings(w):
-    out, expect = w["out"], w["expect"]
-    text = ok(out["gen_profile"])
-    assert text == expect["profile"]  # the profile's chain, options, seed and max_new_tokens
-    assert ok(out["gen_explicit"]) == text
+def test_generate_with_a_profile_is_generate_with_its_settings(out, in_process):
+    expected = in_process(CHAIN, OPTIONS, max_new_tokens=MAX_NEW, seed=SEED)
+    defaults = in_process(CHAIN, max_new_tokens=MAX_NEW, seed=SEED)  # the profile's chain, default options
+    assert len(expected) == MAX_NEW and expected != defaults, "the options must matter"
+    text = ok(out["gen_profile"].result())
+    assert text == expected  # the profile's chain, options, seed and max_new_tokens
+    assert ok(out["gen_explicit"].result()) == text
 
 
-def test_command_line_flags_override_the_profile(w):
-    out, expect = w["out"], w["expect"]
-    assert ok(out["gen_greedy"]) == expect["greedy"]  # another chain: the profile's options are dropped
-    assert ok(out["gen_short"]) == expect["short"]
+def test_command_line_flags_override_the_profile(out, in_process):
+    greedy, short = in_process("greedy", max_new_tokens=MAX_NEW), in_process(CHAIN, OPTIONS, max_new_tokens=6, seed=8)
+    assert greedy != in_process(CHAIN, OPTIONS, max_new_tokens=MAX_NEW, seed=SEED) and len(short) == 6
+    assert ok(out["gen_greedy"].result()) == greedy  # another chain: the profile's options are dropped
+    assert ok(out["gen_short"].result()) == short
 
 
-def test_generate_needs_a_checkpoint_or_a_profile(w):
-    out = w["out"]
+def test_generate_needs_a_checkpoint_or_a_profile(disk, out):
     usage = ("give a checkpoint or --profile NAME (one of them)",
              "quill generate runs/small --prompt ... or quill generate --profile shakespeare --prompt ...")
-    assert error(out["gen_both"], code=2) == usage
-    assert error(out["gen_neither"], code=2) == usage
-    assert error(out["gen_unknown"]) == ("no profile named 'tinny'", "did you mean 'tiny'?")
-    assert error(out["gen_broken"]) == (
-        f"profile {str(w['files']['broken'])!r}: [generation] max_new_tokens must be at least 1, not 0", None)
+    assert error(out["gen_both"].result(), code=2) == usage
+    assert error(out["gen_neither"].result(), code=2) == usage
+    assert error(out["gen_unknown"].result()) == ("no profile named 'tinny'", "did you mean 'tiny'?")
+    assert error(out["gen_broken"].result()) == (
+        f"profile {str(disk['files']['broken'])!r}: [generation] max_new_tokens must be at least 1, not 0", None)
 
 
-def test_a_profile_quill_writes_loads_back_whatever_the_characters(w, tmp_path, monkeypatch):
+def test_a_profile_quill_writes_loads_back_whatever_the_characters(disk, tmp_path, monkeypatch):
     # Characters beyond U+FFFF (an emoji speaker's name) were written as JSON surrogate escapes,
     # which TOML refuses, so the profile a finished /train or `quill import` wrote did not load.
     from gpt_runtime.profiles import write_profile
 
     monkeypatch.setenv("QUILL_PROFILES", str(tmp_path))
     template = ChatTemplate(system="Act\x7f I", user_name="🦜 POLLY", model_name="QUILL 𝔔", stop=["\n🦜", "\t"])
-    write_profile("odd", w["ckpt"], "made by 🐍 for 𝔔", "top_k,temperature", {"top_k": {"k": 5}}, 40, template)
+    write_profile("odd", disk["ckpt"], "made by 🐍 for 𝔔", "top_k,temperature", {"top_k": {"k": 5}}, 40, template)
     profile = load_profile(tmp_path / "odd.toml")
     assert profile.template == template and profile.description == "made by 🐍 for 𝔔"

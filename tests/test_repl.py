@@ -1,7 +1,7 @@
 """Slash commands through the registry, the plain REPL on a script, `quill chat`
 in a subprocess, and the interactive REPL on a pseudo-terminal.
 
-The checkpoints and profiles are the ones of test_session.py (`alpha`: short
+The checkpoints and profiles are the chat's small ones from helpers (`alpha`: short
 replies; `beta`: replies that never stop by themselves). What a script or a
 terminal must show is worked out in-process with a `ChatSession` of its own.
 """
@@ -31,8 +31,7 @@ from gpt_runtime.errors import QuillError, UsageError
 from gpt_runtime.generate import Done
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.session import ChatSession
-from helpers import quill_env, run_quill
-from test_session import ALPHA_TOML, write_chat_models
+from helpers import ALPHA_TOML, quill_env, run_quill, write_chat_models
 from tui import repl
 
 REPO = Path(__file__).resolve().parent.parent

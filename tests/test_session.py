@@ -15,7 +15,6 @@ import json
 import threading
 import time
 from dataclasses import astuple
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -24,17 +23,15 @@ import torch
 import plugins.backends as backends
 from gpt_runtime import commands
 from gpt_runtime.backend import get_backend
-from gpt_runtime.checkpoint import load_checkpoint, save_checkpoint
+from gpt_runtime.checkpoint import load_checkpoint
 from gpt_runtime.errors import QuillError, UsageError
 from gpt_runtime.generate import Done, Token, generate_text
-from gpt_runtime.model import GPT, GPTConfig
 from gpt_runtime.profiles import ChatTemplate
 from gpt_runtime.sampling import build_chain
 from gpt_runtime.session import ChatSession, Notice, Provenance, Turn
-from helpers import SAMPLE_TEXT
-from plugins.char_tokenizer import CharTokenizer
+from helpers import CHAT_BLOCK, write_chat_models
 
-BLOCK = 64
+BLOCK = CHAT_BLOCK
 ALPHA_LIMIT = 10
 ROOM = BLOCK - min(ALPHA_LIMIT, BLOCK // 4)  # what the session keeps for the prompt
 ALPHA_OPTIONS = {"top_k": {"k": 20}, "temperature": {"t": 0.9}}
@@ -42,69 +39,6 @@ ALPHA_TEMPLATE = ChatTemplate(system="", user_prefix="A: ", user_suffix="\n", mo
                               stop=["\n", "A:"])
 # Messages use only characters of SAMPLE_TEXT: others become <unk> with a warning.
 MESSAGES = ["Speak", "hear me speak", "You are all resolved", "First", "Resolved", "Before we proceed"]
-
-ALPHA_TOML = r'''description = "alpha: short replies"
-checkpoint = "../models/a.safetensors"
-
-[sampler]
-chain = "top_k,temperature"
-top_k = { k = 20 }
-temperature = { t = 0.9 }
-
-[generation]
-max_new_tokens = 10
-
-[template]
-system = ""
-user_prefix = "A: "
-user_suffix = "\n"
-model_prefix = "F: "
-model_suffix = "\n"
-stop = ["\n", "A:"]
-'''
-
-BETA_TOML = r'''description = "beta: never stops by itself"
-checkpoint = "../models/b.safetensors"
-
-[sampler]
-chain = "logit_bias,top_k,temperature"
-logit_bias = { bias = "3:-inf" }  # <eos> never comes
-top_k = { k = 30 }
-
-[generation]
-max_new_tokens = 20
-seed = 42
-
-[template]
-user_prefix = "You: "
-user_suffix = "\n"
-model_prefix = "Bot: "
-model_suffix = "\n"
-stop = ["@"]  # not in the vocabulary: never matches
-'''
-
-
-def write_chat_models(root: Path) -> dict:
-    """Two checkpoints in root/models, profiles alpha and beta in root/two, alpha alone in root/one."""
-    tok = CharTokenizer.train(SAMPLE_TEXT)
-    (root / "models").mkdir()
-    paths = {}
-    for name, seed, step in (("a", 0, 7), ("b", 1, 9)):
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32,
-                              tie_embeddings=False))
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0.0, 0.2)  # untrained, but its text varies
-        paths[name] = root / "models" / f"{name}.safetensors"
-        save_checkpoint(paths[name], model, tok, step=step)
-    for folder, profiles in (("two", {"alpha": ALPHA_TOML, "beta": BETA_TOML}), ("one", {"alpha": ALPHA_TOML})):
-        (root / folder).mkdir()
-        for name, text in profiles.items():
-            (root / folder / f"{name}.toml").write_text(text, encoding="utf-8")
-    return {"root": root, "two": root / "two", "one": root / "one", "a": paths["a"].resolve(),
-            "b": paths["b"].resolve(), "fingerprint": tok.fingerprint}
 
 
 @pytest.fixture(scope="module")

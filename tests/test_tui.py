@@ -1,20 +1,18 @@
 """The full-screen chat, driven through Textual's Pilot as a user would drive it.
 
-The models are the small ones of test_session (profiles alpha and beta); the
-third-party plugin is the installed example, quill-xtc.
+The models are the chat's small ones (conftest's chat_profiles: alpha and beta); the
+third-party plugin is the installed example, quill-xtc. tests/pilot.py drives the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers import SAMPLE_TEXT
-from test_session import write_chat_models
+from pilot import run, say, type_command, until, views
 
 from gpt_runtime.data import prepare
 from gpt_runtime.tokenizer import train_tokenizer
@@ -31,57 +29,6 @@ from tui.screens import (
 from tui.widgets import MessageView
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def m(tmp_path_factory) -> dict:
-    return write_chat_models(tmp_path_factory.mktemp("tui"))
-
-
-@pytest.fixture
-def profiles(m, monkeypatch, tmp_path):
-    """Profiles alpha and beta in a user directory of their own (finished runs are written there)."""
-    folder = tmp_path / "profiles"
-    folder.mkdir()
-    for name in ("alpha", "beta"):
-        (folder / f"{name}.toml").write_text((m["two"] / f"{name}.toml").read_text().replace(
-            f"../models/{name[0]}.safetensors", str(m[name[0]])))
-    monkeypatch.setenv("QUILL_PROFILES", str(folder))
-    return folder
-
-
-def run(app: QuillApp, steps: Callable, size: tuple[int, int] = (100, 32)) -> None:
-    """Drive `app` with the coroutine function `steps(pilot)`, once the model has loaded."""
-    async def main() -> None:
-        async with app.run_test(size=size) as pilot:
-            await until(pilot, lambda: app.session is not None and app.profile_name is not None)
-            await steps(pilot)
-    asyncio.run(main())
-
-
-async def until(pilot, condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            app = pilot.app
-            jobs = [(j.status, j.error, j.last) for j in app.session.jobs.all()] if app.session else None
-            raise AssertionError(f"timed out waiting in the app; messages: {[v.text for v in views(app)][-3:]}; "
-                                 f"jobs: {jobs}")
-        await pilot.pause(0.05)
-    await pilot.pause(0.1)  # let the last updates draw
-
-
-def views(app: QuillApp, role: str | None = None) -> list[MessageView]:
-    return [v for v in app.query(MessageView) if role is None or v.role == role]
-
-
-async def say(pilot, text: str) -> None:
-    app = pilot.app
-    before, errors = len(views(app, "model")), len(views(app, "error"))
-    await pilot.press(*text, "enter")
-    await until(pilot, lambda: not app.streaming and (len(views(app, "model")) > before
-                                                      or len(views(app, "error")) > errors))
-    assert len(views(app, "error")) == errors, views(app, "error")[-1].text
 
 
 async def start_a_long_reply(pilot, tokens: int = 1) -> None:
@@ -101,14 +48,7 @@ def burst(app: QuillApp, keys: str) -> None:
         app.post_message(event)
 
 
-async def type_command(pilot, line: str) -> None:
-    box = pilot.app.query_one("#input")
-    box.text = line
-    await pilot.press("enter")
-    await pilot.pause(0.2)
-
-
-def test_a_message_streams_its_reply_and_the_status_line_tells(profiles):
+def test_a_message_streams_its_reply_and_the_status_line_tells(chat_profiles):
     app = QuillApp("beta")  # beta always says 20 tokens
 
     async def steps(pilot):
@@ -131,7 +71,7 @@ def test_a_message_streams_its_reply_and_the_status_line_tells(profiles):
     run(app, steps)
 
 
-def test_escape_stops_a_reply_and_the_chat_goes_on(profiles):
+def test_escape_stops_a_reply_and_the_chat_goes_on(chat_profiles):
     app = QuillApp("beta")
 
     async def steps(pilot):
@@ -148,7 +88,7 @@ def test_escape_stops_a_reply_and_the_chat_goes_on(profiles):
     run(app, steps)
 
 
-def test_scrolling_up_to_read_is_not_undone_by_a_streaming_reply(profiles):
+def test_scrolling_up_to_read_is_not_undone_by_a_streaming_reply(chat_profiles):
     app = QuillApp("beta")
 
     async def steps(pilot):
@@ -167,7 +107,7 @@ def test_scrolling_up_to_read_is_not_undone_by_a_streaming_reply(profiles):
     run(app, steps)
 
 
-def test_a_message_sent_while_a_reply_streams_is_refused_not_interleaved(profiles):
+def test_a_message_sent_while_a_reply_streams_is_refused_not_interleaved(chat_profiles):
     app = QuillApp("beta")
 
     async def steps(pilot):
@@ -183,7 +123,7 @@ def test_a_message_sent_while_a_reply_streams_is_refused_not_interleaved(profile
     run(app, steps)
 
 
-def test_switching_profile_and_sampler_mid_chat_keeps_the_conversation(profiles):
+def test_switching_profile_and_sampler_mid_chat_keeps_the_conversation(chat_profiles):
     app = QuillApp("alpha")
 
     async def steps(pilot):
@@ -202,7 +142,7 @@ def test_switching_profile_and_sampler_mid_chat_keeps_the_conversation(profiles)
     run(app, steps)
 
 
-def test_the_side_panel_edits_options_in_place_and_switches_profile(profiles):
+def test_the_side_panel_edits_options_in_place_and_switches_profile(chat_profiles):
     app = QuillApp("alpha")
 
     async def steps(pilot):
@@ -242,7 +182,7 @@ def test_the_side_panel_edits_options_in_place_and_switches_profile(profiles):
     run(app, steps)
 
 
-def test_completion_as_you_type_and_tab(profiles):
+def test_completion_as_you_type_and_tab(chat_profiles):
     app = QuillApp("alpha")
 
     async def steps(pilot):
@@ -261,7 +201,7 @@ def test_completion_as_you_type_and_tab(profiles):
     run(app, steps)
 
 
-def test_enter_right_behind_the_text_sends_it(profiles):
+def test_enter_right_behind_the_text_sends_it(chat_profiles):
     # The issue: tmux `send-keys "/show" Enter` left /show in the box, and "/clear" Enter
     # then a message sent "/clearSpeak, good sir.".
     app = QuillApp("beta")
@@ -282,7 +222,7 @@ def test_enter_right_behind_the_text_sends_it(profiles):
     run(app, steps)
 
 
-def test_the_tokenizer_inspector_and_the_probability_view(profiles):
+def test_the_tokenizer_inspector_and_the_probability_view(chat_profiles):
     app = QuillApp("beta")  # replies of 20 tokens: there is a second token to move to
 
     async def steps(pilot):
@@ -319,7 +259,7 @@ def test_the_tokenizer_inspector_and_the_probability_view(profiles):
     run(app, steps)
 
 
-def test_compare_shows_two_replies_side_by_side(profiles):
+def test_compare_shows_two_replies_side_by_side(chat_profiles):
     app = QuillApp("alpha")
 
     async def steps(pilot):
@@ -335,7 +275,7 @@ def test_compare_shows_two_replies_side_by_side(profiles):
     run(app, steps)
 
 
-def test_errors_are_notices_and_the_app_goes_on(profiles):
+def test_errors_are_notices_and_the_app_goes_on(chat_profiles):
     app = QuillApp("alpha")
 
     async def steps(pilot):
@@ -352,7 +292,7 @@ def test_errors_are_notices_and_the_app_goes_on(profiles):
     run(app, steps)
 
 
-def test_help_lists_keys_and_every_command_plugins_included(profiles):
+def test_help_lists_keys_and_every_command_plugins_included(chat_profiles):
     app = QuillApp("alpha")
 
     async def steps(pilot):
@@ -378,7 +318,7 @@ def test_help_lists_keys_and_every_command_plugins_included(profiles):
     run(app, steps)
 
 
-def test_a_terminal_too_small_says_so(profiles):
+def test_a_terminal_too_small_says_so(chat_profiles):
     app = QuillApp("alpha")
 
     async def steps(pilot):
@@ -398,7 +338,7 @@ def tiny_data(root: Path) -> Path:
     return root / "data"
 
 
-def test_a_training_job_runs_in_the_jobs_panel_and_its_model_opens_in_the_chat(profiles, tmp_path):
+def test_a_training_job_runs_in_the_jobs_panel_and_its_model_opens_in_the_chat(chat_profiles, tmp_path):
     data = tiny_data(tmp_path)
     run_dir = tmp_path / "runs" / "tiny"
     app = QuillApp("alpha")
@@ -426,7 +366,7 @@ def test_a_training_job_runs_in_the_jobs_panel_and_its_model_opens_in_the_chat(p
     run(app, steps)
 
 
-def test_quitting_while_a_job_runs_asks_first(profiles, tmp_path):
+def test_quitting_while_a_job_runs_asks_first(chat_profiles, tmp_path):
     data = tiny_data(tmp_path)
     app = QuillApp("alpha")
 
@@ -450,7 +390,7 @@ def test_quitting_while_a_job_runs_asks_first(profiles, tmp_path):
     run(app, steps)
 
 
-def test_copy_theme_palette_and_moving_to_a_message(profiles, monkeypatch):
+def test_copy_theme_palette_and_moving_to_a_message(chat_profiles, monkeypatch):
     app = QuillApp("beta")
     copied = []
     monkeypatch.setattr(app, "copy_to_clipboard", copied.append)
@@ -484,7 +424,7 @@ def test_copy_theme_palette_and_moving_to_a_message(profiles, monkeypatch):
     run(app, steps)
 
 
-def test_a_plugin_that_raises_in_the_ui_is_named_and_the_app_goes_on(profiles, monkeypatch):
+def test_a_plugin_that_raises_in_the_ui_is_named_and_the_app_goes_on(chat_profiles, monkeypatch):
     import sys
 
     from gpt_runtime import plugins as host_mod
@@ -513,7 +453,7 @@ def test_a_plugin_that_raises_in_the_ui_is_named_and_the_app_goes_on(profiles, m
     run(app, steps)
 
 
-def test_a_plugins_command_results_are_shown_by_type_as_a_built_ins_are(profiles, monkeypatch):
+def test_a_plugins_command_results_are_shown_by_type_as_a_built_ins_are(chat_profiles, monkeypatch):
     import sys
 
     from gpt_runtime import commands
@@ -557,7 +497,7 @@ def test_a_plugins_command_results_are_shown_by_type_as_a_built_ins_are(profiles
     run(app, steps)
 
 
-def test_a_reply_that_fails_midway_keeps_its_error_in_view(profiles, monkeypatch):
+def test_a_reply_that_fails_midway_keeps_its_error_in_view(chat_profiles, monkeypatch):
     import sys
 
     from gpt_runtime import plugins as host_mod
@@ -593,7 +533,7 @@ def test_a_reply_that_fails_midway_keeps_its_error_in_view(profiles, monkeypatch
     run(app, steps)
 
 
-def test_undo_keeps_what_it_says_and_the_other_replies_probabilities(profiles):
+def test_undo_keeps_what_it_says_and_the_other_replies_probabilities(chat_profiles):
     app = QuillApp("beta")
 
     async def steps(pilot):
@@ -609,7 +549,7 @@ def test_undo_keeps_what_it_says_and_the_other_replies_probabilities(profiles):
     run(app, steps)
 
 
-def test_a_profile_that_fails_to_load_leaves_a_way_out(profiles):
+def test_a_profile_that_fails_to_load_leaves_a_way_out(chat_profiles):
     app = QuillApp("gamma")  # there is no such profile
 
     async def steps(pilot):
@@ -636,7 +576,7 @@ def test_a_profile_that_fails_to_load_leaves_a_way_out(profiles):
     asyncio.run(main())
 
 
-def test_warnings_are_shown_as_notices(profiles):
+def test_warnings_are_shown_as_notices(chat_profiles):
     app = QuillApp("alpha")
 
     async def steps(pilot):

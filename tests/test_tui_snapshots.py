@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_tui import m, profiles  # noqa: F401 - fixtures
 
 import tui.app
 from tui.app import QuillApp
@@ -58,12 +57,12 @@ class SteadyApp(QuillApp):
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
-def test_the_chat_on_start(snap_compare, profiles, size):  # noqa: F811
+def test_the_chat_on_start(snap_compare, chat_profiles, size):
     assert snap_compare(SteadyApp("alpha"), terminal_size=size, run_before=loaded())
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
-def test_a_conversation(snap_compare, profiles, tmp_path, size):  # noqa: F811
+def test_a_conversation(snap_compare, chat_profiles, tmp_path, size):
     path = tmp_path / "chat.json"
     path.write_text(json.dumps(TRANSCRIPT))
 
@@ -83,21 +82,21 @@ def test_a_conversation(snap_compare, profiles, tmp_path, size):  # noqa: F811
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
-def test_the_side_panel(snap_compare, profiles, size):  # noqa: F811
+def test_the_side_panel(snap_compare, chat_profiles, size):
     has_options = lambda app: bool(app.query("#set-model_name"))  # noqa: E731 - the panel is built
     assert snap_compare(SteadyApp("alpha"), terminal_size=size, run_before=loaded("f2", ready=has_options))
 
 
-def test_the_jobs_panel_empty(snap_compare, profiles):  # noqa: F811
+def test_the_jobs_panel_empty(snap_compare, chat_profiles):
     assert snap_compare(SteadyApp("alpha"), terminal_size=(120, 40), run_before=loaded("f3"))
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
-def test_the_help_screen(snap_compare, profiles, size):  # noqa: F811
+def test_the_help_screen(snap_compare, chat_profiles, size):
     assert snap_compare(SteadyApp("alpha"), terminal_size=size, run_before=loaded("f1"))
 
 
-def test_the_tokenizer_inspector(snap_compare, profiles):  # noqa: F811
+def test_the_tokenizer_inspector(snap_compare, chat_profiles):
     async def run_before(pilot) -> None:
         await loaded()(pilot)
         pilot.app.query_one("#input").text = "/tokens You are all resolved"
@@ -107,5 +106,5 @@ def test_the_tokenizer_inspector(snap_compare, profiles):  # noqa: F811
     assert snap_compare(SteadyApp("alpha"), terminal_size=(80, 24), run_before=run_before)
 
 
-def test_too_small(snap_compare, profiles):  # noqa: F811
+def test_too_small(snap_compare, chat_profiles):
     assert snap_compare(SteadyApp("alpha"), terminal_size=(50, 12), run_before=loaded())
