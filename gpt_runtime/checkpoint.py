@@ -26,7 +26,7 @@ from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_dict
 if TYPE_CHECKING:  # torch loads only with the functions that need it: metadata is read without it
     import torch
 
-    from .model import GPT, GPTConfig
+    from .model import GPT, GPTConfig  # imports torch: loaded when first used
 
 FORMAT = "quill-checkpoint"
 FORMAT_VERSION = 1
@@ -149,7 +149,7 @@ def load_checkpoint(
     """
     from safetensors.torch import load_file
 
-    from .model import GPT, GPTConfig
+    from .model import GPT, GPTConfig  # imports torch: loaded when first used
 
     path = resolve_checkpoint_path(path)
     meta = read_metadata(path)

@@ -22,7 +22,7 @@ from .generate_command import add_generate_command
 from .info_command import add_doctor_command, add_plugins_command, add_samplers_command
 from .profiles_command import add_profiles_command
 from .tokenizer_command import add_tokenizer_command
-from .train_command import add_eval_command, add_train_command, cmd_eval, cmd_train
+from .train_command import add_eval_command, add_train_command
 
 
 def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
@@ -45,8 +45,8 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     add_tokenizer_command(commands)
     add_data_command(commands)
     add_prepare_command(commands)
-    add_train_command(commands).set_defaults(run=cmd_train)
-    add_eval_command(commands).set_defaults(run=cmd_eval)
+    add_train_command(commands)
+    add_eval_command(commands)
     add_export_command(commands)
     add_import_command(commands)
     add_check_command(commands)

@@ -19,7 +19,10 @@ result types below, which tell an interface what changed so that it can show it
 its own way (the full-screen chat redraws the turns after `TurnsChanged`, opens
 its job panel on `JobsChanged`, ...). Every interface renders results by type,
 never by command name, so a plugin's command is treated as a built-in one is.
-A `UsageError` it raises is shown with the command's usage.
+A `UsageError` it raises is shown with the command's usage. In the full-screen
+chat, before any model has loaded (the first one failed), `session` is a stand-in
+whose `profile` is None and whose other attributes raise a `QuillError` saying
+how to load one; `/profile NAME` loads one through it.
 ``complete=fn(session, partial) -> [str]`` offers tab completions for its argument.
 """
 

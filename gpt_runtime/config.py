@@ -72,7 +72,7 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int):
         """The `GPTConfig` these settings describe."""
-        from .model import GPTConfig
+        from .model import GPTConfig  # imports torch: loaded when first used
 
         return GPTConfig(
             vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,

@@ -240,7 +240,7 @@ def _peak_dtype():
 def _gpu(index: int, dtype) -> dict[str, Any]:
     import torch
 
-    from .peak import datasheet_peak_flops
+    from .peak import datasheet_peak_flops  # imports torch: loaded when first used
 
     props = torch.cuda.get_device_properties(index)
     return {"index": index, "name": props.name, "memory_bytes": props.total_memory,
@@ -352,7 +352,7 @@ def _generation_row(backend, num_params: int, training) -> dict[str, Any]:
 
 def probe_choices() -> dict[str, Any]:
     """What `device = "auto"` resolves to, and the dtypes and kernels Quill will use there."""
-    from .inference import bf16_packing_unavailable, int8_unavailable
+    from .inference import bf16_packing_unavailable, int8_unavailable  # imports torch: loaded when first used
 
     try:
         backend = get_backend("auto")

@@ -138,7 +138,7 @@ def import_hf(directory: str | Path) -> tuple[GPT, Tokenizer]:
     directory. Never touches the network; errors name the file and what is wrong."""
     import torch
 
-    from .model import GPT
+    from .model import GPT  # imports torch: loaded when first used
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -179,7 +179,7 @@ def import_hf(directory: str | Path) -> tuple[GPT, Tokenizer]:
 
 def gpt2_config(path: Path) -> GPTConfig:
     """The Quill config of a GPT-2 config.json; anything GPT-2-like Quill cannot run is named."""
-    from .model import GPTConfig
+    from .model import GPTConfig  # imports torch: loaded when first used
 
     if not path.is_file():
         raise QuillError(f"{path.parent} has no config.json: it is not a HuggingFace model directory")

@@ -58,7 +58,8 @@ def quill_register_commands(register) -> None:
     text after the name; it returns text, an iterator of reply events, `QUIT`,
     None, or a result type of `gpt_runtime.commands` (`TurnsChanged`,
     `JobsChanged`, `TokenView`, `Comparison`, `CommandHelp`, `Reply`) that tells
-    the interfaces what changed. `help` is the line ``/help`` shows, `usage`
+    the interfaces what changed. Before any model has loaded, `session` may be
+    a stand-in whose `profile` is None (see `gpt_runtime.commands`). `help` is the line ``/help`` shows, `usage`
     the synopsis shown with a `UsageError`, and ``complete(session, partial)``
     returns tab completions for the argument.
     """

@@ -190,7 +190,7 @@ def _worker(argv: list[str]) -> int:
     try:
         args = command_parser().parse_args([kind, *rest])
         if kind == "train":
-            from .train import train
+            from .train import train  # imports torch: loaded when first used
 
             def forward(event: dict[str, Any]) -> None:
                 if event.get("event") != "done":  # ours below is the one "done", with the run directory
@@ -200,7 +200,7 @@ def _worker(argv: list[str]) -> int:
             _emit({"event": "done", "out": str(result.out), "steps": result.step, "best_val_loss": result.best_val_loss,
                    "stopped": result.stopped})
         else:
-            from .evaluate import evaluate
+            from .evaluate import evaluate  # imports torch: loaded when first used
 
             result = evaluate(args.checkpoint, args.data, split=args.split, batch_size=args.batch_size, device=args.device,
                               progress=lambda done, total: _emit({"event": "progress", "done": done, "total": total}))

@@ -16,10 +16,12 @@ KINDS = ("tokenizers", "samplers", "backends", "commands")
 
 # Checks handed in by the modules that own a kind's base class (sampling and
 # tokenizer call `check_entries` when imported), so that the registry and the
-# plugin host need to know nothing about samplers or tokenizers. Every plugin
-# that registers a valid one subclasses that base class, so the owning module
-# is imported, and its check in place, before the plugin registers.
+# plugin host need to know nothing about samplers or tokenizers. A valid sampler
+# or tokenizer subclasses that base class, so its module is imported, and its
+# check in place, before the plugin registers it; an entry of those kinds that
+# comes while no check is in place cannot be one.
 _checks: dict[str, Callable[[str, Any], None]] = {}
+_BASES = {"tokenizers": "gpt_runtime.tokenizer.Tokenizer", "samplers": "gpt_runtime.sampling.Sampler"}
 
 
 def check_entries(kind: str, check: Callable[[str, Any], None]) -> None:
@@ -68,8 +70,11 @@ class Registry:
         """
         for kind, entries in staged.items():
             check = _checks.get(kind)
-            for entry in entries if check else ():
-                check(entry.name, entry.obj)
+            for entry in entries:
+                if check is not None:
+                    check(entry.name, entry.obj)
+                elif kind in _BASES:
+                    raise QuillError(f"{kind[:-1]} {entry.name!r} must be a subclass of {_BASES[kind]}, not {entry.obj!r}")
         for kind, entries in staged.items():
             table = self._tables[kind]
             for entry in entries:

@@ -128,7 +128,7 @@ class _Loaded:
 
 
 def _load(profile: Profile) -> _Loaded:
-    from .inference import generation_dtype, prepare_model
+    from .inference import generation_dtype, prepare_model  # imports torch: loaded when first used
 
     backend = get_backend(profile.device)
     ckpt = load_checkpoint(profile.checkpoint, device=backend.device)
@@ -336,7 +336,7 @@ class ChatSession:
         return text, start, used
 
     def _reply(self, index: int, provenance: Provenance | None = None) -> Iterator[Any]:
-        from .generate import Done, generate
+        from .generate import Done, generate  # imports torch: loaded when first used
 
         self._share_cores()
         turn = self.turns[index]
@@ -433,7 +433,7 @@ class ChatSession:
         samplers in the current chain carry over) or ``profile:NAME`` (that
         profile's model, chain, options and template). The conversation is not changed.
         """
-        from .generate import Done, generate
+        from .generate import Done, generate  # imports torch: loaded when first used
 
         if not self.turns:
             raise QuillError("say something first: /compare replies to the last message")

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import sys
 
-from .cmdline import PROG, Parser, run
-from .train_command import add_train_command, cmd_train
+from .cmdline import run
+from .train_command import command_parser
 
 
 def main(argv: list[str]) -> int:
     """Run `quill train ARGV` on this rank; returns the exit code."""
-    parser = Parser(prog=PROG)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    add_train_command(commands).set_defaults(run=cmd_train)
-    return run(parser, ["train", *argv])
+    return run(command_parser(), ["train", *argv])
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .backend import Backend, dtype_name, get_backend, resolve_dtype
 from .checkpoint import check_tokenizer_match, load_resume_state, save_checkpoint, save_resume_state
@@ -272,8 +273,6 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
 
     runner = torch.compile(model) if cfg.compile else model
     if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     # The throughput counted is all ranks', and each rank has a device of its own (on CPUs
     # under torchrun, a thread of its own), so the yardstick is rank 0's times the ranks.

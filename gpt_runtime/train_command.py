@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING
@@ -29,7 +31,7 @@ _TYPES = {"int": int, "float": float, "str": str}
 
 
 def add_train_command(commands) -> Parser:
-    """Add `train` (its help, examples and flags) to argparse subparsers `commands`."""
+    """Add `train` (its help, examples, flags and handler) to argparse subparsers `commands`."""
     p = subcommand(commands, "train", "train a GPT on a prepared data directory", (
         "quill train --data data/shakespeare --out runs/small --n-layer 4 --n-embd 128 --max-steps 2000",
         "quill train --data data/shakespeare --out runs/small --config small.toml --lr 3e-4",
@@ -50,11 +52,12 @@ def add_train_command(commands) -> Parser:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
             p.add_argument(flag, type=_TYPES[f.type], default=argparse.SUPPRESS, help=help, metavar=f.type.upper())
+    p.set_defaults(run=cmd_train)
     return p
 
 
 def add_eval_command(commands) -> Parser:
-    """Add `eval` (its help, examples and flags) to argparse subparsers `commands`."""
+    """Add `eval` (its help, examples, flags and handler) to argparse subparsers `commands`."""
     p = subcommand(commands, "eval", "loss, perplexity and bits per byte of a checkpoint", (
         "quill eval runs/small --data data/shakespeare",
         "quill eval runs/small/best.safetensors --data notes.txt --json",
@@ -66,6 +69,7 @@ def add_eval_command(commands) -> Parser:
     p.add_argument("--device", default="auto",
                    help="backend: auto ($QUILL_DEVICE, else the best available), cpu, cuda, mps, or a plugin's")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=cmd_eval)
     return p
 
 
@@ -140,9 +144,6 @@ def _report(result: TrainResult) -> int:
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
     """Train in `args.nproc` processes: torchrun runs `quill train` (without --nproc) in each."""
-    import signal
-    import subprocess
-
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",

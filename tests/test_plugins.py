@@ -11,6 +11,7 @@ in-process for what a subprocess cannot see: caching, rollback, suggestions.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 from importlib import metadata
@@ -461,6 +462,31 @@ def test_the_modules_owning_samplers_and_tokenizers_hand_the_registry_their_chec
     with pytest.raises(QuillError, match="sampler 'mine'"):
         reg.commit({"samplers": staged})
     assert reg.names("tokenizers") == reg.names("samplers") == []  # nothing half-committed
+
+
+def test_a_sampler_or_tokenizer_registered_before_its_base_class_module_loads_is_refused():
+    # With every built-in disabled nothing imports sampling or tokenizer, and so no
+    # check is in place; what a plugin registers then cannot subclass their classes.
+    code = textwrap.dedent("""
+        import sys
+        from gpt_runtime.errors import QuillError
+        from gpt_runtime.registry import Registry
+        for kind in ("tokenizers", "samplers"):
+            reg = Registry()
+            register, staged = reg.stage(kind, "p")
+            register("mine", object)
+            try:
+                reg.commit({kind: staged})
+            except QuillError as exc:
+                print(exc)
+        print("gpt_runtime.sampling" in sys.modules, "gpt_runtime.tokenizer" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [
+        "tokenizer 'mine' must be a subclass of gpt_runtime.tokenizer.Tokenizer, not <class 'object'>",
+        "sampler 'mine' must be a subclass of gpt_runtime.sampling.Sampler, not <class 'object'>",
+        "False False",
+    ]
 
 
 def test_registry_get_unknown_name_suggests_the_closest():

@@ -45,15 +45,26 @@ class NoModel:
 
     def __init__(self, app: QuillApp) -> None:
         self._app = app
+        self.loaded = False  # whether this one loaded the app's first model
 
     @property
     def profile(self) -> Any:
+        """None until a model is loaded (`/profiles` then marks no profile as current)."""
         return self._app.session.profile if self._app.session is not None else None
 
     def use_profile(self, name: str) -> None:
-        session = ChatSession(name)
-        session.probs = PROBS
-        self._app.session = session
+        """Load profile `name` as the app's session (on a command's worker thread)."""
+        app = self._app
+        with app.first_load:  # two quick /profile commands: the second switches the first's session
+            if app.session is not None:
+                app.session.use_profile(name)
+                return
+            app.call_from_thread(setattr, app, "loading_model", True)  # input waits, as at start-up
+            try:
+                session = app.new_session(name)
+            finally:
+                app.call_from_thread(setattr, app, "loading_model", False)
+            app.session, self.loaded = session, True
 
     def __getattr__(self, name: str) -> Any:
         if self._app.session is not None:
@@ -84,6 +95,7 @@ class QuillApp(App):
         self.profile_name: str | None = None
         self.streaming: list[MessageView] = []  # the reply being streamed, if any
         self.loading_model = True  # the first model is loading (False once loaded, or failed)
+        self.first_load = threading.Lock()  # held while /profile loads the first model after a failed one
         self.suggestions: list[str] = []
         self.last_speed = ""
 
@@ -121,18 +133,19 @@ class QuillApp(App):
 
     # --- the model ------------------------------------------------------------------
 
+    def new_session(self, name: str) -> ChatSession:
+        """A chat session on profile `name` that keeps token probabilities for the views."""
+        session = ChatSession(name)
+        session.probs = PROBS
+        return session
+
     @work(thread=True, exclusive=True, group="load")
     def load(self, name: str | None) -> None:
-        """Import torch and load a profile's model off the event loop."""
+        """Import torch and load the first model off the event loop."""
         try:
             name = name or default_profile()
             self.call_from_thread(self.status, f"loading {name}…")
-            if self.session is None:
-                session = ChatSession(name)
-                session.probs = PROBS
-                self.session = session
-            else:
-                self.session.use_profile(name)
+            self.session = self.new_session(name)
         except Exception as exc:  # noqa: BLE001 - shown in the app, which goes on
             self.call_from_thread(self.load_failed, exc)
             return
@@ -270,13 +283,13 @@ class QuillApp(App):
 
     def on_text_area_changed(self, event) -> None:
         text = self.query_one(ChatInput).text
-        if self.session is None or not text.startswith("/") or "\n" in text:
+        if not text.startswith("/") or "\n" in text:
             self.suggestions = []
             self.query_one("#suggestions", Static).update("")
             return
 
         try:
-            self.suggestions = commands.complete(self.session, text)[:12]
+            self.suggestions = commands.complete(self.session or NoModel(self), text)[:12]
         except Exception:  # noqa: BLE001 - a plugin's completer failing must not break typing
             self.suggestions = []
         self.query_one("#suggestions", Static).update("Tab: " + "  ".join(self.suggestions) if self.suggestions else "")
@@ -322,14 +335,14 @@ class QuillApp(App):
         """Run a slash command off the event loop (switching profile loads a model, /compare
         generates twice); the status line says what runs meanwhile."""
         self.call_from_thread(self.status, f"{line.strip()}…")
-        had_model = self.session is not None
+        no_model = NoModel(self) if self.session is None else None
         try:
-            result = commands.run(self.session if had_model else NoModel(self), line)
+            result = commands.run(no_model or self.session, line)
         except Exception as exc:  # noqa: BLE001 - shown in the app, which goes on
             self.call_from_thread(self.show_error, exc)
             self.call_from_thread(self.refresh_panels, True)  # undo what the panel asked for
             return
-        self.call_from_thread(self.command_done, result, not had_model and self.session is not None)
+        self.call_from_thread(self.command_done, result, no_model is not None and no_model.loaded)
 
     def command_done(self, result: commands.Result, first_model: bool = False) -> None:
         """Show a command's result by its type (see `gpt_runtime.commands`)."""
@@ -359,10 +372,9 @@ class QuillApp(App):
             self.add_message("output", result)
         if self.session is not None:
             self.profile_name = self.session.profile.name
-            self.update_status()
+            self.refresh_panels()  # and the status line
         else:
             self.status(NO_MODEL)
-        self.refresh_panels()
 
     def start_stream(self, events: Any, view: MessageView) -> None:
         self.streaming[:] = [view]  # now, so Escape and a second Enter see it at once
@@ -371,7 +383,7 @@ class QuillApp(App):
 
     @work(thread=True, group="reply")
     def stream(self, events: Any, view: MessageView) -> None:
-        from gpt_runtime.generate import Done, Token
+        from gpt_runtime.generate import Done, Token  # imports torch: loaded when first used
 
         done = error = None
         try:
@@ -528,10 +540,9 @@ class QuillApp(App):
                            ("/eval  --data ", "evaluate a checkpoint in the background"),
                            ("/compare greedy | ", "the last message through two sampler chains")):
             yield SystemCommand(line.strip(), what, lambda line=line: self.prefill(line))
-        if self.session is not None:
-            for name in self.profiles():
-                yield SystemCommand(f"Profile {name}", "switch the model, keeping the conversation",
-                                    lambda name=name: self.run_line(f"/profile {name}"))
+        for name in self.profiles():
+            yield SystemCommand(f"Profile {name}", "switch the model, keeping the conversation",
+                                lambda name=name: self.run_line(f"/profile {name}"))
 
     def prefill(self, text: str) -> None:
         box = self.query_one(ChatInput)

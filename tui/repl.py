@@ -29,7 +29,7 @@ _END = object()
 
 def _stream(session: ChatSession, events: Iterator[Any], out: TextIO) -> None:
     """Print a reply's events as they come; Ctrl-C cancels it and waits for its end."""
-    from gpt_runtime.generate import Done, Token
+    from gpt_runtime.generate import Done, Token  # imports torch: loaded when first used
 
     inbox: queue.Queue = queue.Queue()
 
