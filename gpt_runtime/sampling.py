@@ -202,7 +202,7 @@ def _options_hint(cls: type[Sampler] | Sampler) -> str:
 
 
 def check_sampler_class(name: str, cls: Any) -> None:
-    """What the plugin host checks of a class registered as sampler `name`.
+    """What the registry checks of a class a plugin registers as sampler `name`.
 
     It must be a `Sampler` subclass with its own `apply`, whose `name` is the
     registered one and whose `options` are `Option`s with valid defaults, so

@@ -175,7 +175,7 @@ def fingerprint_of(body: dict[str, Any]) -> str:
 
 
 def check_tokenizer_class(name: str, cls: Any) -> None:
-    """What the plugin host checks of a registered tokenizer kind."""
+    """What the registry checks of a class a plugin registers as tokenizer kind `name`."""
     if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
         raise QuillError(f"tokenizer {name!r} must be a subclass of gpt_runtime.tokenizer.Tokenizer, not {cls!r}")
     if cls.kind != name:

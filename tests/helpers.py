@@ -174,3 +174,14 @@ def write_chat_models(root: Path) -> dict:
             (root / folder / f"{name}.toml").write_text(text, encoding="utf-8")
     return {"root": root, "two": root / "two", "one": root / "one", "a": paths["a"].resolve(),
             "b": paths["b"].resolve(), "fingerprint": tok.fingerprint}
+
+
+def add_builtin_plugin(monkeypatch, name: str, plugin: object) -> None:
+    """Load `plugin` (an object with hook implementations) as one more built-in called
+    `name`, for this test only: the next use of the registry sees it."""
+    from gpt_runtime import plugins as host_mod
+
+    module = f"_quill_test_{name}"
+    monkeypatch.setitem(sys.modules, module, plugin)
+    monkeypatch.setattr(host_mod, "BUILTINS", host_mod.BUILTINS + ((name, module),))
+    host_mod.get_plugin_host.cache_clear()

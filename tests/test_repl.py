@@ -31,7 +31,7 @@ from gpt_runtime.errors import QuillError, UsageError
 from gpt_runtime.generate import Done
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.session import ChatSession
-from helpers import ALPHA_TOML, quill_env, run_quill, write_chat_models
+from helpers import ALPHA_TOML, add_builtin_plugin, quill_env, run_quill, write_chat_models
 from tui import repl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -270,9 +270,7 @@ def boom_plugin(s, monkeypatch):
             register("/picky", picky, help="needs a thing", usage="/picky THING")
 
     monkeypatch.setattr(host_mod, "metadata", SimpleNamespace(entry_points=lambda group: []))
-    monkeypatch.setitem(sys.modules, "_quill_test_boomer", Boomer())
-    monkeypatch.setattr(host_mod, "BUILTINS", host_mod.BUILTINS + (("boomer", "_quill_test_boomer"),))
-    host_mod.get_plugin_host.cache_clear()
+    add_builtin_plugin(monkeypatch, "boomer", Boomer())
     return s
 
 

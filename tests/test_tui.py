@@ -11,7 +11,7 @@ import io
 from pathlib import Path
 
 import pytest
-from helpers import SAMPLE_TEXT
+from helpers import SAMPLE_TEXT, add_builtin_plugin
 from pilot import run, say, type_command, until, views
 
 from gpt_runtime.data import prepare
@@ -425,9 +425,6 @@ def test_copy_theme_palette_and_moving_to_a_message(chat_profiles, monkeypatch):
 
 
 def test_a_plugin_that_raises_in_the_ui_is_named_and_the_app_goes_on(chat_profiles, monkeypatch):
-    import sys
-
-    from gpt_runtime import plugins as host_mod
     from gpt_runtime.hookspecs import hookimpl
 
     def boom(session, args):
@@ -438,9 +435,7 @@ def test_a_plugin_that_raises_in_the_ui_is_named_and_the_app_goes_on(chat_profil
         def quill_register_commands(self, register):
             register("/boom", boom, help="always fails", usage="/boom")
 
-    monkeypatch.setitem(sys.modules, "_quill_test_boomer", Boomer())
-    monkeypatch.setattr(host_mod, "BUILTINS", host_mod.BUILTINS + (("boomer", "_quill_test_boomer"),))
-    host_mod.get_plugin_host.cache_clear()
+    add_builtin_plugin(monkeypatch, "boomer", Boomer())
     app = QuillApp("alpha")
 
     async def steps(pilot):
@@ -454,10 +449,7 @@ def test_a_plugin_that_raises_in_the_ui_is_named_and_the_app_goes_on(chat_profil
 
 
 def test_a_plugins_command_results_are_shown_by_type_as_a_built_ins_are(chat_profiles, monkeypatch):
-    import sys
-
     from gpt_runtime import commands
-    from gpt_runtime import plugins as host_mod
     from gpt_runtime.hookspecs import hookimpl
 
     def forget(session, args):  # a plugin's own /undo
@@ -472,9 +464,7 @@ def test_a_plugins_command_results_are_shown_by_type_as_a_built_ins_are(chat_pro
             register("/busy", lambda session, args: commands.JobsChanged("nothing runs"))
             register("/again", lambda session, args: session.regenerate())  # an iterator, as before the types
 
-    monkeypatch.setitem(sys.modules, "_quill_test_mine", Mine())
-    monkeypatch.setattr(host_mod, "BUILTINS", host_mod.BUILTINS + (("mine", "_quill_test_mine"),))
-    host_mod.get_plugin_host.cache_clear()
+    add_builtin_plugin(monkeypatch, "mine", Mine())
     app = QuillApp("alpha")
 
     async def steps(pilot):
@@ -498,9 +488,6 @@ def test_a_plugins_command_results_are_shown_by_type_as_a_built_ins_are(chat_pro
 
 
 def test_a_reply_that_fails_midway_keeps_its_error_in_view(chat_profiles, monkeypatch):
-    import sys
-
-    from gpt_runtime import plugins as host_mod
     from gpt_runtime.hookspecs import hookimpl
     from gpt_runtime.sampling import Sampler
 
@@ -517,9 +504,7 @@ def test_a_reply_that_fails_midway_keeps_its_error_in_view(chat_profiles, monkey
         def quill_register_samplers(self, register):
             register("breaks", Breaks)
 
-    monkeypatch.setitem(sys.modules, "_quill_test_breaks", Plugin())
-    monkeypatch.setattr(host_mod, "BUILTINS", host_mod.BUILTINS + (("breaks", "_quill_test_breaks"),))
-    host_mod.get_plugin_host.cache_clear()
+    add_builtin_plugin(monkeypatch, "breaks", Plugin())
     app = QuillApp("beta")
 
     async def steps(pilot):
