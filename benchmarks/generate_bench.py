@@ -1,12 +1,14 @@
 """Generation speed at batch 1 on the CPU, beside HuggingFace transformers. Prints JSON.
 
-    python benchmarks/generate_bench.py [--quantize int8] [--dtype float32] [--repeats 5]
+    python benchmarks/generate_bench.py [--quantize int8|none] [--dtype float32|bfloat16] [--repeats 5]
 
 For each shape (4 layers x 128 wide, and 6 layers x 384 wide with 6 heads, both
 block 256), a GPT-2-style model with random weights (learned positions,
-LayerNorm, GELU, biases, tied embeddings; the 65-token vocabulary of
+LayerNorm, GPT-2's tanh GELU, biases, tied embeddings; the 65-token vocabulary of
 character-level Shakespeare) generates 255 new tokens greedily after a
-one-token prompt: tokens/s is counted from the start of the call to its end
+one-token prompt, along the path Quill chooses by default (measured on this
+machine, calibrate.py; `--dtype` and `--quantize` narrow it as they do for
+`quill generate`; the JSON shows the measurements behind the choice): tokens/s is counted from the start of the call to its end
 (best and median of `--repeats` runs). Time to first token is the median over
 `--repeats` runs of prefilling a 200-token prompt and choosing one token.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from dataclasses import asdict
 import sys
 import time
 from pathlib import Path
@@ -31,9 +34,9 @@ from machine import machine_info  # noqa: E402
 
 import torch  # noqa: E402
 
-from gpt_runtime.backend import dtype_name, get_backend  # noqa: E402
+from gpt_runtime.backend import get_backend  # noqa: E402
 from gpt_runtime.generate import generate  # noqa: E402
-from gpt_runtime.inference import generation_dtype, prepare_model  # noqa: E402
+from gpt_runtime.calibrate import prepare  # noqa: E402
 from gpt_runtime.model import GPT, GPTConfig  # noqa: E402
 from gpt_runtime.sampling import build_chain  # noqa: E402
 from gpt_runtime.tokenizer import train_tokenizer  # noqa: E402
@@ -47,11 +50,10 @@ def quill_runner(shape: dict, dtype: str, quantize: str):
     """(one 255-token greedy run -> tokens/s, one prefill of 200 tokens -> seconds, info)."""
     tokenizer = train_tokenizer("char", "".join(chr(33 + i) for i in range(VOCAB - 4)))  # 61 chars + 4 specials
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, position="learned", norm="layernorm", mlp="gelu",
+    model = GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, position="learned", norm="layernorm", mlp="gelu_tanh",
                           bias=True, tie_embeddings=True, **shape))
     backend = get_backend("cpu")
-    chosen = generation_dtype(backend, model, dtype, quantize)
-    model = prepare_model(model, backend, chosen, quantize)
+    model, choice = prepare(model, backend, dtype, quantize)
     chain = build_chain("greedy")
     prompt = [4 + i % (VOCAB - 4) for i in range(PROMPT_TOKENS)]
 
@@ -66,7 +68,8 @@ def quill_runner(shape: dict, dtype: str, quantize: str):
         next(iter(generate(model, tokenizer, prompt, chain=chain, max_new_tokens=1)))
         return time.perf_counter() - start
 
-    return decode, first_token, {"dtype": dtype_name(chosen), "quantize": quantize}
+    return decode, first_token, {"path": choice.path.name, "chosen": choice.source,
+                                 "calibration": [asdict(t) for t in choice.trials]}
 
 
 def transformers_runner(shape: dict):
@@ -126,7 +129,7 @@ def measure(shape: dict, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="auto", help="Quill's generation dtype (default: auto)")
-    parser.add_argument("--quantize", default="none", choices=("none", "int8"))
+    parser.add_argument("--quantize", default="auto", choices=("auto", "none", "int8"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-transformers", action="store_true", help="skip the side-by-side run")
     args = parser.parse_args()

@@ -29,8 +29,11 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
+    from gpt_runtime.doctor import cpu_flags, cpuinfo, isa_level  # torch-free
+
     return {
         "cpu": cpu,
+        "cpu_class": isa_level(platform.machine(), cpu_flags(cpuinfo())),  # AVX2, AVX512, AVX512-BF16, AMX, ...
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -70,7 +70,11 @@ class Backend:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def generation_dtype(self, num_params: int) -> "torch.dtype":
-        """The dtype to generate in with a model of `num_params` parameters."""
+        """The dtype to generate in with a model of `num_params` parameters.
+
+        Asked of backends other than cpu and cuda only: on those two Quill times
+        its candidate paths on the machine instead (calibrate.py).
+        """
         return self.preferred_dtype()
 
     def cache_dtype(self, dtype: "torch.dtype") -> "torch.dtype":

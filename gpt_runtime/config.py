@@ -23,7 +23,7 @@ from .fileio import read_user_file
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
 DTYPES = ("bfloat16", "float16", "float32")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("auto", "none", "int8")  # auto: int8 when it is measured fastest and close enough
 
 
 def _opt(default: Any, help: str) -> Any:

@@ -5,9 +5,11 @@ Python and PyTorch, every registered backend and whether it can run, and the
 dtype and kernel choices for training and generation, each with its reason.
 
 Every choice comes from the function that makes it (`Backend.preferred_dtype`,
-`generation_dtype`, `cache_dtype`, `inference.bf16_packing_unavailable`, ...),
-never from a copy of its logic here, so the report cannot drift from what Quill
-does. Nothing here loads a model, times a matrix product or touches the network.
+`cache_dtype`, `inference.bf16_packing_unavailable`, ...), never from a copy of
+its logic here, so the report cannot drift from what Quill does. How each model
+generates is measured the first time it runs on a machine (calibrate.py); the
+report shows those measurements from their cache. Nothing here loads a model,
+times a matrix product or touches the network.
 
 Each section is probed on its own: one that fails says so in the report and the
 rest still comes out. torch is imported inside the probes for the same reason.
@@ -34,9 +36,6 @@ CUDA_DRIVER_LIBRARY = "libcuda.so.1"
 NVIDIA_PROC_VERSION = Path("/proc/driver/nvidia/version")
 CPUINFO = Path("/proc/cpuinfo")
 MEMINFO = Path("/proc/meminfo")
-# The model sizes generation choices are shown for: either side of where the CPU
-# backend changes its mind (`CpuBackend.generation_dtype`).
-GENERATION_SIZES = (1_000_000, 10_000_000)
 # x86-64 ISA levels from /proc/cpuinfo flags, best first.
 X86_LEVELS = (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX512", "avx512f"), ("AVX2", "avx2"))
 
@@ -331,23 +330,29 @@ def _training_reason(backend, dtype) -> str:
     return f"the {backend.name} backend's preferred dtype"
 
 
-def _generation_row(backend, num_params: int, training) -> dict[str, Any]:
-    dtype = backend.generation_dtype(num_params)
-    cache = backend.cache_dtype(dtype)
-    if dtype == training:
-        reason = "same as training"
-    elif backend.name == "cpu":
-        reason = "small model: float32 is faster while the weights fit in the CPU's cache"
-    else:
-        reason = f"the {backend.name} backend's choice for this size"
-    if cache == dtype:
-        cache_reason = "same as the weights"
-    elif backend.name == "cpu":
-        cache_reason = "attention over the cache runs faster in float32 on the CPU"
-    else:
-        cache_reason = f"the {backend.name} backend's choice"
-    return {"params": num_params, "dtype": dtype_name(dtype), "reason": reason,
-            "cache_dtype": dtype_name(cache), "cache_reason": cache_reason}
+def _generation_paths(backend) -> dict[str, Any]:
+    """The generation paths measured on this machine with this PyTorch (calibrate.py's cache), newest first."""
+    from .calibrate import cached_choices, default_cache_file, hardware_id
+
+    here = hardware_id(backend)
+    rows = []
+    for entry in reversed(cached_choices()):
+        key = entry["key"]
+        if (key["hardware"], key["torch"], key["backend"]) != (here, torch_version(), backend.name):
+            continue
+        m = key["model"]
+        shape = f"{m['n_layer']}x{m['n_embd']} ({m['position']}, {m['norm']}, {m['mlp']}), vocab {m['vocab_size']}"
+        name = entry["path"]["quantize"] if entry["path"]["quantize"] != "none" else entry["path"]["dtype"]
+        rows.append({"model": shape, "path": name + (" graph" if entry["path"].get("graph") else ""),
+                     "trials": entry["trials"], "measured": entry["measured"]})
+    return {"cache_file": str(default_cache_file()), "measured": rows, "cache_dtype": dtype_name(backend.cache_dtype(
+        backend.preferred_dtype()))}
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def probe_choices() -> dict[str, Any]:
@@ -365,7 +370,7 @@ def probe_choices() -> dict[str, Any]:
         "backend": backend.name,
         "backend_reason": _auto_reason(),
         "training": {"dtype": dtype_name(training), "reason": _training_reason(backend, training)},
-        "generation": [_generation_row(backend, n, training) for n in GENERATION_SIZES],
+        "generation": _generation_paths(backend),
         "bf16_packing": {"available": packing is None, "reason": packing},
         "int8": {"available": int8 is None, "reason": int8},
     }
@@ -466,15 +471,22 @@ def _choice_rows(c: dict[str, Any]) -> list[Row]:
         return _failed("choices", c)
     rows = [("backend", c["backend"], c["backend_reason"]),
             ("training dtype", c["training"]["dtype"], c["training"]["reason"])]
-    for g in c["generation"]:
-        size = f"{g['params'] / 1e6:g}M"
-        rows.append((f"generation, {size} params", g["dtype"], g["reason"]))
-        rows.append((f"KV cache, {size} params", g["cache_dtype"], g["cache_reason"]))
+    g = c["generation"]
+    for row in g["measured"]:
+        times = ", ".join(f"{t['path']} {t['decode_ms']:.2f}" + (" (refused)" if t["refused"] else "")
+                          for t in row["trials"])
+        rows.append((f"generation, {row['model']}", row["path"], f"ms per token: {times}; measured {row['measured']}"))
+    if not g["measured"]:
+        rows.append(("generation", "measured per model", "on its first use here; nothing measured yet"))
+    rows.append(("generation cache", g["cache_file"], "delete it to measure again"))
+    rows.append(("KV cache", g["cache_dtype"], "attention over the cache runs fastest in float32 on the CPU"
+                 if c["backend"] == "cpu" else f"the {c['backend']} backend's choice"))
     packing, int8 = c["bf16_packing"], c["int8"]
     # Packing is the CPU backend's, whichever backend `auto` chose: QUILL_DEVICE=cpu gets it
     rows.append(("CPU bf16 packing", "yes", "bf16 generation on the CPU uses oneDNN's packed kernels")
                 if packing["available"] else ("CPU bf16 packing", "no", packing["reason"]))
-    rows.append(("int8 weights", "available", "opt-in: --quantize int8") if int8["available"]
+    rows.append(("int8 weights", "available", "a candidate where fbgemm runs; --quantize int8 forces it")
+                if int8["available"]
                 else ("int8 weights", "unavailable", int8["reason"]))
     return rows
 

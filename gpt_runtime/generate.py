@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decode import step_for
 from .errors import QuillError, QuillWarning
-from .inference import cache_dtype
-from .model import GPT, KVCache
+from .model import GPT
 from .sampling import DEFAULT_CHAIN, BeamSearch, Chain, SamplerState, build_chain, check_seed
 from .tokenizer import Tokenizer, eos_id
 
@@ -119,7 +119,8 @@ class Window:
         self.tokens_buf = torch.empty(1, 2 * len(ids) + 64, dtype=torch.long, device=param.device)
         self.tokens_buf[:, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         self.length = len(ids)
-        self.cache = KVCache(model.config, 1, param.device, cache_dtype(model))
+        self.step = step_for(model, self if rows == 1 else None)  # one row may replay a CUDA graph
+        self.cache = self.step.new_cache()
         self.logits = self._run(self.tokens_buf[:, : self.length])
         if rows > 1:
             self.reorder(torch.zeros(rows, dtype=torch.long, device=param.device))
@@ -139,7 +140,7 @@ class Window:
         self.tokens_buf[:, self.length] = next_ids
         self.length += 1
         if self.cache.length < self.block:
-            self.logits = self._run(next_ids.view(-1, 1))
+            self.logits = self.step(next_ids, self.cache)
         else:
             keep = max(1, self.block - self.block // 4)
             self.cache.length = 0

@@ -44,9 +44,11 @@ def add_generate_command(commands) -> None:
                    help="print each token with its probability and the N most likely alternatives (default N: 3)")
     p.add_argument("--device", default=None,
                    help="backend: auto ($QUILL_DEVICE, else the best available), cpu, cuda, mps, or a plugin's")
-    p.add_argument("--dtype", default=None, help="auto, float32 or bfloat16 (default: auto, the fastest for the model)")
+    p.add_argument("--dtype", default=None,
+                   help="auto, float32 or bfloat16 (default: auto, the fastest path measured on this machine "
+                        "whose predictions stay close to float32's)")
     p.add_argument("--quantize", default=None, choices=QUANTIZE,
-                   help="int8: weights in 8 bits, faster on the CPU, slightly less accurate (default: none)")
+                   help="int8: weights in 8 bits; none: never; auto (default): int8 when measured fastest here")
     p.set_defaults(run=cmd_generate)
 
 
@@ -59,7 +61,7 @@ def _apply_profile(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if (args.checkpoint is None) == (args.profile is None):
         raise UsageError("give a checkpoint or --profile NAME (one of them)",
                          hint="quill generate runs/small --prompt ... or quill generate --profile shakespeare --prompt ...")
-    defaults = {"max_new_tokens": 200, "device": "auto", "dtype": "auto", "quantize": "none"}
+    defaults = {"max_new_tokens": 200, "device": "auto", "dtype": "auto", "quantize": "auto"}
     options: dict[str, dict[str, Any]] = {}
     if args.profile is not None:
         from .profiles import get_profile
@@ -111,15 +113,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError("--show-probs does not work with beam search", hint="drop --show-probs, or --num-beams and beam")
     # torch loads only now, so a usage error above is reported at once
     from .backend import get_backend
+    from .calibrate import prepare
     from .checkpoint import load_checkpoint
     from .generate import Token, generate
-    from .inference import generation_dtype, prepare_model
 
     prompt = read_arg(args.prompt, "the prompt")
     backend = get_backend(args.device)
     ckpt = load_checkpoint(args.checkpoint, device=backend.device)
-    dtype = generation_dtype(backend, ckpt.model, args.dtype, args.quantize)
-    model = prepare_model(ckpt.model, backend, dtype, args.quantize)
+    model, choice = prepare(ckpt.model, backend, args.dtype, args.quantize)
+    if choice.source == "measured" and sys.stderr.isatty():
+        print(f"[measured how to generate with this model here in {choice.seconds:.1f} s: {choice.summary()}]",
+              file=sys.stderr)
     out = sys.stdout
     events = generate(model, ckpt.tokenizer, prompt, chain=chain, max_new_tokens=args.max_new_tokens,
                       stop=[_unescape(s) for s in args.stop], seed=args.seed, probs=args.show_probs)

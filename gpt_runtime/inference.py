@@ -1,66 +1,126 @@
-"""Making a trained model fast to run: dtype, packed weights, int8 weights.
+"""Making a trained model fast to run: weight formats for the CPU, dtypes elsewhere.
 
 Decoding one token at a time is a matrix-vector product per weight matrix, so
-its speed is how fast the weights stream through the CPU. Measured on this
-project's 2-core AVX512-BF16 machine (see the README), three things pay off:
+on a CPU its speed is how fast the weights stream through the caches. Three
+weight formats are offered there, all under float32 activations, norms,
+attention and KV cache (CPUs run those fastest in float32):
 
-- bf16 weights halve the bytes per token; PyTorch's plain bf16 matrix-vector
-  kernel is slow, but oneDNN's with weights packed once ahead of time is not;
-- attention over the KV cache is several times faster in float32 than in bf16
-  on the CPU, so the cache stays float32 there (the backend's `cache_dtype`);
-- int8 weights with one scale per output row (``quantize="int8"``, opt-in)
-  halve the bytes again, at a small cost in accuracy.
+- float32 weights: exact, and fastest while they fit in the CPU's cache;
+- bf16 weights (`Bf16Linear`): half the bytes, packed for oneDNN where the CPU
+  has bf16 instructions, plain PyTorch bf16 products where it does not;
+- int8 weights with one scale per output row (`Int8Linear`): a quarter of the
+  bytes, through fbgemm's int8 kernels on x86, at a small cost in accuracy.
 
-None of this changes the model's code: `prepare_model` swaps `nn.Linear`
-layers for equivalents and leaves everything else alone. It is the last step
-before generating: a prepared model is not moved or prepared again.
+Which is fastest on a machine is measured, not guessed (calibrate.py). None of
+this changes the model's code: `prepare_model` swaps `nn.Linear` layers for
+equivalents and leaves everything else alone. It is the last step before
+generating: a prepared model is not moved or prepared again.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .backend import Backend, resolve_dtype
+from .backend import Backend
 from .config import QUANTIZE
 from .errors import QuillError
 from .model import GPT
 from .plugins import get_registry
 
 
-class PackedLinear(nn.Module):
-    """A bf16 `nn.Linear` whose weight oneDNN has laid out for fast CPU products.
+class Bf16Linear(nn.Module):
+    """bf16 weights under float32 activations, for the CPU: half the bytes per token.
 
-    Only the packed copy is kept (an opaque oneDNN tensor that cannot be moved),
-    so the weights take no more memory than before; a tied output head leaves
-    the embedding table where it was.
+    A few rows (decoding) are multiplied in bf16, converted on the way in and
+    out. Many rows (a prompt) are multiplied in float32 by the weights widened
+    for the call: CPUs without bf16 instructions have no fast bf16 matrix-matrix
+    kernel (a 200-token prompt at 6x384 took 222 ms that way, 33 ms widened, on
+    an AVX2 EPYC). Where oneDNN has bf16 kernels (AVX512-BF16, AMX) the weights
+    are packed for it instead, and every product runs in bf16.
     """
+
+    FEW_ROWS = 8  # up to this many rows, the bf16 matrix-vector kernel wins
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.bias = linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        weight = linear.weight.detach().to(torch.bfloat16)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16), False)
+        self.packed = None
+        if bf16_packing_unavailable() is None:  # only the packed copy is kept: an opaque oneDNN tensor
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            weight = None
+        self.weight = None if weight is None else nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.packed is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
+        elif x.numel() <= self.FEW_ROWS * x.size(-1):
+            y = F.linear(x.to(torch.bfloat16), self.weight, self.bias)
+        else:
+            y = F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
+        return y.float()
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights and one scale per output row (weight-only)."""
+    """int8 weights with one scale per output row, under float32 activations.
+
+    On x86 the product is fbgemm's dynamic int8 kernel: each call quantizes its
+    activations and multiplies in integers, a quarter of float32's bytes and
+    fast for prompts too (at 6x384 on an AVX2 EPYC: 0.86 ms a token for the 24
+    layers, 4.2 ms in float32; a 200-token prompt 17 ms, 29 ms in float32).
+    Elsewhere it is `torch._weight_int8pack_mm`, which only widens the weights.
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("qweight", (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8), persistent=False)
-        self.register_buffer("scale", scale.to(linear.weight.dtype), persistent=False)
-        self.bias = linear.bias
+        qweight = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), False)
+        self.packed = _fbgemm_pack(qweight, scale, self.bias)
+        # The fallback's operands; with fbgemm its packed copy is all that is kept.
+        self.register_buffer("qweight", None if self.packed is not None else qweight, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.qweight, self.scale)
-        if self.bias is not None:
-            y = y + self.bias
+        rows = x.reshape(-1, x.size(-1))
+        if self.packed is not None:
+            y = torch.ops.quantized.linear_dynamic(rows, self.packed, True)  # 7-bit activations: no AVX2 overflow
+        else:
+            y = torch._weight_int8pack_mm(rows, self.qweight, self.scale)
+            if self.bias is not None:
+                y = y + self.bias
         return y.view(*x.shape[:-1], -1)
+
+
+def _fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """fbgemm's packed int8 weights, or None where PyTorch's x86 int8 kernels are missing."""
+    if fbgemm_unavailable() is not None:
+        return None
+    with warnings.catch_warnings():  # quantized tensors are deprecated, and this is their last use
+        warnings.simplefilter("ignore")
+        engines = torch.backends.quantized.supported_engines
+        if torch.backends.quantized.engine not in ("x86", "fbgemm"):  # packing follows the global engine
+            torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm"
+        zero = torch.zeros(qweight.size(0), dtype=torch.long)
+        quantized = torch._make_per_channel_quantized_tensor(qweight, scale.double(), zero, 0)
+        return torch.ops.quantized.linear_prepack(quantized, bias)
+
+
+@functools.cache
+def fbgemm_unavailable() -> str | None:
+    """Why fbgemm's int8 products cannot run here, or None when they can."""
+    engines = torch.backends.quantized.supported_engines
+    if not {"x86", "fbgemm"} & set(engines):
+        return f"PyTorch has no x86 int8 engine here (engines: {', '.join(engines)})"
+    if not hasattr(torch.ops.quantized, "linear_dynamic"):
+        return f"this PyTorch ({torch.__version__}) has no dynamic int8 linear"
+    return None
 
 
 def bf16_packing_unavailable() -> str | None:
@@ -87,25 +147,31 @@ def int8_unavailable(backend: Backend) -> str | None:
     return None
 
 
-def prepare_model(model: GPT, backend: Backend, dtype: torch.dtype, quantize: str = "none") -> GPT:
-    """Move `model` to the backend's device in `dtype`, ready to generate (in place).
+def prepare_model(model: GPT, backend: Backend, dtype: torch.dtype, quantize: str = "none", graph: bool = False) -> GPT:
+    """Move `model` to the backend's device, ready to generate in `dtype` (in place).
 
-    On the CPU in bf16 the linear layers are packed for oneDNN; with
-    ``quantize="int8"`` they hold int8 weights instead. Tied input and output
-    embeddings stay tied: the embedding table itself is never replaced.
+    On the CPU the model stays float32 and only its linear layers change:
+    bf16 weights for ``dtype=bfloat16`` (`Bf16Linear`), int8 weights with
+    ``quantize="int8"`` (`Int8Linear`). Norms, attention and the residual stream
+    stay float32, where CPUs run them fastest. Elsewhere the whole model moves to
+    `dtype`. Tied input and output embeddings: the table itself is never replaced.
+    With `graph` (CUDA only), decoding replays its step from a CUDA graph
+    (`decode.GraphStep`); the model records it as `decode_graph`.
     """
-    if quantize not in QUANTIZE:
-        raise QuillError(f"unknown quantization {quantize!r}", hint=f"use one of: {', '.join(QUANTIZE)}")
-    if any(isinstance(m, (PackedLinear, Int8Linear)) for m in model.modules()):
+    if quantize not in QUANTIZE or quantize == "auto":
+        raise QuillError(f"unknown quantization {quantize!r}", hint="use none or int8")
+    if any(isinstance(m, (Bf16Linear, Int8Linear)) for m in model.modules()):
         raise QuillError("this model is already prepared for generation", hint="prepare a freshly loaded model")
-    model = model.to(device=backend.device, dtype=dtype).eval()
     if quantize == "int8" and (why := int8_unavailable(backend)):
         raise QuillError(f"cannot quantize to int8: {why}", hint="drop --quantize, or use --device cpu")
-    swap = None
-    if quantize == "int8":
-        swap = Int8Linear
-    elif backend.device.type == "cpu" and dtype == torch.bfloat16 and bf16_packing_unavailable() is None:
-        swap = PackedLinear
+    if graph and backend.device.type != "cuda":
+        raise QuillError(f"CUDA graphs need the cuda backend, not {backend.name}")
+    if backend.device.type != "cpu":
+        model = model.to(device=backend.device, dtype=dtype).eval()
+        model.decode_graph = graph
+        return model
+    model = model.to(device=backend.device, dtype=torch.float32).eval()
+    swap = Int8Linear if quantize == "int8" else Bf16Linear if dtype == torch.bfloat16 else None
     if swap is not None:
         with torch.no_grad():
             for parent in [model, *(m for block in model.blocks for m in (block.attn, block.mlp))]:
@@ -113,19 +179,6 @@ def prepare_model(model: GPT, backend: Backend, dtype: torch.dtype, quantize: st
                     if isinstance(child, nn.Linear):
                         setattr(parent, name, swap(child))
     return model
-
-
-def generation_dtype(backend: Backend, model: GPT, name: str = "auto", quantize: str = "none") -> torch.dtype:
-    """The dtype to generate in: `name`, or for ``auto`` the backend's choice for this model.
-
-    With int8 weights, ``auto`` is the backend's preferred dtype: the int8 kernel
-    is much slower with float32 activations than with bf16 ones.
-    """
-    if name == "auto":
-        if quantize == "int8":
-            return backend.preferred_dtype()
-        return backend.generation_dtype(model.num_params(exclude_positions=False))
-    return resolve_dtype(backend, name)
 
 
 def cache_dtype(model: GPT) -> torch.dtype:

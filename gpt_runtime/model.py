@@ -103,8 +103,13 @@ class Rotary(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x: (B, nh, T, hs)
-        T, half = x.size(-2), x.size(-1) // 2
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        T = x.size(-2)
+        return self.turn(x, self.cos[start:start + T], self.sin[start:start + T])
+
+    @staticmethod
+    def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` by the angles whose cosines and sines are given, (T, hs)."""
+        half = x.size(-1) // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 

@@ -15,8 +15,8 @@ limits, and a chat template. Paths are relative to the profile file::
 
     [backend]
     device = "auto"       # auto, cpu, cuda, mps, or a plugin's
-    dtype = "auto"        # auto, float32, bfloat16
-    quantize = "none"     # none, int8
+    dtype = "auto"        # auto (measured: the fastest close to float32), float32, bfloat16
+    quantize = "auto"     # auto (int8 when measured fastest), none, int8
 
     [generation]
     max_new_tokens = 200
@@ -112,7 +112,7 @@ class Profile:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "auto"
     dtype: str = "auto"
-    quantize: str = "none"
+    quantize: str = "auto"
     max_new_tokens: int = 200
     seed: int | None = None
     template: ChatTemplate = field(default_factory=ChatTemplate)
@@ -133,7 +133,7 @@ class Profile:
 SCHEMA: dict[str, dict[str, tuple[type, str]]] = {
     "": {"description": (str, "text"), "checkpoint": (str, "a path"), "tokenizer": (str, "a path")},
     "backend": {"device": (str, "a backend name"), "dtype": (str, "auto, float32 or bfloat16"),
-                "quantize": (str, "none or int8")},
+                "quantize": (str, "auto, none or int8")},
     "generation": {"max_new_tokens": (int, "a whole number"), "seed": (int, "a whole number")},
     "template": {"system": (str, "text"), "user_prefix": (str, "text"), "user_suffix": (str, "text"),
                  "model_prefix": (str, "text"), "model_suffix": (str, "text"), "stop": (list, "a list of strings"),
@@ -202,7 +202,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     if profile.dtype != "auto" and profile.dtype not in DTYPE_NAMES:
         raise QuillError(f"{where}: [backend] dtype {profile.dtype!r} is not auto, float32 or bfloat16")
     if profile.quantize not in QUANTIZE:
-        raise QuillError(f"{where}: [backend] quantize {profile.quantize!r} is not none or int8")
+        raise QuillError(f"{where}: [backend] quantize {profile.quantize!r} is not auto, none or int8")
     generation = data.get("generation", {})
     profile.max_new_tokens = generation.get("max_new_tokens", profile.max_new_tokens)
     profile.seed = generation.get("seed")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .backend import dtype_name, get_backend
+from .backend import get_backend
 from .checkpoint import load_checkpoint
 from .config import load_toml
 from .errors import QuillError, UsageError, did_you_mean
@@ -60,6 +60,7 @@ class Provenance:
     template: dict[str, Any] = field(default_factory=dict)  # the chat template the prompt was laid out with
     dtype: str = ""  # what the model computed in: replies in another dtype differ in the last digits
     quantize: str = "none"
+    path: str = ""  # the generation path (calibrate.GenerationPath.name): float32, bfloat16, int8, ... graph
 
 
 @dataclass
@@ -124,18 +125,20 @@ class _Loaded:
     sha256: str
     device: str
     dtype: str
+    quantize: str
+    path: str  # how it generates (calibrate.GenerationPath.name), measured or asked for
     fingerprint: str  # the tokenizer's: hashing a 50,000-merge tokenizer per reply would show
 
 
 def _load(profile: Profile) -> _Loaded:
-    from .inference import generation_dtype, prepare_model  # imports torch: loaded when first used
+    from .calibrate import prepare  # imports torch: loaded when first used
 
     backend = get_backend(profile.device)
     ckpt = load_checkpoint(profile.checkpoint, device=backend.device)
-    dtype = generation_dtype(backend, ckpt.model, profile.dtype, profile.quantize)
-    model = prepare_model(ckpt.model, backend, dtype, profile.quantize)
+    model, choice = prepare(ckpt.model, backend, profile.dtype, profile.quantize)
+    path = choice.path
     return _Loaded(profile, model, ckpt.tokenizer, ckpt.step, checkpoint_id(profile.checkpoint), backend.name,
-                   dtype_name(dtype), ckpt.tokenizer.fingerprint)
+                   path.dtype, path.quantize, path.name, ckpt.tokenizer.fingerprint)
 
 
 def _check_train_job(args) -> None:
@@ -241,7 +244,7 @@ class ChatSession:
         return {"profile": self.profile.name, "checkpoint": str(self.profile.checkpoint), "step": self.loaded.step,
                 "chain": self.chain, "options": self.options, "max_new_tokens": self.max_new_tokens,
                 "seed": self.seed, "device": self.loaded.device, "dtype": self.loaded.dtype,
-                "quantize": self.profile.quantize,
+                "quantize": self.loaded.quantize, "path": self.loaded.path,
                 **({"user_name": self.template.user_name, "model_name": self.template.model_name}
                    if self.template.uses_names() else {})}
 
@@ -369,7 +372,7 @@ class ChatSession:
                         self.profile.name, str(self.profile.checkpoint), self.loaded.sha256, self.loaded.step,
                         self.loaded.fingerprint, chain, options, event.seed, limit, first,
                         event.reason, event.new_tokens, round(event.tokens_per_second, 1), asdict(template),
-                        self.loaded.dtype, self.profile.quantize)
+                        self.loaded.dtype, self.loaded.quantize, self.loaded.path)
                 yield event
         except Exception:
             if turn.provenance is None and turn is self.turns[-1]:
@@ -411,9 +414,13 @@ class ChatSession:
             raise QuillError(f"reply {n} came from another checkpoint ({turn.provenance.checkpoint})",
                              hint=f"switch to its profile first: /profile {turn.provenance.profile}")
         p = turn.provenance
-        if p.dtype and (p.dtype, p.quantize) != (self.loaded.dtype, self.profile.quantize):
+        if p.path and p.path != self.loaded.path:
+            raise QuillError(f"reply {n} was generated along the {p.path} path; this profile now generates "
+                             f"along {self.loaded.path}", hint="pin it to replay exactly: "
+                             f"QUILL_GENERATION_PATH='{p.path}', or the profile's [backend] dtype and quantize")
+        if p.dtype and (p.dtype, p.quantize) != (self.loaded.dtype, self.loaded.quantize):
             raise QuillError(f"reply {n} was computed in {p.dtype} (weights: {p.quantize}), "
-                             f"this profile computes in {self.loaded.dtype} (weights: {self.profile.quantize})",
+                             f"this profile computes in {self.loaded.dtype} (weights: {self.loaded.quantize})",
                              hint="replay it with a profile that uses the same dtype and quantization")
         before, provenance = turn.reply, turn.provenance
         self._claim()

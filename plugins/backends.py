@@ -49,15 +49,6 @@ class CpuBackend(Backend):
 
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
-    def generation_dtype(self, num_params: int):
-        import torch
-
-        # Decoding streams every weight once per token. Under 2M parameters (8 MB
-        # of float32) the weights stay in cache and float32 runs fastest; above,
-        # halving the bytes wins: 1,230 vs 870 tokens/s at 0.8M parameters, 270 vs
-        # 150 at 10.6M, measured here (benchmarks/generate_bench.py).
-        return self.preferred_dtype() if num_params >= 2_000_000 else torch.float32
-
     def cache_dtype(self, dtype):
         import torch
 

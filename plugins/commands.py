@@ -88,7 +88,7 @@ def show(session, args: str) -> str:
             f"sampler     {d['chain']}\n"
             f"options     {options or 'none'}\n"
             f"generation  max_new_tokens {d['max_new_tokens']}, seed {seed}\n"
-            f"device      {d['device']}, {d['dtype']}" + (f", {d['quantize']} weights" if d["quantize"] != "none" else "")
+            f"device      {d['device']}, {d['path']}" + (f" ({d['dtype']} activations)" if d["quantize"] != "none" else "")
             + (f"\nspeakers    you are {d['user_name']}, the model is {d['model_name']}" if "user_name" in d else ""))
 
 

@@ -11,6 +11,7 @@ saying why, where the device's backend is not available.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,10 @@ def _device_of(item) -> str:
 
 def pytest_configure(config):
     os.environ["QUILL_DEVICE"] = "cpu"
+    # Every generation runs float32, whatever this machine measures fastest: replies compared
+    # across processes must come from the same path. test_calibrate.py unpins it.
+    os.environ["QUILL_GENERATION_PATH"] = "float32"
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="quill-test-cache-")  # measurements stay out of ~/.cache
 
 
 def pytest_runtest_setup(item):

@@ -25,9 +25,10 @@ def quill_env(extra: dict | None = None) -> dict[str, str]:
     """The environment for a `quill` subprocess: this one without the user's QUILL_* settings.
 
     QUILL_SHIPPED_PROFILES stays (tests other than test_shipped hide the shipped
-    profiles), and so does QUILL_DEVICE (the test's device, set in conftest).
+    profiles), and so do QUILL_DEVICE (the test's device) and QUILL_GENERATION_PATH
+    (float32, unless a test says otherwise), both set in conftest.
     """
-    kept = ("QUILL_SHIPPED_PROFILES", "QUILL_DEVICE")
+    kept = ("QUILL_SHIPPED_PROFILES", "QUILL_DEVICE", "QUILL_GENERATION_PATH")
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUILL_") or k in kept}
     env.update(extra or {})
     return env

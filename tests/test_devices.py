@@ -33,7 +33,8 @@ from gpt_runtime.data import DataDir, prepare
 from gpt_runtime.errors import QuillError
 from gpt_runtime.evaluate import evaluate
 from gpt_runtime.generate import Done, Token, generate_text
-from gpt_runtime.inference import generation_dtype, int8_unavailable, prepare_model
+from gpt_runtime.calibrate import choose
+from gpt_runtime.inference import int8_unavailable, prepare_model
 from gpt_runtime.model import KVCache
 from gpt_runtime.plugins import get_registry
 from gpt_runtime.sampling import build_chain
@@ -360,8 +361,8 @@ stop = ["\\n", "A:"]
 
 
 def expected_dtype(device: str, run_dir) -> str:
-    """What `dtype = "auto"` means for this model on this device (bfloat16 on a recent NVIDIA GPU)."""
-    return dtype_name(generation_dtype(get_backend(device), load_checkpoint(run_dir).model, "auto"))
+    """What `dtype = "auto"` means for this model on this device (float32: the tests pin the path)."""
+    return choose(load_checkpoint(run_dir, device=device).model, get_backend(device)).path.dtype
 
 
 def test_a_chat_session_on_the_device(device, run_dir, tmp_path, monkeypatch):
@@ -382,7 +383,7 @@ def test_a_chat_session_on_the_device(device, run_dir, tmp_path, monkeypatch):
                                        chain=build_chain("top_k,temperature", {"top_k": {"k": 20}, "temperature": {"t": 0.9}}),
                                        seed=done.seed, max_new_tokens=10, stop=["\n", "A:"]).strip()
     p = turn.provenance
-    assert (p.profile, p.dtype, p.quantize, p.step) == ("dev", dtype, "none", load_checkpoint(run_dir).step)
+    assert (p.profile, p.dtype, p.quantize, p.path, p.step) == ("dev", dtype, "none", dtype, load_checkpoint(run_dir).step)
     assert p.reason == done.reason and p.new_tokens == done.new_tokens
     assert s.replay(1) == (turn.reply, turn.reply)
     assert not s.busy

@@ -211,7 +211,7 @@ def test_a_minimal_profile_gets_every_default(disk):
     assert p.chain == DEFAULT_CHAIN == "top_k,top_p,temperature"
     assert p.options == build_chain(DEFAULT_CHAIN).settings() == {
         "top_k": {"k": 40}, "top_p": {"p": 0.95, "min_keep": 1}, "temperature": {"t": 0.8}}
-    assert (p.device, p.dtype, p.quantize, p.max_new_tokens, p.seed) == ("auto", "auto", "none", 200, None)
+    assert (p.device, p.dtype, p.quantize, p.max_new_tokens, p.seed) == ("auto", "auto", "auto", 200, None)
     assert p.template == ChatTemplate() and p.template.stop == ["\nUser:"]
     data = p.to_dict()
     assert data["tokenizer"] is None and data["generation"] == {"max_new_tokens": 200, "seed": None}
@@ -313,7 +313,7 @@ ERRORS = [
      ": [sampler] top_k = 40 is neither `chain` nor a sampler's options", "write options as top_k = { option = value }"),
     ("bad_dtype", CKPT_LINE + '[backend]\ndtype = "float64"\n', ": [backend] dtype 'float64' is not auto, float32 or bfloat16",
      None),
-    ("bad_quantize", CKPT_LINE + '[backend]\nquantize = "int4"\n', ": [backend] quantize 'int4' is not none or int8", None),
+    ("bad_quantize", CKPT_LINE + '[backend]\nquantize = "int4"\n', ": [backend] quantize 'int4' is not auto, none or int8", None),
     ("max_new_tokens_0", CKPT_LINE + '[generation]\nmax_new_tokens = 0\n',
      ": [generation] max_new_tokens must be at least 1, not 0", None),
     ("seed_negative", CKPT_LINE + '[generation]\nseed = -1\n', ": [generation] seed must be from 0 to 2**64 - 1, not -1", None),

@@ -103,7 +103,7 @@ def test_a_reply_streams_tokens_then_done_and_records_where_it_came_from(s, m):
                            tokenizer_fingerprint=m["fingerprint"], chain="top_k,temperature", options=ALPHA_OPTIONS,
                            seed=done.seed, max_new_tokens=ALPHA_LIMIT, first_turn=0, reason=done.reason,
                            new_tokens=done.new_tokens, tokens_per_second=round(done.tokens_per_second, 1),
-                           template=vars(ALPHA_TEMPLATE), dtype="float32", quantize="none")
+                           template=vars(ALPHA_TEMPLATE), dtype="float32", quantize="none", path="float32")
     assert done.reason in ("stop", "eos", "length") and 0 <= done.seed < 2**63
     assert not s.busy
 
@@ -393,7 +393,7 @@ def test_set_sampler_options_limits_and_seed(s):
     assert s.options == {"top_k": {"k": 7}, "top_p": {"p": 0.5, "min_keep": 1}, "temperature": {"t": 0.5}}
     assert s.describe() == {"profile": "alpha", "checkpoint": str(s.profile.checkpoint), "step": 7,
                             "chain": "top_k,top_p,temperature", "options": s.options, "max_new_tokens": 30,
-                            "seed": None, "device": "cpu", "dtype": "float32", "quantize": "none"}
+                            "seed": None, "device": "cpu", "dtype": "float32", "quantize": "none", "path": "float32"}
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [

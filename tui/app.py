@@ -235,7 +235,7 @@ class QuillApp(App):
         used, block = s.context_used()
         d = s.describe()
         busy = " │ streaming (Esc stops)" if self.streaming else ""
-        self.status(f"{d['profile']} │ {d['chain']} │ {d['device']} {d['dtype']} │ "
+        self.status(f"{d['profile']} │ {d['chain']} │ {d['device']} {d['path']} │ "
                     f"{self.last_speed or '– tok/s'} │ context {used}/{block}{busy}")
 
     def tick(self) -> None:

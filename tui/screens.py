@@ -189,7 +189,7 @@ class ProvenanceScreen(Closable):
         for key, value in [("profile", p.profile), ("checkpoint", p.checkpoint), ("sha-256", p.checkpoint_sha256),
                            ("step", p.step), ("tokenizer", p.tokenizer_fingerprint), ("sampler chain", p.chain),
                            ("options", options or "none"), ("seed", p.seed), ("max_new_tokens", p.max_new_tokens),
-                           ("dtype", f"{p.dtype}, {p.quantize} quantization"), ("ended", p.reason),
+                           ("path", p.path or f"{p.dtype}, {p.quantize} quantization"), ("ended", p.reason),
                            ("tokens", p.new_tokens), ("speed", f"{p.tokens_per_second} tokens/s")]:
             table.add_row(Text(key, style="bold"), str(value))
         with Vertical(classes="box") as box:
