@@ -22,6 +22,7 @@ an interrupted run continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .backend import Backend, dtype_name, get_backend, resolve_dtype
 from .checkpoint import check_tokenizer_match, load_resume_state, save_checkpoint, save_resume_state
-from .config import TrainConfig
+from .config import COMPILE_AUTO_MIN_STEPS, TrainConfig
 from .data import BatchSampler, DataDir
 from .errors import QuillError, QuillWarning
 from .fileio import atomic_write_bytes
@@ -58,6 +59,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def resolve_compile(setting: bool | str, device: torch.device, steps: int) -> bool:
+    """Whether to torch.compile the model for a run of `steps` steps on `device`.
+
+    True and False are what the user chose. "auto" compiles on CUDA only, and only when
+    at least COMPILE_AUTO_MIN_STEPS steps are left: the compile costs tens of seconds to
+    minutes once per invocation, and the faster steps must pay that back. Never on CPUs
+    (it added 3% there for a 40-second compile, README, Performance) or MPS. It also needs
+    Triton, which writes the GPU kernels; without it compiling would fail at the first step.
+    """
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cuda" and steps >= COMPILE_AUTO_MIN_STEPS and importlib.util.find_spec("triton") is not None
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -130,11 +145,13 @@ class _Run:
     flops_per_token: float
     peak: float  # FLOP/s of all ranks together, for MFU; 0 where unknown (and off rank 0)
     peak_source: str
+    compiled: bool = False  # `runner` is torch.compile's: the first step waits for the compiler
     history: list[dict] = field(default_factory=list)
     first_step: int = 0  # where this invocation began, for the ETA
     train_seconds: float = 0.0  # time in training steps; evaluation is not counted
     window_start: float = 0.0  # tokens/s is over the steps since the last log line
     window_tokens: int = 0
+    compile_seconds: float = 0.0  # the first compiled step's time, left out of tokens/s and the ETA
 
     @property
     def tokens_per_step(self) -> int:
@@ -177,13 +194,16 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
     With `resume`, continue the run in `cfg.out` exactly where it stopped; `cfg`
     must be the run's config (`config.saved_config(out)`) except for the fields in
     `RESUME_MAY_CHANGE`. `on_event` receives dicts for each logged step
-    (``{"event": "step", ...}``), evaluation and the end of training.
+    (``{"event": "step", ...}``), evaluation and the end of training; a compiled run also
+    gets ``{"event": "compiling"}`` before its first step and ``{"event": "compiled",
+    "seconds": ...}`` after it.
     """
     run = _setup(cfg, resume)
     emit = on_event if (on_event and run.rank == 0) else _ignore
     emit({"event": "start", "step": run.step, "max_steps": cfg.max_steps, "params": run.model.num_params(),
           "device": str(run.device), "dtype": dtype_name(run.dtype), "world_size": run.world,
-          "tokens_per_step": run.tokens_per_step, "peak_flops": run.peak, "peak_source": run.peak_source})
+          "tokens_per_step": run.tokens_per_step, "peak_flops": run.peak, "peak_source": run.peak_source,
+          "compile": run.compiled})
     return _train_loop(run, emit)
 
 
@@ -201,18 +221,23 @@ def _train_loop(run: _Run, emit: Callable[[dict], None]) -> TrainResult:
     try:
         with stop.installed():
             while run.step < cfg.max_steps:
+                compiling = run.compiled and run.step == run.first_step
+                if compiling:
+                    emit({"event": "compiling", "step": run.step})
                 step_start = time.perf_counter()
                 lr = lr_at(run.step, cfg)
                 loss = _train_step(run, lr)
+                logging = run.step % cfg.log_interval == 0 or run.step == cfg.max_steps
+                evaluating = run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps
                 now = time.perf_counter()
                 run.train_seconds += now - step_start
                 run.window_tokens += run.tokens_per_step
+                if compiling:
+                    _compiled(run, now - step_start, now, emit)
 
-                record = None
-                if run.step % cfg.log_interval == 0 or run.step == cfg.max_steps:
-                    record = _throughput_record(run, loss, lr, now)
+                record = _throughput_record(run, loss, lr, now) if logging else None
                 stopping = _should_stop(stop, cfg, run.train_seconds, run.world, run.device)
-                if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps or stopping:
+                if evaluating or stopping:
                     val_loss = _evaluate_and_checkpoint(run)
                     record = record or {"step": run.step, "loss": loss, "lr": lr, "elapsed_s": round(run.train_seconds, 2)}
                     record["val_loss"] = val_loss
@@ -271,7 +296,8 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
         atomic_write_bytes(out / "config.json", (json.dumps(asdict(cfg), indent=1) + "\n").encode())
         _trim_log(out / "log.jsonl", step)
 
-    runner = torch.compile(model) if cfg.compile else model
+    compiled = resolve_compile(cfg.compile, device, cfg.max_steps - step)
+    runner = torch.compile(model) if compiled else model
     if world > 1:
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     # The throughput counted is all ranks', and each rank has a device of its own (on CPUs
@@ -279,7 +305,7 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     peak, peak_source = peak_flops(backend, dtype) if rank == 0 else (0.0, "")
     return _Run(cfg, out, rank, world, backend, device, dtype, backend.autocast(dtype), data, train_batches, val_tokens,
                 model, runner, optimizer, step, best_val, last_val, model.flops_per_token(), peak * world, peak_source,
-                first_step=step)
+                compiled=compiled, first_step=step)
 
 
 def _state_to_resume(cfg: TrainConfig, out: Path) -> dict:
@@ -352,13 +378,25 @@ def _train_step(run: _Run, lr: float) -> float:
     loss_value = mean.item()
     if not math.isfinite(loss_value):
         raise _diverged("loss", loss_value, run.step + 1, run.out)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
+    _optimizer_step(run)
     run.backend.synchronize()
     return loss_value
+
+
+def _optimizer_step(run: _Run) -> None:
+    """Clip the gradients, step the optimizer (its fused kernel where there is one) and free the gradients."""
+    if run.cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)  # freed, not zeroed: the next backward writes them afresh
+    run.step += 1
+
+
+def _compiled(run: _Run, seconds: float, now: float, emit: Callable[[dict], None]) -> None:
+    """After the first compiled step: say how long it took, and start tokens/s afresh after it."""
+    run.compile_seconds = seconds
+    run.window_start, run.window_tokens = now, 0
+    emit({"event": "compiled", "step": run.step, "seconds": round(seconds, 2)})
 
 
 def _evaluate_and_checkpoint(run: _Run) -> float:
@@ -387,10 +425,11 @@ def _evaluate_and_checkpoint(run: _Run) -> float:
 
 
 def _throughput_record(run: _Run, loss: float, lr: float, now: float) -> dict:
-    """A log line for this step, with the tokens/s and MFU since the last one (and a new window)."""
-    tps = run.window_tokens / (now - run.window_start)
-    record = {"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
-              "mfu": round(run.flops_per_token * tps / run.peak, 4) if run.peak else None,
+    """A log line for this step, with the tokens/s and MFU since the last one (and a new window).
+    Both are None when no step was timed since (only the compiled first one, which is not)."""
+    tps = run.window_tokens / (now - run.window_start) if run.window_tokens else None
+    record = {"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1) if tps is not None else None,
+              "mfu": round(run.flops_per_token * tps / run.peak, 4) if run.peak and tps is not None else None,
               "elapsed_s": round(run.train_seconds, 2)}
     run.window_start, run.window_tokens = now, 0
     return record
@@ -402,8 +441,16 @@ def _log(run: _Run, record: dict, log_file, emit: Callable[[dict], None]) -> Non
     if log_file:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
-    eta = (run.cfg.max_steps - run.step) * run.train_seconds / max(1, run.step - run.first_step)
-    emit({"event": "step", "max_steps": run.cfg.max_steps, "eta_s": eta, **record})
+    emit({"event": "step", "max_steps": run.cfg.max_steps, "eta_s": _eta(run), **record})
+
+
+def _eta(run: _Run) -> float | None:
+    """Seconds to `max_steps` at the pace of this invocation's steps so far; the compiled first
+    step does not count (it is mostly compiling). None when no other step has run yet."""
+    timed = run.step - run.first_step - (1 if run.compile_seconds else 0)
+    if timed < 1:
+        return None
+    return (run.cfg.max_steps - run.step) * (run.train_seconds - run.compile_seconds) / timed
 
 
 def _leave_process_group(world: int, failed: bool) -> None:

@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import threading
 
@@ -139,15 +140,33 @@ def test_training_on_the_device_lowers_the_loss(device, dtype, data, tmp_path):
 
 
 def test_compiled_training_follows_the_eager_losses(device, data, tmp_path):
-    """`--compile` (torch.compile): the slow test here, a few seconds to a minute of compiling."""
+    """`quill train --compile` (torch.compile): the slow test here, a few seconds to a minute of
+    compiling. It says when compiling starts and how long the first step took, once."""
     settings = dict(max_steps=4, eval_interval=4)
-    eager = train(config(data, tmp_path / "eager", device, **settings))
-    compiled = train(config(data, tmp_path / "compiled", device, compile=True, **settings))
-    assert compiled.step == 4 and load_checkpoint(tmp_path / "compiled").train_args["compile"] is True
-    losses = [r["loss"] for r in compiled.history]
+    eager = train(config(data, tmp_path / "eager", device, **settings))  # auto: 4 steps are too few to compile
+    cfg = config(data, tmp_path / "compiled", device, **settings)
+    out = run_quill("train", *_flags(cfg), "--compile")
+    err = out.stderr.decode("utf-8", "replace")
+    assert out.returncode == 0, err[-3000:]
+    assert err.count("compiling the model (torch.compile)") == 1, err
+    seconds = re.findall(r"compiled: the first step took (\d+\.\d) s", err)
+    assert len(seconds) == 1 and float(seconds[0]) > 0, err
+    assert load_checkpoint(tmp_path / "compiled").train_args["compile"] is True
+    losses = [r["loss"] for r in log_of(tmp_path / "compiled")]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert losses == pytest.approx([r["loss"] for r in eager.history], abs=1e-3)  # fused kernels round differently
-    assert compiled.last_val_loss == pytest.approx(eager.last_val_loss, abs=1e-3)
+    assert log_of(tmp_path / "compiled")[-1]["val_loss"] == pytest.approx(eager.last_val_loss, abs=1e-3)
+
+
+def _flags(cfg: TrainConfig) -> list[str]:
+    """`quill train` flags for every setting of `cfg` that differs from the default."""
+    default, args = TrainConfig(), []
+    for name, value in vars(cfg).items():
+        flag = "--" + name.replace("_", "-")
+        if value == getattr(default, name):
+            continue
+        args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return args
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -21,7 +21,7 @@ from gpt_runtime import peak
 import plugins.backends as backends
 from gpt_runtime.backend import Backend, get_backend, resolve_dtype
 from gpt_runtime.checkpoint import load_checkpoint, load_resume_state
-from gpt_runtime.config import TrainConfig, load_toml, saved_config
+from gpt_runtime.config import COMPILE_AUTO_MIN_STEPS, TrainConfig, load_toml, saved_config
 from gpt_runtime.data import DataDir, prepare
 from gpt_runtime.errors import QuillError
 from gpt_runtime.evaluate import evaluate, evaluate_tokens
@@ -308,6 +308,18 @@ def test_unknown_toml_key_names_it_and_the_closest(tmp_path):
     assert "known keys:" in info.value.hint and "n_layer" in info.value.hint
 
 
+@pytest.mark.parametrize("line,value", [("", "auto"), ('compile = "auto"', "auto"), ("compile = true", True),
+                                        ("compile = false", False)])
+def test_compile_is_auto_by_default_and_older_true_or_false_configs_still_parse(tmp_path, line, value):
+    path = tmp_path / "run.toml"
+    path.write_text(line + "\n")
+    cfg = TrainConfig.from_dict(load_toml(path), str(path))
+    assert cfg.compile == value and type(cfg.compile) is type(value)
+    replace(cfg, data="d").validate()
+    with pytest.raises(QuillError, match=re.escape('compile must be true, false or "auto", not 1')):
+        replace(cfg, data="d", compile=1).validate()  # from Python, where no TOML parser checked it
+
+
 def test_toml_values_are_read(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('n_layer = 4\nlr = 3e-4\ndropout = 0\ngradient_checkpointing = true\nposition = "rope"\n')
@@ -321,7 +333,8 @@ def test_toml_values_are_read(tmp_path):
     ("n_layer = 4.0", "n_layer should be int, not 4.0"),
     ("n_layer = true", "n_layer should be int, not True"),
     ('lr = "fast"', "lr should be float, not 'fast'"),
-    ("compile = 1", "compile should be bool, not 1"),
+    ("compile = 1", 'compile should be true, false or "auto", not 1'),
+    ('compile = "yes"', 'compile should be true, false or "auto", not \'yes\''),
     ("position = 1", "position should be str, not 1"),
 ])
 def test_toml_type_errors(tmp_path, line, message):
@@ -710,3 +723,46 @@ def test_without_a_validation_split_training_says_it_validates_on_training_data(
     with pytest.warns(QuillWarning, match="validation losses are measured on training data"):
         result = train(config(tmp_path / "d", tmp_path / "run", max_steps=3))
     assert result.best_val_loss is not None
+
+
+# --- what a GPU run does differently, as far as a CPU can show it --------------------------------
+
+@pytest.mark.parametrize("setting,device,steps,triton,expected", [
+    ("auto", "cpu", 10**6, True, False), ("auto", "mps", 10**6, True, False),
+    ("auto", "cuda", COMPILE_AUTO_MIN_STEPS - 1, True, False), ("auto", "cuda", COMPILE_AUTO_MIN_STEPS, True, True),
+    ("auto", "cuda", 10**6, False, False),  # no Triton, nothing to compile GPU kernels with
+    (True, "cpu", 1, False, True), (False, "cuda", 10**6, True, False),
+])
+def test_compile_auto_compiles_only_long_cuda_runs(monkeypatch, setting, device, steps, triton, expected):
+    monkeypatch.setattr(train_module.importlib.util, "find_spec", lambda name: object() if triton else None)
+    assert train_module.resolve_compile(setting, torch.device(device), steps) is expected
+
+
+def test_compile_auto_does_not_compile_on_the_cpu(data, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    events = []
+    steps = COMPILE_AUTO_MIN_STEPS  # long enough that on CUDA it would compile
+    result = train(config(data, tmp_path / "run", max_steps=steps, eval_interval=steps, log_interval=steps // 2),
+                   on_event=events.append)
+    assert result.step == steps and compiled == []
+    assert events[0]["event"] == "start" and events[0]["compile"] is False
+    assert not [e for e in events if e["event"] in ("compiling", "compiled")]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["compile"] == "auto"  # the setting, kept
+    train(replace(saved_config(tmp_path / "run"), max_steps=steps + 2, compile=True), resume=True)  # a resume may change it
+    assert len(compiled) == 1 and saved_config(tmp_path / "run").compile is True
+
+
+def test_a_compiled_first_step_is_timed_apart_from_the_rest(data, tmp_path, monkeypatch):
+    """The first step of a compiled run waits for the compiler: it is reported once, and left
+    out of tokens/s and the ETA. (torch.compile is stood in for here: compiling on a CPU takes
+    half a minute; test_devices compiles for real on a GPU.)"""
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    events = []
+    train(config(data, tmp_path / "run", compile=True, max_steps=4, eval_interval=4), on_event=events.append)
+    kinds = [e["event"] for e in events]
+    assert kinds[:4] == ["start", "compiling", "compiled", "step"] and kinds.count("compiled") == 1
+    compiled, first, second = events[2], events[3], events[4]
+    assert compiled["step"] == 1 and compiled["seconds"] >= 0
+    assert first["step"] == 1 and first["tokens_per_s"] is None and first["mfu"] is None and first["eta_s"] is None
+    assert second["step"] == 2 and second["tokens_per_s"] > 0 and second["eta_s"] >= 0
