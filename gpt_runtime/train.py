@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -198,13 +198,14 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
     gets ``{"event": "compiling"}`` before its first step and ``{"event": "compiled",
     "seconds": ...}`` after it.
     """
-    run = _setup(cfg, resume)
-    emit = on_event if (on_event and run.rank == 0) else _ignore
-    emit({"event": "start", "step": run.step, "max_steps": cfg.max_steps, "params": run.model.num_params(),
-          "device": str(run.device), "dtype": dtype_name(run.dtype), "world_size": run.world,
-          "tokens_per_step": run.tokens_per_step, "peak_flops": run.peak, "peak_source": run.peak_source,
-          "compile": run.compiled})
-    return _train_loop(run, emit)
+    with ExitStack() as backend_settings:  # the backend's training settings, undone however training ends
+        run = _setup(cfg, resume, backend_settings)
+        emit = on_event if (on_event and run.rank == 0) else _ignore
+        emit({"event": "start", "step": run.step, "max_steps": cfg.max_steps, "params": run.model.num_params(),
+              "device": str(run.device), "dtype": dtype_name(run.dtype), "world_size": run.world,
+              "tokens_per_step": run.tokens_per_step, "peak_flops": run.peak, "peak_source": run.peak_source,
+              "compile": run.compiled})
+        return _train_loop(run, emit)
 
 
 def _ignore(event: dict) -> None:
@@ -264,9 +265,11 @@ def _train_loop(run: _Run, emit: Callable[[dict], None]) -> TrainResult:
 
 # --- setup -------------------------------------------------------------------------------------
 
-def _setup(cfg: TrainConfig, resume: bool) -> _Run:
+def _setup(cfg: TrainConfig, resume: bool, backend_settings: ExitStack) -> _Run:
     """Check the run may start, then build its device, data, model and optimizer (restored
-    from the run's last state with `resume`), and write its config."""
+    from the run's last state with `resume`), and write its config. The backend's training
+    settings are entered into `backend_settings` (before the MFU yardstick is measured:
+    they decide how fast the products run)."""
     out = Path(cfg.out)
     state = None
     if resume:
@@ -278,6 +281,7 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     if state is not None and cfg.max_steps <= state["step"]:
         raise QuillError(f"the run in {str(out)!r} is already at step {state['step']}", hint=f"pass --max-steps above {state['step']} to train further")
     backend, device, dtype = _start_backend(cfg, world)
+    backend_settings.enter_context(backend.training())
     data, train_batches, val_tokens = _open_data(cfg, state, out, rank, world)
 
     torch.manual_seed(cfg.seed + rank)

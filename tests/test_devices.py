@@ -27,7 +27,7 @@ import torch
 
 from generation_helpers import ARCHITECTURES, BANNED, BLOCK, cancelled_after, greedy_without_eos, ids_of, tiny_gpt
 from generation_helpers import run as run_generation
-from gpt_runtime.backend import dtype_name, get_backend, resolve_dtype
+from gpt_runtime.backend import cuda_matmul_precision, cuda_uses_tf32, dtype_name, get_backend, resolve_dtype
 from gpt_runtime.checkpoint import load_checkpoint
 from gpt_runtime.config import TrainConfig, saved_config
 from gpt_runtime.data import DataDir, prepare
@@ -167,6 +167,21 @@ def _flags(cfg: TrainConfig) -> list[str]:
             continue
         args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
     return args
+
+
+def test_float32_products_run_in_tf32_while_training_on_cuda_only(device, data, tmp_path):
+    before, events, tf32 = cuda_matmul_precision(), [], []
+
+    def on_event(event):
+        events.append(event)
+        tf32.append(cuda_uses_tf32())
+
+    train(config(data, tmp_path / "run", device, max_steps=3, eval_interval=3), on_event=on_event)
+    assert set(tf32) == {device == "cuda"}  # float32 runs; bf16 autocast products are bf16 anyway
+    assert cuda_matmul_precision() == before and not cuda_uses_tf32()  # put back for the rest of the process
+    source = events[0]["peak_source"]
+    if device == "cuda" and "datasheet" in source:
+        assert source.endswith("dense tf32")  # MFU against the rate the products run at
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import gpt_runtime.train as train_module
 from gpt_runtime import peak
 import plugins.backends as backends
-from gpt_runtime.backend import Backend, get_backend, resolve_dtype
+from gpt_runtime.backend import Backend, cuda_matmul_precision, cuda_uses_tf32, get_backend, resolve_dtype
 from gpt_runtime.checkpoint import load_checkpoint, load_resume_state
 from gpt_runtime.config import COMPILE_AUTO_MIN_STEPS, TrainConfig, load_toml, saved_config
 from gpt_runtime.data import DataDir, prepare
@@ -766,3 +766,36 @@ def test_a_compiled_first_step_is_timed_apart_from_the_rest(data, tmp_path, monk
     assert compiled["step"] == 1 and compiled["seconds"] >= 0
     assert first["step"] == 1 and first["tokens_per_s"] is None and first["mfu"] is None and first["eta_s"] is None
     assert second["step"] == 2 and second["tokens_per_s"] > 0 and second["eta_s"] >= 0
+
+
+def test_the_cuda_backend_turns_tf32_on_for_training_and_back_off_after(monkeypatch):
+    # The setting exists in CPU builds of PyTorch too, so this runs anywhere.
+    before = cuda_matmul_precision()
+    assert not cuda_uses_tf32()  # PyTorch's default
+    with backends.CudaBackend().training():
+        assert cuda_uses_tf32()
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+        # float32 products now run in TF32, so MFU is measured against the TF32 rate
+        assert peak.peak_flops(backends.CudaBackend(), torch.float32) == (pytest.approx(494.7e12), "NVIDIA H100 80GB HBM3 datasheet, dense tf32")
+        assert peak.peak_flops(backends.CudaBackend(), torch.bfloat16)[0] == pytest.approx(989.4e12)
+    assert cuda_matmul_precision() == before and not cuda_uses_tf32()
+    with backends.CpuBackend().training():
+        assert not cuda_uses_tf32()
+    assert peak.peak_flops(backends.CudaBackend(), torch.float32) == (pytest.approx(66.9e12), "NVIDIA H100 80GB HBM3 datasheet, dense float32")
+
+
+def test_tf32_on_a_pytorch_without_the_newer_setting(monkeypatch):
+    """Before PyTorch 2.9 only torch.set_float32_matmul_precision says it ("high" is TF32)."""
+    state = {"precision": "highest"}
+    monkeypatch.setattr(torch.backends.cuda, "matmul", object())  # no fp32_precision attribute
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: state["precision"])
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda value: state.update(precision=value))
+    with backends.CudaBackend().training():
+        assert state["precision"] == "high" and cuda_uses_tf32()
+    assert state["precision"] == "highest" and not cuda_uses_tf32()
+
+
+def test_training_on_the_cpu_leaves_tf32_alone(data, tmp_path):
+    before, seen = cuda_matmul_precision(), []
+    train(config(data, tmp_path / "run", max_steps=2), on_event=lambda e: seen.append(cuda_matmul_precision()))
+    assert set(seen) == {before} == {cuda_matmul_precision()}
