@@ -146,6 +146,7 @@ class _Run:
     peak: float  # FLOP/s of all ranks together, for MFU; 0 where unknown (and off rank 0)
     peak_source: str
     compiled: bool = False  # `runner` is torch.compile's: the first step waits for the compiler
+    defer_loss: bool = False  # each step's loss stays on the device until it is needed (_defers_loss)
     history: list[dict] = field(default_factory=list)
     first_step: int = 0  # where this invocation began, for the ETA
     train_seconds: float = 0.0  # time in training steps; evaluation is not counted
@@ -173,7 +174,7 @@ def estimate_loss(model: GPT, sampler: BatchSampler, steps: int, autocast, world
     for _ in range(steps):
         x, y = sampler.next()
         with autocast:
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(_to_device(x, device), _to_device(y, device))
         total += loss.float()
     model.train(was_training)
     total = total / steps
@@ -230,6 +231,8 @@ def _train_loop(run: _Run, emit: Callable[[dict], None]) -> TrainResult:
                 loss = _train_step(run, lr)
                 logging = run.step % cfg.log_interval == 0 or run.step == cfg.max_steps
                 evaluating = run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps
+                if logging or evaluating or compiling:
+                    loss = _loss_value(run, loss)  # waits for a GPU to finish: the time below is the step's
                 now = time.perf_counter()
                 run.train_seconds += now - step_start
                 run.window_tokens += run.tokens_per_step
@@ -237,8 +240,12 @@ def _train_loop(run: _Run, emit: Callable[[dict], None]) -> TrainResult:
                     _compiled(run, now - step_start, now, emit)
 
                 record = _throughput_record(run, loss, lr, now) if logging else None
-                stopping = _should_stop(stop, cfg, run.train_seconds, run.world, run.device)
+                # Ranks agree on stopping by a collective; with a deferred loss only at the steps
+                # that read it anyway, so as not to wait for the GPU every step.
+                agree = not run.defer_loss or logging or evaluating
+                stopping = _should_stop(stop, cfg, run.train_seconds, run.world, run.device, agree)
                 if evaluating or stopping:
+                    loss = _loss_value(run, loss)
                     val_loss = _evaluate_and_checkpoint(run)
                     record = record or {"step": run.step, "loss": loss, "lr": lr, "elapsed_s": round(run.train_seconds, 2)}
                     record["val_loss"] = val_loss
@@ -309,7 +316,14 @@ def _setup(cfg: TrainConfig, resume: bool, backend_settings: ExitStack) -> _Run:
     peak, peak_source = peak_flops(backend, dtype) if rank == 0 else (0.0, "")
     return _Run(cfg, out, rank, world, backend, device, dtype, backend.autocast(dtype), data, train_batches, val_tokens,
                 model, runner, optimizer, step, best_val, last_val, model.flops_per_token(), peak * world, peak_source,
-                compiled=compiled, first_step=step)
+                compiled=compiled, defer_loss=_defers_loss(device), first_step=step)
+
+
+def _defers_loss(device: torch.device) -> bool:
+    """Whether steps on `device` leave their loss on it until it is needed: on CUDA, where
+    reading it would stall the GPU each step. The CPU (its losses are numbers at once
+    anyway) and MPS keep reading and checking it at every step."""
+    return device.type == "cuda"
 
 
 def _state_to_resume(cfg: TrainConfig, out: Path) -> dict:
@@ -360,15 +374,17 @@ def _open_data(cfg: TrainConfig, state: dict | None, out: Path, rank: int, world
 
 # --- one step, evaluation, logging ---------------------------------------------------------------
 
-def _train_step(run: _Run, lr: float) -> float:
-    """One optimizer step at `lr` over `grad_accum` micro-batches; returns the loss, averaged over ranks."""
+def _train_step(run: _Run, lr: float) -> float | torch.Tensor:
+    """One optimizer step at `lr` over `grad_accum` micro-batches; returns the loss, averaged
+    over ranks: a number checked to be finite, or with `run.defer_loss` a tensor still on the
+    device, for `_loss_value` to read and check when it is needed."""
     cfg = run.cfg
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(cfg.grad_accum):
         x, y = run.train_batches.next()
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        x, y = _to_device(x, run.device), _to_device(y, run.device)
         # DDP averages gradients on every backward; only the last micro-batch's need it.
         sync = run.world == 1 or micro == cfg.grad_accum - 1
         with (nullcontext() if sync else run.runner.no_sync()), run.autocast:
@@ -379,6 +395,13 @@ def _train_step(run: _Run, lr: float) -> float:
     if run.world > 1:
         torch.distributed.all_reduce(mean)
         mean /= run.world
+    if run.defer_loss:
+        # Nothing here waits for the GPU, so the host queues this step and goes on to sample
+        # the next batch while the GPU computes. The price: a NaN or inf loss is caught at the
+        # next log line or evaluation (_loss_value), not at its own step; still before any
+        # checkpoint is written.
+        _optimizer_step(run)
+        return mean
     loss_value = mean.item()
     if not math.isfinite(loss_value):
         raise _diverged("loss", loss_value, run.step + 1, run.out)
@@ -394,6 +417,35 @@ def _optimizer_step(run: _Run) -> None:
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)  # freed, not zeroed: the next backward writes them afresh
     run.step += 1
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor, made on the CPU, on `device`."""
+    if device.type != "cuda":
+        return t.to(device, non_blocking=True)
+    # From page-locked (pinned) memory the copy is queued on the GPU's stream and the host
+    # goes straight on; from ordinary memory the host waits for it. `t` is a strided view of
+    # the sampled rows, so it is gathered into a pinned buffer of its own first (a strided
+    # source would be staged through ordinary memory). PyTorch keeps that buffer from being
+    # reused until the copy has run. The values, and so the batches, are the CPU's.
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.to(device, non_blocking=True)
+
+
+def _loss_value(run: _Run, loss: float | torch.Tensor) -> float:
+    """The latest step's loss as a number, checked to be finite.
+
+    A deferred loss is read once the device has finished all the work queued so far, so a
+    time taken just after this is the steps' own (honest tokens/s), and a NaN or inf stops
+    the run here, at the first step that reads it, before anything is saved."""
+    if isinstance(loss, float):
+        return loss  # read and checked at its own step
+    run.backend.synchronize()
+    value = loss.item()
+    if not math.isfinite(value):
+        raise _diverged("loss", value, run.step, run.out, deferred=True)
+    return value
 
 
 def _compiled(run: _Run, seconds: float, now: float, emit: Callable[[dict], None]) -> None:
@@ -494,7 +546,12 @@ def _restore_rng(state: dict, rank: int, device: torch.device) -> None:
         torch.mps.set_rng_state(mine["mps"])
 
 
-def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world: int, device: torch.device) -> str | None:
+def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world: int, device: torch.device,
+                 agree: bool = True) -> str | None:
+    """Why to stop after this step, if at all. Several ranks stop only at a step where all of
+    them `agree` to compare (a stop asked for meanwhile is kept for the next such step)."""
+    if world > 1 and not agree:
+        return None
     reason = stop.reason or ("time limit" if cfg.max_seconds and train_seconds >= cfg.max_seconds else None)
     if world > 1:  # every rank must stop at the same step, or the others would hang
         flag = torch.tensor([1.0 if reason else 0.0], device=device)
@@ -504,11 +561,13 @@ def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world:
     return reason
 
 
-def _diverged(what: str, value: float, step: int, out: Path) -> QuillError:
+def _diverged(what: str, value: float, step: int, out: Path, deferred: bool = False) -> QuillError:
+    """The error for a non-finite loss; `deferred`: seen at `step`, when it was read (on a GPU,
+    at log lines and evaluations), so it may have turned a few steps before."""
     saved = _saved_step(out)
     kept = f"the last good checkpoint (step {saved}) is in {out}" if saved is not None else "no checkpoint was saved yet"
     return QuillError(
-        f"the {what} became {value} at step {step}; stopped without saving it",
+        f"the {what} became {value} {'by' if deferred else 'at'} step {step}; stopped without saving it",
         hint=f"{kept}; try a lower --lr or more --warmup-steps",
     )
 

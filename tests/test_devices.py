@@ -184,6 +184,21 @@ def test_float32_products_run_in_tf32_while_training_on_cuda_only(device, data, 
         assert source.endswith("dense tf32")  # MFU against the rate the products run at
 
 
+def test_a_gpu_reads_the_loss_at_log_lines_and_catches_a_nan_there(device, data, tmp_path):
+    """On CUDA the loss stays on the GPU between log lines (no wait for the GPU each step)."""
+    skip_on_mps(device, "MPS reads the loss at every step, as the CPU does")
+    result = train(config(data, tmp_path / "run", device, max_steps=10, log_interval=4, eval_interval=5))
+    assert [r["step"] for r in result.history] == [4, 5, 8, 10]
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert all(r["tokens_per_s"] > 0 for r in result.history if r["step"] % 4 == 0)
+    # lr 1 with weight decay 100: the weights overflow within about 20 steps
+    diverge = dict(lr=1.0, min_lr=1.0, warmup_steps=0, grad_clip=0.0, weight_decay=100.0, max_steps=30, eval_steps=1)
+    with pytest.raises(QuillError) as info:
+        train(config(data, tmp_path / "nan", device, log_interval=4, **{**diverge, "eval_interval": 100}))
+    found = re.search(r"^the loss became (nan|inf|-inf) by step (\d+); stopped without saving it$", info.value.message)
+    assert found and int(found.group(2)) in range(4, 30, 4), info.value.message
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_an_interrupted_run_resumes_exactly_on_the_device(device, dtype, data, tmp_path):
     """Run A: 12 steps straight. Run B: SIGINT at step 6 (it saves and stops), then resumed to 12.

@@ -768,6 +768,31 @@ def test_a_compiled_first_step_is_timed_apart_from_the_rest(data, tmp_path, monk
     assert second["step"] == 2 and second["tokens_per_s"] > 0 and second["eta_s"] >= 0
 
 
+def test_a_loss_left_on_the_device_gives_the_same_log(data, tmp_path, monkeypatch):
+    """On CUDA a step's loss is read only when a log line, evaluation or stop needs it. The CPU
+    takes that path here: the logged losses must be the very ones read at every step."""
+    settings = dict(max_steps=10, eval_interval=4, log_interval=3, dropout=0.1)
+    every = train(config(data, tmp_path / "every", **settings))
+    monkeypatch.setattr(train_module, "_defers_loss", lambda device: True)
+    deferred = train(config(data, tmp_path / "deferred", **settings))
+    assert [r["step"] for r in deferred.history] == [3, 4, 6, 8, 9, 10]
+    timings = {"tokens_per_s", "mfu", "elapsed_s"}
+    assert [{k: v for k, v in r.items() if k not in timings} for r in deferred.history] == \
+        [{k: v for k, v in r.items() if k not in timings} for r in every.history]
+    assert all(r["tokens_per_s"] > 0 for r in deferred.history if r["step"] % 3 == 0)
+
+
+def test_a_loss_left_on_the_device_that_diverges_stops_where_it_is_read(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "_defers_loss", lambda device: True)
+    out = tmp_path / "run"
+    with pytest.raises(QuillError) as info:  # DIVERGE's weights overflow within about 20 steps
+        train(config(data, out, log_interval=4, **{**DIVERGE, "eval_interval": 100}))
+    found = re.search(r"^the loss became (nan|inf|-inf) by step (\d+); stopped without saving it$", info.value.message)
+    assert found, info.value.message
+    assert int(found.group(2)) in range(4, 30, 4)  # read at log lines only (and the end, step 30)
+    assert info.value.hint.startswith("no checkpoint was saved yet") and not (out / "last.safetensors").exists()
+
+
 def test_the_cuda_backend_turns_tf32_on_for_training_and_back_off_after(monkeypatch):
     # The setting exists in CPU builds of PyTorch too, so this runs anywhere.
     before = cuda_matmul_precision()
