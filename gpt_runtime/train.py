@@ -246,10 +246,13 @@ def _train_loop(run: _Run, emit: Callable[[dict], None]) -> TrainResult:
                 stopping = _should_stop(stop, cfg, run.train_seconds, run.world, run.device, agree)
                 if evaluating or stopping:
                     loss = _loss_value(run, loss)
+                    eval_start = time.perf_counter()
                     val_loss = _evaluate_and_checkpoint(run)
                     record = record or {"step": run.step, "loss": loss, "lr": lr, "elapsed_s": round(run.train_seconds, 2)}
                     record["val_loss"] = val_loss
-                    run.window_start = time.perf_counter()  # evaluation time is not training throughput
+                    # Evaluation time is not training throughput. Shifted, not restarted: between
+                    # log lines the window still counts the steps before the evaluation.
+                    run.window_start += time.perf_counter() - eval_start
                 if record is not None:
                     _log(run, record, log_file, emit)
                 if stopping:

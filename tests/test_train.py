@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -824,3 +825,20 @@ def test_training_on_the_cpu_leaves_tf32_alone(data, tmp_path):
     before, seen = cuda_matmul_precision(), []
     train(config(data, tmp_path / "run", max_steps=2), on_event=lambda e: seen.append(cuda_matmul_precision()))
     assert set(seen) == {before} == {cuda_matmul_precision()}
+
+
+def test_tokens_per_s_between_log_lines_leaves_out_an_evaluation_in_between(data, tmp_path, monkeypatch):
+    """Logs at steps 3 and 6, an evaluation at 4: step 6's tokens/s is steps 4-6's tokens over
+    their training time, which elapsed_s counts. Every forward sleeps, so the steps dominate."""
+    real_forward = GPT.forward
+
+    def slow_forward(self, *args, **kwargs):
+        time.sleep(0.05)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", slow_forward)
+    cfg = config(data, tmp_path / "run", max_steps=6, log_interval=3, eval_interval=4, eval_steps=4)
+    log = {r["step"]: r for r in train(cfg).history}
+    seconds = log[6]["elapsed_s"] - log[3]["elapsed_s"]
+    expected = 3 * cfg.batch_size * cfg.block_size / seconds
+    assert 0.85 < log[6]["tokens_per_s"] / expected < 1.1, (log[6]["tokens_per_s"], expected)
