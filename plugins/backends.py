@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 
@@ -112,7 +113,7 @@ class CudaBackend(Backend):
         return "nccl"
 
     @contextmanager
-    def training(self):
+    def training(self) -> Iterator[None]:
         # float32 products in TF32 (inputs rounded to a 10-bit mantissa, float32 sums) on
         # tensor cores: several times the float32 rate on Ampere and later GPUs, and as good
         # for training. It speeds up --dtype float32 runs; under bf16 autocast the products
