@@ -92,6 +92,12 @@ class Backend:
         """The torch.distributed backend for data-parallel training."""
         return "gloo"
 
+    def training(self) -> contextlib.AbstractContextManager:
+        """A context that `train` holds for the whole run: settings that make training
+        faster here and would surprise the rest of the process (CUDA: TF32 products).
+        It must undo them on leaving. The default changes nothing."""
+        return contextlib.nullcontext()
+
 
 def get_backend(name: str = "auto") -> Backend:
     """The backend called `name`; for ``auto``, the one `QUILL_DEVICE` names, else the
@@ -149,6 +155,42 @@ def resolve_dtype(backend: Backend, name: str = "auto") -> "torch.dtype":
         supported = ", ".join(str(d).removeprefix("torch.") for d in backend.supported_dtypes())
         raise QuillError(f"backend {backend.name!r} does not support {name}", hint=f"it supports {supported}")
     return dtype
+
+
+def cuda_matmul_precision() -> str:
+    """PyTorch's setting for float32 matrix products on CUDA, to restore it later:
+    `torch.backends.cuda.matmul.fp32_precision` ("ieee", "tf32", or "none": the global
+    `torch.backends.fp32_precision`) where this PyTorch has it (2.9 and later), else
+    `torch.get_float32_matmul_precision()` ("highest", "high" or "medium")."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    # The two APIs must not be mixed: with the newer one set to "tf32", reading the older
+    # one raises a RuntimeError in PyTorch 2.13.
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision
+    return torch.get_float32_matmul_precision()
+
+
+def set_cuda_matmul_precision(value: str) -> None:
+    """Set what `cuda_matmul_precision` reads; "tf32" turns TF32 on under either API."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = value
+    else:
+        torch.set_float32_matmul_precision("high" if value == "tf32" else value)
+
+
+def cuda_uses_tf32() -> bool:
+    """Whether float32 matrix products on CUDA run in TF32 now."""
+    import torch
+
+    value = cuda_matmul_precision()
+    if value == "none":  # the newer API's "as the global setting says"
+        value = getattr(torch.backends, "fp32_precision", "ieee")
+    return value in ("tf32", "high", "medium")
 
 
 def dtype_name(dtype: "torch.dtype") -> str:

@@ -25,6 +25,11 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", 
 DTYPES = ("bfloat16", "float16", "float32")
 QUANTIZE = ("auto", "none", "int8")  # auto: int8 when it is measured fastest and close enough
 
+# `compile = "auto"` compiles only runs of at least this many steps (in one invocation):
+# compiling takes tens of seconds to minutes, and a fused step saves milliseconds, so
+# shorter runs would spend more time compiling than they save.
+COMPILE_AUTO_MIN_STEPS = 500
+
 
 def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -66,7 +71,8 @@ class TrainConfig:
     seed: int = _opt(1337, "random seed")
     device: str = _opt("auto", "backend: auto ($QUILL_DEVICE, else the best available), cpu, cuda, mps, or a plugin's")
     dtype: str = _opt("auto", "compute dtype: auto (the backend's choice), float32, bfloat16, float16")
-    compile: bool = _opt(False, "compile the model with torch.compile")
+    compile: bool | str = _opt("auto", "compile the model with torch.compile: true, false, or auto (on CUDA when "
+                                       f"at least {COMPILE_AUTO_MIN_STEPS} steps are left to train; never on CPU or MPS)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
     max_seconds: float = _opt(0.0, "stop and save after this much training time (0: no limit)")
 
@@ -91,6 +97,8 @@ class TrainConfig:
                 raise QuillError(f"{name} must be a finite number, 0 or more, not {value}")
         if self.min_lr > self.lr:
             raise QuillError(f"min_lr ({self.min_lr}) is above lr ({self.lr})", hint="the schedule decays from lr down to min_lr")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise QuillError(f"compile must be true, false or \"auto\", not {self.compile!r}")
         if not self.data:
             raise QuillError("no data directory given", hint="pass --data DIR (made by `quill prepare`)")
 
@@ -102,6 +110,10 @@ class TrainConfig:
             if key not in known:
                 raise QuillError(f"{source}: unknown key {key!r}", hint=did_you_mean(key, known) or f"known keys: {', '.join(known)}")
             kind = known[key].type  # a string: annotations are postponed
+            if kind == "bool | str":  # a switch that may also be "auto" (compile)
+                if not (isinstance(value, bool) or value == "auto"):
+                    raise QuillError(f"{source}: {key} should be true, false or \"auto\", not {value!r}")
+                continue
             ok = {"int": int, "float": (int, float), "str": str, "bool": bool}[kind]
             if not isinstance(value, ok) or (isinstance(value, bool) and kind != "bool"):
                 raise QuillError(f"{source}: {key} should be {kind}, not {value!r}")

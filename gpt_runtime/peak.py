@@ -2,8 +2,8 @@
 
 MFU (model FLOPs utilisation) is the model's FLOPs per second over what the
 device could do at best. For a GPU that best is its datasheet's dense rate for
-the dtype the matrix products run in (no 2:4 sparsity; float32 without TF32,
-which PyTorch leaves off by default). A GPU missing from the table, and any
+the dtype the matrix products run in (no 2:4 sparsity; float32 in TF32 while
+training turns TF32 on, see `CudaBackend.training`, else without). A GPU missing from the table, and any
 other device, is timed instead: a matrix product large enough to come near the
 peak on a GPU (8192 square), and 1024 square on a CPU, where that is already
 as fast as the cores go.
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .backend import Backend
+from .backend import Backend, cuda_uses_tf32
 
 # Dense TFLOP/s from NVIDIA's datasheets and architecture whitepapers:
 # (pattern on torch.cuda.get_device_name(), bf16, fp16, fp32). None: no such rate.
@@ -51,6 +51,17 @@ def datasheet_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
     return None
 
 
+def datasheet_tf32_flops(device_name: str) -> float | None:
+    """The dense TF32 FLOP/s of `device_name`, or None where it has no TF32 (before Ampere).
+
+    The datasheets of the Ampere, Ada and Hopper parts in the table give dense TF32 at half
+    their dense bf16 rate (A100: 156 of 312 TFLOP/s; H100 SXM: 494.7 of 989.4), so the rate
+    is derived from the bf16 column rather than kept in a column of its own.
+    """
+    bf16 = datasheet_peak_flops(device_name, torch.bfloat16)
+    return bf16 / 2 if bf16 else None
+
+
 def timed_peak_flops(backend: Backend, dtype: torch.dtype, n: int, seconds: float = 0.2) -> float:
     """FLOP/s of repeated n x n products on `backend` in `dtype`, timed here."""
     # A private generator: drawing from the global RNG would shift a resumed run's dropout.
@@ -78,8 +89,12 @@ def peak_flops(backend: Backend, dtype: torch.dtype) -> tuple[float, str]:
     device = backend.device
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = datasheet_peak_flops(name, dtype)
+        label = str(dtype).removeprefix("torch.")
+        if dtype == torch.float32 and cuda_uses_tf32() and datasheet_tf32_flops(name):
+            label, peak = "tf32", datasheet_tf32_flops(name)  # the rate the products run at
+        else:
+            peak = datasheet_peak_flops(name, dtype)
         if peak:
-            return peak, f"{name} datasheet, dense {str(dtype).removeprefix('torch.')}"
+            return peak, f"{name} datasheet, dense {label}"
     n = 1024 if device.type == "cpu" else 8192
     return timed_peak_flops(backend, dtype, n), f"timed {n}x{n} product"

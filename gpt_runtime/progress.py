@@ -62,6 +62,15 @@ def _yardstick(event: dict) -> str:
     return f"; MFU against {event['peak_flops'] / 1e12:,.1f} TFLOP/s ({event['peak_source']})"
 
 
+def describe_compile(event: dict) -> str | None:
+    """The line for a `compiling` or `compiled` training event; None for other events."""
+    if event["event"] == "compiling":
+        return "compiling the model (torch.compile): the first step waits for it"
+    if event["event"] == "compiled":
+        return f"compiled: the first step took {event['seconds']:.1f} s (left out of tokens/s and the ETA)"
+    return None
+
+
 def describe_step(event: dict) -> str:
     """One line for a training step event: step, losses, speed, MFU, ETA."""
     parts = [f"step {event['step']}/{event['max_steps']}", f"loss {event['loss']:.4f}"]
@@ -90,6 +99,8 @@ def train_display() -> Iterator[Callable[[dict], None]]:
                       f"from step {event['step']}{_yardstick(event)}", file=sys.stderr, flush=True)
             elif event["event"] == "step":
                 print(describe_step(event), file=sys.stderr, flush=True)
+            elif describe_compile(event):
+                print(describe_compile(event), file=sys.stderr, flush=True)
         yield log
         return
     from rich.console import Console
@@ -110,5 +121,7 @@ def train_display() -> Iterator[Callable[[dict], None]]:
                 bar.update(task, completed=event["step"], line=line)
                 if event.get("val_loss") is not None:
                     console.print(describe_step(event))
+            elif describe_compile(event):
+                console.print(describe_compile(event))
 
         yield show

@@ -22,6 +22,7 @@ an interrupted run continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -40,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .backend import Backend, dtype_name, get_backend, resolve_dtype
 from .checkpoint import check_tokenizer_match, load_resume_state, save_checkpoint, save_resume_state
-from .config import TrainConfig
+from .config import COMPILE_AUTO_MIN_STEPS, TrainConfig
 from .data import BatchSampler, DataDir
 from .errors import QuillError, QuillWarning
 from .fileio import atomic_write_bytes
@@ -58,6 +59,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.min_lr)
+
+
+def resolve_compile(setting: bool | str, device: torch.device, steps: int) -> bool:
+    """Whether to torch.compile the model for a run of `steps` steps on `device`.
+
+    True and False are what the user chose. "auto" compiles on CUDA only, and only when
+    at least COMPILE_AUTO_MIN_STEPS steps are left: the compile costs tens of seconds to
+    minutes once per invocation, and the faster steps must pay that back. Never on CPUs
+    (it added 3% there for a 40-second compile, README, Performance) or MPS. It also needs
+    Triton, which writes the GPU kernels; without it compiling would fail at the first step.
+    """
+    if setting != "auto":
+        return bool(setting)
+    return device.type == "cuda" and steps >= COMPILE_AUTO_MIN_STEPS and importlib.util.find_spec("triton") is not None
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -130,11 +145,14 @@ class _Run:
     flops_per_token: float
     peak: float  # FLOP/s of all ranks together, for MFU; 0 where unknown (and off rank 0)
     peak_source: str
+    compiled: bool = False  # `runner` is torch.compile's: the first step waits for the compiler
+    defer_loss: bool = False  # each step's loss stays on the device until it is needed (_defers_loss)
     history: list[dict] = field(default_factory=list)
     first_step: int = 0  # where this invocation began, for the ETA
     train_seconds: float = 0.0  # time in training steps; evaluation is not counted
     window_start: float = 0.0  # tokens/s is over the steps since the last log line
     window_tokens: int = 0
+    compile_seconds: float = 0.0  # the first compiled step's time, left out of tokens/s and the ETA
 
     @property
     def tokens_per_step(self) -> int:
@@ -156,7 +174,7 @@ def estimate_loss(model: GPT, sampler: BatchSampler, steps: int, autocast, world
     for _ in range(steps):
         x, y = sampler.next()
         with autocast:
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(_to_device(x, device), _to_device(y, device))
         total += loss.float()
     model.train(was_training)
     total = total / steps
@@ -177,14 +195,18 @@ def train(cfg: TrainConfig, resume: bool = False, on_event: Callable[[dict], Non
     With `resume`, continue the run in `cfg.out` exactly where it stopped; `cfg`
     must be the run's config (`config.saved_config(out)`) except for the fields in
     `RESUME_MAY_CHANGE`. `on_event` receives dicts for each logged step
-    (``{"event": "step", ...}``), evaluation and the end of training.
+    (``{"event": "step", ...}``), evaluation and the end of training; a compiled run also
+    gets ``{"event": "compiling"}`` before its first step and ``{"event": "compiled",
+    "seconds": ...}`` after it.
     """
-    run = _setup(cfg, resume)
-    emit = on_event if (on_event and run.rank == 0) else _ignore
-    emit({"event": "start", "step": run.step, "max_steps": cfg.max_steps, "params": run.model.num_params(),
-          "device": str(run.device), "dtype": dtype_name(run.dtype), "world_size": run.world,
-          "tokens_per_step": run.tokens_per_step, "peak_flops": run.peak, "peak_source": run.peak_source})
-    return _train_loop(run, emit)
+    with ExitStack() as backend_settings:  # the backend's training settings, undone however training ends
+        run = _setup(cfg, resume, backend_settings)
+        emit = on_event if (on_event and run.rank == 0) else _ignore
+        emit({"event": "start", "step": run.step, "max_steps": cfg.max_steps, "params": run.model.num_params(),
+              "device": str(run.device), "dtype": dtype_name(run.dtype), "world_size": run.world,
+              "tokens_per_step": run.tokens_per_step, "peak_flops": run.peak, "peak_source": run.peak_source,
+              "compile": run.compiled})
+        return _train_loop(run, emit)
 
 
 def _ignore(event: dict) -> None:
@@ -201,22 +223,36 @@ def _train_loop(run: _Run, emit: Callable[[dict], None]) -> TrainResult:
     try:
         with stop.installed():
             while run.step < cfg.max_steps:
+                compiling = run.compiled and run.step == run.first_step
+                if compiling:
+                    emit({"event": "compiling", "step": run.step})
                 step_start = time.perf_counter()
                 lr = lr_at(run.step, cfg)
                 loss = _train_step(run, lr)
+                logging = run.step % cfg.log_interval == 0 or run.step == cfg.max_steps
+                evaluating = run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps
+                if logging or evaluating or compiling:
+                    loss = _loss_value(run, loss)  # waits for a GPU to finish: the time below is the step's
                 now = time.perf_counter()
                 run.train_seconds += now - step_start
                 run.window_tokens += run.tokens_per_step
+                if compiling:
+                    _compiled(run, now - step_start, now, emit)
 
-                record = None
-                if run.step % cfg.log_interval == 0 or run.step == cfg.max_steps:
-                    record = _throughput_record(run, loss, lr, now)
-                stopping = _should_stop(stop, cfg, run.train_seconds, run.world, run.device)
-                if run.step % cfg.eval_interval == 0 or run.step == cfg.max_steps or stopping:
+                record = _throughput_record(run, loss, lr, now) if logging else None
+                # Ranks agree on stopping by a collective; with a deferred loss only at the steps
+                # that read it anyway, so as not to wait for the GPU every step.
+                agree = not run.defer_loss or logging or evaluating
+                stopping = _should_stop(stop, cfg, run.train_seconds, run.world, run.device, agree)
+                if evaluating or stopping:
+                    loss = _loss_value(run, loss)
+                    eval_start = time.perf_counter()
                     val_loss = _evaluate_and_checkpoint(run)
                     record = record or {"step": run.step, "loss": loss, "lr": lr, "elapsed_s": round(run.train_seconds, 2)}
                     record["val_loss"] = val_loss
-                    run.window_start = time.perf_counter()  # evaluation time is not training throughput
+                    # Evaluation time is not training throughput. Shifted, not restarted: between
+                    # log lines the window still counts the steps before the evaluation.
+                    run.window_start += time.perf_counter() - eval_start
                 if record is not None:
                     _log(run, record, log_file, emit)
                 if stopping:
@@ -239,9 +275,11 @@ def _train_loop(run: _Run, emit: Callable[[dict], None]) -> TrainResult:
 
 # --- setup -------------------------------------------------------------------------------------
 
-def _setup(cfg: TrainConfig, resume: bool) -> _Run:
+def _setup(cfg: TrainConfig, resume: bool, backend_settings: ExitStack) -> _Run:
     """Check the run may start, then build its device, data, model and optimizer (restored
-    from the run's last state with `resume`), and write its config."""
+    from the run's last state with `resume`), and write its config. The backend's training
+    settings are entered into `backend_settings` (before the MFU yardstick is measured:
+    they decide how fast the products run)."""
     out = Path(cfg.out)
     state = None
     if resume:
@@ -253,6 +291,7 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     if state is not None and cfg.max_steps <= state["step"]:
         raise QuillError(f"the run in {str(out)!r} is already at step {state['step']}", hint=f"pass --max-steps above {state['step']} to train further")
     backend, device, dtype = _start_backend(cfg, world)
+    backend_settings.enter_context(backend.training())
     data, train_batches, val_tokens = _open_data(cfg, state, out, rank, world)
 
     torch.manual_seed(cfg.seed + rank)
@@ -271,7 +310,8 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
         atomic_write_bytes(out / "config.json", (json.dumps(asdict(cfg), indent=1) + "\n").encode())
         _trim_log(out / "log.jsonl", step)
 
-    runner = torch.compile(model) if cfg.compile else model
+    compiled = resolve_compile(cfg.compile, device, cfg.max_steps - step)
+    runner = torch.compile(model) if compiled else model
     if world > 1:
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     # The throughput counted is all ranks', and each rank has a device of its own (on CPUs
@@ -279,7 +319,14 @@ def _setup(cfg: TrainConfig, resume: bool) -> _Run:
     peak, peak_source = peak_flops(backend, dtype) if rank == 0 else (0.0, "")
     return _Run(cfg, out, rank, world, backend, device, dtype, backend.autocast(dtype), data, train_batches, val_tokens,
                 model, runner, optimizer, step, best_val, last_val, model.flops_per_token(), peak * world, peak_source,
-                first_step=step)
+                compiled=compiled, defer_loss=_defers_loss(device), first_step=step)
+
+
+def _defers_loss(device: torch.device) -> bool:
+    """Whether steps on `device` leave their loss on it until it is needed: on CUDA, where
+    reading it would stall the GPU each step. The CPU (its losses are numbers at once
+    anyway) and MPS keep reading and checking it at every step."""
+    return device.type == "cuda"
 
 
 def _state_to_resume(cfg: TrainConfig, out: Path) -> dict:
@@ -330,15 +377,17 @@ def _open_data(cfg: TrainConfig, state: dict | None, out: Path, rank: int, world
 
 # --- one step, evaluation, logging ---------------------------------------------------------------
 
-def _train_step(run: _Run, lr: float) -> float:
-    """One optimizer step at `lr` over `grad_accum` micro-batches; returns the loss, averaged over ranks."""
+def _train_step(run: _Run, lr: float) -> float | torch.Tensor:
+    """One optimizer step at `lr` over `grad_accum` micro-batches; returns the loss, averaged
+    over ranks: a number checked to be finite, or with `run.defer_loss` a tensor still on the
+    device, for `_loss_value` to read and check when it is needed."""
     cfg = run.cfg
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(cfg.grad_accum):
         x, y = run.train_batches.next()
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        x, y = _to_device(x, run.device), _to_device(y, run.device)
         # DDP averages gradients on every backward; only the last micro-batch's need it.
         sync = run.world == 1 or micro == cfg.grad_accum - 1
         with (nullcontext() if sync else run.runner.no_sync()), run.autocast:
@@ -349,16 +398,64 @@ def _train_step(run: _Run, lr: float) -> float:
     if run.world > 1:
         torch.distributed.all_reduce(mean)
         mean /= run.world
+    if run.defer_loss:
+        # Nothing here waits for the GPU, so the host queues this step and goes on to sample
+        # the next batch while the GPU computes. The price: a NaN or inf loss is caught at the
+        # next log line or evaluation (_loss_value), not at its own step; still before any
+        # checkpoint is written.
+        _optimizer_step(run)
+        return mean
     loss_value = mean.item()
     if not math.isfinite(loss_value):
         raise _diverged("loss", loss_value, run.step + 1, run.out)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step += 1
+    _optimizer_step(run)
     run.backend.synchronize()
     return loss_value
+
+
+def _optimizer_step(run: _Run) -> None:
+    """Clip the gradients, step the optimizer (its fused kernel where there is one) and free the gradients."""
+    if run.cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)  # freed, not zeroed: the next backward writes them afresh
+    run.step += 1
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch tensor, made on the CPU, on `device`."""
+    if device.type != "cuda":
+        return t.to(device, non_blocking=True)
+    # From page-locked (pinned) memory the copy is queued on the GPU's stream and the host
+    # goes straight on; from ordinary memory the host waits for it. `t` is a strided view of
+    # the sampled rows, so it is gathered into a pinned buffer of its own first (a strided
+    # source would be staged through ordinary memory). PyTorch keeps that buffer from being
+    # reused until the copy has run. The values, and so the batches, are the CPU's.
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.to(device, non_blocking=True)
+
+
+def _loss_value(run: _Run, loss: float | torch.Tensor) -> float:
+    """The latest step's loss as a number, checked to be finite.
+
+    A deferred loss is read once the device has finished all the work queued so far, so a
+    time taken just after this is the steps' own (honest tokens/s), and a NaN or inf stops
+    the run here, at the first step that reads it, before anything is saved."""
+    if isinstance(loss, float):
+        return loss  # read and checked at its own step
+    run.backend.synchronize()
+    value = loss.item()
+    if not math.isfinite(value):
+        raise _diverged("loss", value, run.step, run.out, deferred=True)
+    return value
+
+
+def _compiled(run: _Run, seconds: float, now: float, emit: Callable[[dict], None]) -> None:
+    """After the first compiled step: say how long it took, and start tokens/s afresh after it."""
+    run.compile_seconds = seconds
+    run.window_start, run.window_tokens = now, 0
+    emit({"event": "compiled", "step": run.step, "seconds": round(seconds, 2)})
 
 
 def _evaluate_and_checkpoint(run: _Run) -> float:
@@ -387,10 +484,11 @@ def _evaluate_and_checkpoint(run: _Run) -> float:
 
 
 def _throughput_record(run: _Run, loss: float, lr: float, now: float) -> dict:
-    """A log line for this step, with the tokens/s and MFU since the last one (and a new window)."""
-    tps = run.window_tokens / (now - run.window_start)
-    record = {"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1),
-              "mfu": round(run.flops_per_token * tps / run.peak, 4) if run.peak else None,
+    """A log line for this step, with the tokens/s and MFU since the last one (and a new window).
+    Both are None when no step was timed since (only the compiled first one, which is not)."""
+    tps = run.window_tokens / (now - run.window_start) if run.window_tokens else None
+    record = {"step": run.step, "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1) if tps is not None else None,
+              "mfu": round(run.flops_per_token * tps / run.peak, 4) if run.peak and tps is not None else None,
               "elapsed_s": round(run.train_seconds, 2)}
     run.window_start, run.window_tokens = now, 0
     return record
@@ -402,8 +500,16 @@ def _log(run: _Run, record: dict, log_file, emit: Callable[[dict], None]) -> Non
     if log_file:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
-    eta = (run.cfg.max_steps - run.step) * run.train_seconds / max(1, run.step - run.first_step)
-    emit({"event": "step", "max_steps": run.cfg.max_steps, "eta_s": eta, **record})
+    emit({"event": "step", "max_steps": run.cfg.max_steps, "eta_s": _eta(run), **record})
+
+
+def _eta(run: _Run) -> float | None:
+    """Seconds to `max_steps` at the pace of this invocation's steps so far; the compiled first
+    step does not count (it is mostly compiling). None when no other step has run yet."""
+    timed = run.step - run.first_step - (1 if run.compile_seconds else 0)
+    if timed < 1:
+        return None
+    return (run.cfg.max_steps - run.step) * (run.train_seconds - run.compile_seconds) / timed
 
 
 def _leave_process_group(world: int, failed: bool) -> None:
@@ -443,7 +549,12 @@ def _restore_rng(state: dict, rank: int, device: torch.device) -> None:
         torch.mps.set_rng_state(mine["mps"])
 
 
-def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world: int, device: torch.device) -> str | None:
+def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world: int, device: torch.device,
+                 agree: bool = True) -> str | None:
+    """Why to stop after this step, if at all. Several ranks stop only at a step where all of
+    them `agree` to compare (a stop asked for meanwhile is kept for the next such step)."""
+    if world > 1 and not agree:
+        return None
     reason = stop.reason or ("time limit" if cfg.max_seconds and train_seconds >= cfg.max_seconds else None)
     if world > 1:  # every rank must stop at the same step, or the others would hang
         flag = torch.tensor([1.0 if reason else 0.0], device=device)
@@ -453,11 +564,13 @@ def _should_stop(stop: _StopFlag, cfg: TrainConfig, train_seconds: float, world:
     return reason
 
 
-def _diverged(what: str, value: float, step: int, out: Path) -> QuillError:
+def _diverged(what: str, value: float, step: int, out: Path, deferred: bool = False) -> QuillError:
+    """The error for a non-finite loss; `deferred`: seen at `step`, when it was read (on a GPU,
+    at log lines and evaluations), so it may have turned a few steps before."""
     saved = _saved_step(out)
     kept = f"the last good checkpoint (step {saved}) is in {out}" if saved is not None else "no checkpoint was saved yet"
     return QuillError(
-        f"the {what} became {value} at step {step}; stopped without saving it",
+        f"the {what} became {value} {'by' if deferred else 'at'} step {step}; stopped without saving it",
         hint=f"{kept}; try a lower --lr or more --warmup-steps",
     )
 

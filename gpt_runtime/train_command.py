@@ -50,10 +50,27 @@ def add_train_command(commands) -> Parser:
         help = f"{f.metadata['help']} (default: {f.default})"
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        elif f.type == "bool | str":  # a switch that may also be "auto"
+            _add_auto_switch(p, flag, f.name, help)
         else:
             p.add_argument(flag, type=_TYPES[f.type], default=argparse.SUPPRESS, help=help, metavar=f.type.upper())
     p.set_defaults(run=cmd_train)
     return p
+
+
+def _add_auto_switch(p: Parser, flag: str, dest: str, help: str) -> None:
+    """`--flag` (on), `--flag=auto|true|false`, and `--no-flag` (off), all setting `dest`."""
+    p.add_argument(flag, dest=dest, nargs="?", const=True, type=_auto_switch, default=argparse.SUPPRESS,
+                   metavar="auto|true|false", help=help)
+    p.add_argument("--no-" + flag[2:], dest=dest, action="store_false", default=argparse.SUPPRESS,
+                   help=f"same as {flag}=false")
+
+
+def _auto_switch(text: str) -> bool | str:
+    values = {"auto": "auto", "true": True, "false": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, not {text!r}")
+    return values[text.lower()]
 
 
 def add_eval_command(commands) -> Parser:

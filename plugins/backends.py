@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
-from gpt_runtime.backend import Backend
+from gpt_runtime.backend import Backend, cuda_matmul_precision, set_cuda_matmul_precision
 from gpt_runtime.hookspecs import hookimpl
 
 
@@ -100,6 +102,20 @@ class CudaBackend(Backend):
 
     def distributed_backend(self) -> str:
         return "nccl"
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        # float32 products in TF32 (inputs rounded to a 10-bit mantissa, float32 sums) on
+        # tensor cores: several times the float32 rate on Ampere and later GPUs, and as good
+        # for training. It speeds up --dtype float32 runs; under bf16 autocast the products
+        # are bf16 already. PyTorch leaves it off by default, so it is put back as it was
+        # when training ends: generation later in the same process computes as before.
+        saved = cuda_matmul_precision()
+        set_cuda_matmul_precision("tf32")
+        try:
+            yield
+        finally:
+            set_cuda_matmul_precision(saved)
 
 
 class MpsBackend(Backend):

@@ -246,6 +246,29 @@ def test_sigint_saves_and_resume_continues(w, tmp_path):
     assert json.loads((moved / "config.json").read_text())["out"] == str(moved)
 
 
+def test_compile_settings_old_and_new_and_a_resume_that_changes_compile(w, tmp_path):
+    """A config from before `compile = "auto"` (true or false) still runs; resuming may change
+    compile; and "auto", the default, never compiles on a CPU."""
+    (tmp_path / "old.toml").write_text("compile = false\nmax_steps = 2\n")
+    run = tmp_path / "run"
+    ok(run_quill("train", "--config", str(tmp_path / "old.toml"), "--data", str(w["data"]), "--out", str(run), *MODEL,
+                 "--eval-interval", "2", env=ENV))
+    assert json.loads((run / "config.json").read_text())["compile"] is False
+    out = run_quill("train", "--out", str(run), "--resume", "--compile=auto", "--max-steps", "4", env=ENV)
+    assert ok(out).startswith("finished 4 steps")
+    assert "compil" not in out.stderr.decode()
+    assert json.loads((run / "config.json").read_text())["compile"] == "auto"
+    assert "compil" not in w["out"]["train"].stderr.decode()  # the workspace's run: auto by default
+    assert "argument --compile: expected auto, true or false, not 'maybe'" in fails(
+        run_quill("train", "--out", str(run), "--resume", "--compile=maybe"), code=2)
+
+
+def test_train_help_says_when_auto_compiles():
+    text = " ".join(ok(run_quill("train", "--help")).split())
+    assert "--compile [auto|true|false]" in text and "--no-compile" in text
+    assert "auto (on CUDA when at least 500 steps are left to train; never on CPU or MPS) (default: auto)" in text
+
+
 @pytest.mark.parametrize("command", ["prepare", "train", "eval", "check", "generate"])
 def test_help_shows_examples(command):
     out = run_quill(command, "--help")

@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import threading
 
@@ -26,7 +27,7 @@ import torch
 
 from generation_helpers import ARCHITECTURES, BANNED, BLOCK, cancelled_after, greedy_without_eos, ids_of, tiny_gpt
 from generation_helpers import run as run_generation
-from gpt_runtime.backend import dtype_name, get_backend, resolve_dtype
+from gpt_runtime.backend import cuda_matmul_precision, cuda_uses_tf32, dtype_name, get_backend, resolve_dtype
 from gpt_runtime.checkpoint import load_checkpoint
 from gpt_runtime.config import TrainConfig, saved_config
 from gpt_runtime.data import DataDir, prepare
@@ -140,15 +141,63 @@ def test_training_on_the_device_lowers_the_loss(device, dtype, data, tmp_path):
 
 
 def test_compiled_training_follows_the_eager_losses(device, data, tmp_path):
-    """`--compile` (torch.compile): the slow test here, a few seconds to a minute of compiling."""
+    """`quill train --compile` (torch.compile): the slow test here, a few seconds to a minute of
+    compiling. It says when compiling starts and how long the first step took, once."""
     settings = dict(max_steps=4, eval_interval=4)
-    eager = train(config(data, tmp_path / "eager", device, **settings))
-    compiled = train(config(data, tmp_path / "compiled", device, compile=True, **settings))
-    assert compiled.step == 4 and load_checkpoint(tmp_path / "compiled").train_args["compile"] is True
-    losses = [r["loss"] for r in compiled.history]
+    eager = train(config(data, tmp_path / "eager", device, **settings))  # auto: 4 steps are too few to compile
+    cfg = config(data, tmp_path / "compiled", device, **settings)
+    out = run_quill("train", *_flags(cfg), "--compile")
+    err = out.stderr.decode("utf-8", "replace")
+    assert out.returncode == 0, err[-3000:]
+    assert err.count("compiling the model (torch.compile)") == 1, err
+    seconds = re.findall(r"compiled: the first step took (\d+\.\d) s", err)
+    assert len(seconds) == 1 and float(seconds[0]) > 0, err
+    assert load_checkpoint(tmp_path / "compiled").train_args["compile"] is True
+    losses = [r["loss"] for r in log_of(tmp_path / "compiled")]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
     assert losses == pytest.approx([r["loss"] for r in eager.history], abs=1e-3)  # fused kernels round differently
-    assert compiled.last_val_loss == pytest.approx(eager.last_val_loss, abs=1e-3)
+    assert log_of(tmp_path / "compiled")[-1]["val_loss"] == pytest.approx(eager.last_val_loss, abs=1e-3)
+
+
+def _flags(cfg: TrainConfig) -> list[str]:
+    """`quill train` flags for every setting of `cfg` that differs from the default."""
+    default, args = TrainConfig(), []
+    for name, value in vars(cfg).items():
+        flag = "--" + name.replace("_", "-")
+        if value == getattr(default, name):
+            continue
+        args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return args
+
+
+def test_float32_products_run_in_tf32_while_training_on_cuda_only(device, data, tmp_path):
+    before, events, tf32 = cuda_matmul_precision(), [], []
+
+    def on_event(event):
+        events.append(event)
+        tf32.append(cuda_uses_tf32())
+
+    train(config(data, tmp_path / "run", device, max_steps=3, eval_interval=3), on_event=on_event)
+    assert set(tf32) == {device == "cuda"}  # float32 runs; bf16 autocast products are bf16 anyway
+    assert cuda_matmul_precision() == before and not cuda_uses_tf32()  # put back for the rest of the process
+    source = events[0]["peak_source"]
+    if device == "cuda" and "datasheet" in source:
+        assert source.endswith("dense tf32")  # MFU against the rate the products run at
+
+
+def test_a_gpu_reads_the_loss_at_log_lines_and_catches_a_nan_there(device, data, tmp_path):
+    """On CUDA the loss stays on the GPU between log lines (no wait for the GPU each step)."""
+    skip_on_mps(device, "MPS reads the loss at every step, as the CPU does")
+    result = train(config(data, tmp_path / "run", device, max_steps=10, log_interval=4, eval_interval=5))
+    assert [r["step"] for r in result.history] == [4, 5, 8, 10]
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert all(r["tokens_per_s"] > 0 for r in result.history if r["step"] % 4 == 0)
+    # lr 1 with weight decay 100: the weights overflow within about 20 steps
+    diverge = dict(lr=1.0, min_lr=1.0, warmup_steps=0, grad_clip=0.0, weight_decay=100.0, max_steps=30, eval_steps=1)
+    with pytest.raises(QuillError) as info:
+        train(config(data, tmp_path / "nan", device, log_interval=4, **{**diverge, "eval_interval": 100}))
+    found = re.search(r"^the loss became (nan|inf|-inf) by step (\d+); stopped without saving it$", info.value.message)
+    assert found and int(found.group(2)) in range(4, 30, 4), info.value.message
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

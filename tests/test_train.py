@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 import gpt_runtime.train as train_module
 from gpt_runtime import peak
 import plugins.backends as backends
-from gpt_runtime.backend import Backend, get_backend, resolve_dtype
+from gpt_runtime.backend import Backend, cuda_matmul_precision, cuda_uses_tf32, get_backend, resolve_dtype
 from gpt_runtime.checkpoint import load_checkpoint, load_resume_state
-from gpt_runtime.config import TrainConfig, load_toml, saved_config
+from gpt_runtime.config import COMPILE_AUTO_MIN_STEPS, TrainConfig, load_toml, saved_config
 from gpt_runtime.data import DataDir, prepare
 from gpt_runtime.errors import QuillError
 from gpt_runtime.evaluate import evaluate, evaluate_tokens
@@ -308,6 +309,18 @@ def test_unknown_toml_key_names_it_and_the_closest(tmp_path):
     assert "known keys:" in info.value.hint and "n_layer" in info.value.hint
 
 
+@pytest.mark.parametrize("line,value", [("", "auto"), ('compile = "auto"', "auto"), ("compile = true", True),
+                                        ("compile = false", False)])
+def test_compile_is_auto_by_default_and_older_true_or_false_configs_still_parse(tmp_path, line, value):
+    path = tmp_path / "run.toml"
+    path.write_text(line + "\n")
+    cfg = TrainConfig.from_dict(load_toml(path), str(path))
+    assert cfg.compile == value and type(cfg.compile) is type(value)
+    replace(cfg, data="d").validate()
+    with pytest.raises(QuillError, match=re.escape('compile must be true, false or "auto", not 1')):
+        replace(cfg, data="d", compile=1).validate()  # from Python, where no TOML parser checked it
+
+
 def test_toml_values_are_read(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('n_layer = 4\nlr = 3e-4\ndropout = 0\ngradient_checkpointing = true\nposition = "rope"\n')
@@ -321,7 +334,8 @@ def test_toml_values_are_read(tmp_path):
     ("n_layer = 4.0", "n_layer should be int, not 4.0"),
     ("n_layer = true", "n_layer should be int, not True"),
     ('lr = "fast"', "lr should be float, not 'fast'"),
-    ("compile = 1", "compile should be bool, not 1"),
+    ("compile = 1", 'compile should be true, false or "auto", not 1'),
+    ('compile = "yes"', 'compile should be true, false or "auto", not \'yes\''),
     ("position = 1", "position should be str, not 1"),
 ])
 def test_toml_type_errors(tmp_path, line, message):
@@ -710,3 +724,121 @@ def test_without_a_validation_split_training_says_it_validates_on_training_data(
     with pytest.warns(QuillWarning, match="validation losses are measured on training data"):
         result = train(config(tmp_path / "d", tmp_path / "run", max_steps=3))
     assert result.best_val_loss is not None
+
+
+# --- what a GPU run does differently, as far as a CPU can show it --------------------------------
+
+@pytest.mark.parametrize("setting,device,steps,triton,expected", [
+    ("auto", "cpu", 10**6, True, False), ("auto", "mps", 10**6, True, False),
+    ("auto", "cuda", COMPILE_AUTO_MIN_STEPS - 1, True, False), ("auto", "cuda", COMPILE_AUTO_MIN_STEPS, True, True),
+    ("auto", "cuda", 10**6, False, False),  # no Triton, nothing to compile GPU kernels with
+    (True, "cpu", 1, False, True), (False, "cuda", 10**6, True, False),
+])
+def test_compile_auto_compiles_only_long_cuda_runs(monkeypatch, setting, device, steps, triton, expected):
+    monkeypatch.setattr(train_module.importlib.util, "find_spec", lambda name: object() if triton else None)
+    assert train_module.resolve_compile(setting, torch.device(device), steps) is expected
+
+
+def test_compile_auto_does_not_compile_on_the_cpu(data, tmp_path, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    events = []
+    steps = COMPILE_AUTO_MIN_STEPS  # long enough that on CUDA it would compile
+    result = train(config(data, tmp_path / "run", max_steps=steps, eval_interval=steps, log_interval=steps // 2),
+                   on_event=events.append)
+    assert result.step == steps and compiled == []
+    assert events[0]["event"] == "start" and events[0]["compile"] is False
+    assert not [e for e in events if e["event"] in ("compiling", "compiled")]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["compile"] == "auto"  # the setting, kept
+    train(replace(saved_config(tmp_path / "run"), max_steps=steps + 2, compile=True), resume=True)  # a resume may change it
+    assert len(compiled) == 1 and saved_config(tmp_path / "run").compile is True
+
+
+def test_a_compiled_first_step_is_timed_apart_from_the_rest(data, tmp_path, monkeypatch):
+    """The first step of a compiled run waits for the compiler: it is reported once, and left
+    out of tokens/s and the ETA. (torch.compile is stood in for here: compiling on a CPU takes
+    half a minute; test_devices compiles for real on a GPU.)"""
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    events = []
+    train(config(data, tmp_path / "run", compile=True, max_steps=4, eval_interval=4), on_event=events.append)
+    kinds = [e["event"] for e in events]
+    assert kinds[:4] == ["start", "compiling", "compiled", "step"] and kinds.count("compiled") == 1
+    compiled, first, second = events[2], events[3], events[4]
+    assert compiled["step"] == 1 and compiled["seconds"] >= 0
+    assert first["step"] == 1 and first["tokens_per_s"] is None and first["mfu"] is None and first["eta_s"] is None
+    assert second["step"] == 2 and second["tokens_per_s"] > 0 and second["eta_s"] >= 0
+
+
+def test_a_loss_left_on_the_device_gives_the_same_log(data, tmp_path, monkeypatch):
+    """On CUDA a step's loss is read only when a log line, evaluation or stop needs it. The CPU
+    takes that path here: the logged losses must be the very ones read at every step."""
+    settings = dict(max_steps=10, eval_interval=4, log_interval=3, dropout=0.1)
+    every = train(config(data, tmp_path / "every", **settings))
+    monkeypatch.setattr(train_module, "_defers_loss", lambda device: True)
+    deferred = train(config(data, tmp_path / "deferred", **settings))
+    assert [r["step"] for r in deferred.history] == [3, 4, 6, 8, 9, 10]
+    timings = {"tokens_per_s", "mfu", "elapsed_s"}
+    assert [{k: v for k, v in r.items() if k not in timings} for r in deferred.history] == \
+        [{k: v for k, v in r.items() if k not in timings} for r in every.history]
+    assert all(r["tokens_per_s"] > 0 for r in deferred.history if r["step"] % 3 == 0)
+
+
+def test_a_loss_left_on_the_device_that_diverges_stops_where_it_is_read(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "_defers_loss", lambda device: True)
+    out = tmp_path / "run"
+    with pytest.raises(QuillError) as info:  # DIVERGE's weights overflow within about 20 steps
+        train(config(data, out, log_interval=4, **{**DIVERGE, "eval_interval": 100}))
+    found = re.search(r"^the loss became (nan|inf|-inf) by step (\d+); stopped without saving it$", info.value.message)
+    assert found, info.value.message
+    assert int(found.group(2)) in range(4, 30, 4)  # read at log lines only (and the end, step 30)
+    assert info.value.hint.startswith("no checkpoint was saved yet") and not (out / "last.safetensors").exists()
+
+
+def test_the_cuda_backend_turns_tf32_on_for_training_and_back_off_after(monkeypatch):
+    # The setting exists in CPU builds of PyTorch too, so this runs anywhere.
+    before = cuda_matmul_precision()
+    assert not cuda_uses_tf32()  # PyTorch's default
+    with backends.CudaBackend().training():
+        assert cuda_uses_tf32()
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+        # float32 products now run in TF32, so MFU is measured against the TF32 rate
+        assert peak.peak_flops(backends.CudaBackend(), torch.float32) == (pytest.approx(494.7e12), "NVIDIA H100 80GB HBM3 datasheet, dense tf32")
+        assert peak.peak_flops(backends.CudaBackend(), torch.bfloat16)[0] == pytest.approx(989.4e12)
+    assert cuda_matmul_precision() == before and not cuda_uses_tf32()
+    with backends.CpuBackend().training():
+        assert not cuda_uses_tf32()
+    assert peak.peak_flops(backends.CudaBackend(), torch.float32) == (pytest.approx(66.9e12), "NVIDIA H100 80GB HBM3 datasheet, dense float32")
+
+
+def test_tf32_on_a_pytorch_without_the_newer_setting(monkeypatch):
+    """Before PyTorch 2.9 only torch.set_float32_matmul_precision says it ("high" is TF32)."""
+    state = {"precision": "highest"}
+    monkeypatch.setattr(torch.backends.cuda, "matmul", object())  # no fp32_precision attribute
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: state["precision"])
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda value: state.update(precision=value))
+    with backends.CudaBackend().training():
+        assert state["precision"] == "high" and cuda_uses_tf32()
+    assert state["precision"] == "highest" and not cuda_uses_tf32()
+
+
+def test_training_on_the_cpu_leaves_tf32_alone(data, tmp_path):
+    before, seen = cuda_matmul_precision(), []
+    train(config(data, tmp_path / "run", max_steps=2), on_event=lambda e: seen.append(cuda_matmul_precision()))
+    assert set(seen) == {before} == {cuda_matmul_precision()}
+
+
+def test_tokens_per_s_between_log_lines_leaves_out_an_evaluation_in_between(data, tmp_path, monkeypatch):
+    """Logs at steps 3 and 6, an evaluation at 4: step 6's tokens/s is steps 4-6's tokens over
+    their training time, which elapsed_s counts. Every forward sleeps, so the steps dominate."""
+    real_forward = GPT.forward
+
+    def slow_forward(self, *args, **kwargs):
+        time.sleep(0.05)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", slow_forward)
+    cfg = config(data, tmp_path / "run", max_steps=6, log_interval=3, eval_interval=4, eval_steps=4)
+    log = {r["step"]: r for r in train(cfg).history}
+    seconds = log[6]["elapsed_s"] - log[3]["elapsed_s"]
+    expected = 3 * cfg.batch_size * cfg.block_size / seconds
+    assert 0.85 < log[6]["tokens_per_s"] / expected < 1.1, (log[6]["tokens_per_s"], expected)

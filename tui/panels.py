@@ -15,7 +15,7 @@ from textual.message import Message
 from textual.widgets import Button, Input, Label, ProgressBar, Select, Sparkline, Static
 
 from gpt_runtime.plugins import get_registry
-from gpt_runtime.progress import describe_step
+from gpt_runtime.progress import describe_compile, describe_step
 
 from .widgets import LossPlot
 
@@ -136,6 +136,8 @@ class JobCard(Vertical):
             stats = job.describe().split("] ", 1)[-1]
         elif last.get("event") == "step":
             stats = describe_step(last)
+        elif last.get("event") in ("compiling", "compiled"):
+            stats = describe_compile(last)
         else:
             stats = "starting…"
         self.query_one("#stats", Static).update(stats)
