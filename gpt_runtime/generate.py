@@ -137,7 +137,7 @@ class Window:
         """Add one token per row (a (batch,) tensor) and compute the next logits."""
         if self.length == self.tokens_buf.size(1):  # grow by doubling: cheap, and no limit up front
             self.tokens_buf = torch.cat([self.tokens_buf, torch.empty_like(self.tokens_buf)], dim=1)
-        self.tokens_buf[:, self.length] = next_ids
+        self.tokens_buf.select(1, self.length).copy_(next_ids)  # cheaper than indexing with [:, i]
         self.length += 1
         if self.cache.length < self.block:
             self.logits = self.step(next_ids, self.cache)
@@ -197,9 +197,9 @@ class TextStream:
         return out
 
 
-def _choose(logits: torch.Tensor, chain: Chain, state: SamplerState) -> torch.Tensor:
+def _choose(logits: torch.Tensor, chain: Chain, state: SamplerState | None) -> torch.Tensor:
     """The next token of every row: (batch,)."""
-    if chain.greedy and len(chain.links) == 1:
+    if state is None:
         return logits.argmax(dim=-1)  # the common fast path: nothing to filter
     logits = chain.apply(logits, state)
     if chain.greedy:
@@ -233,10 +233,14 @@ class Decoder:
         self.streams = [TextStream(stop) for _ in range(rows)]
         self.ended: list[str | None] = [None] * rows  # "eos" or "stop" once a row is done
         self.cancelled = False
+        self.plain_greedy = chain.greedy and len(chain.links) == 1
 
-    def logits(self, step: int) -> tuple[torch.Tensor, SamplerState]:
-        """This step's logits with the banned ids masked (in place), and the samplers' view of the rows."""
+    def logits(self, step: int) -> tuple[torch.Tensor, SamplerState | None]:
+        """This step's logits with the banned ids masked (in place), and the samplers' view of the
+        rows (None for a chain that is just `greedy`, which reads nothing but the logits)."""
         logits = self.window.logits.masked_fill_(self.ban, float("-inf"))
+        if self.plain_greedy:
+            return logits, None
         return logits, SamplerState(self.window.tokens, self.prompt_length, step, self.generator, self.banned)
 
     def feed(self, tokens: list[int]) -> list[str | None]:
