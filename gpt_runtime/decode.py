@@ -66,9 +66,15 @@ class _Layer:
         self.cast = cast  # the cache's dtype where it differs from the activations', else None
         self.norm1, self.norm2 = _norm(block.norm1), _norm(block.norm2)
         self.qkv, self.proj = _linear(block.attn.qkv), _linear(block.attn.proj)
-        self.rotary = block.attn.rotary
         n_embd = block.norm1.normalized_shape[0]
         self.one_row = (3, 1, n_head, 1, n_embd // n_head)  # queries, keys and values of one row
+        self.rotary = block.attn.rotary
+        if self.rotary is not None:
+            # Tables that turn queries and keys and leave values as they are (v * 1 + roll(v) * 0),
+            # shaped (3, 1, 1, block, head_size) to meet qkv: one turn for all three, no slicing.
+            cos, sin = self.rotary.cos, self.rotary.sin
+            self.cos3 = torch.stack((cos, cos, torch.ones_like(cos)))[:, None, None]
+            self.sin3 = torch.stack((sin, sin, torch.zeros_like(sin)))[:, None, None]
         mlp = block.mlp
         self.up, self.down = _linear(mlp.up), _linear(mlp.down)
         self.gate = _linear(mlp.gate) if mlp.kind == "swiglu" else None
@@ -82,9 +88,8 @@ class _Layer:
         rows = x.size(0)
         qkv = self.qkv(self.norm1(x))  # one row's (1, 3C) is laid out as (3, 1, n_head, 1, head_size) already
         qkv = qkv.view(self.one_row) if rows == 1 else qkv.view(rows, 3, *self.one_row[2:]).transpose(0, 1)
-        if self.rotary is not None:  # queries and keys turned together
-            cos, sin = self.rotary.cos[pos:pos + 1], self.rotary.sin[pos:pos + 1]
-            qkv = torch.cat((self.rotary.turn(qkv[:2], cos, sin), qkv[2:]))
+        if self.rotary is not None:
+            qkv = self.rotary.turn(qkv, self.cos3.narrow(3, pos, 1), self.sin3.narrow(3, pos, 1))
         kv.narrow(3, pos, 1).copy_(qkv[1:])
         k, v = kv.narrow(3, 0, pos + 1).unbind(0)
         if self.cast is None:
@@ -101,8 +106,7 @@ class _Layer:
         """The same for one row, with the position `pos` a (1,) tensor and `seen` the mask of filled positions."""
         qkv = self.qkv(self.norm1(x)).view(self.one_row)
         if self.rotary is not None:
-            cos, sin = self.rotary.cos.index_select(0, pos), self.rotary.sin.index_select(0, pos)
-            qkv = torch.cat((self.rotary.turn(qkv[:2], cos, sin), qkv[2:]))
+            qkv = self.rotary.turn(qkv, self.cos3.index_select(3, pos), self.sin3.index_select(3, pos))
         kv.index_copy_(3, pos, qkv[1:].to(kv.dtype))
         y = F.scaled_dot_product_attention(qkv[0].to(kv.dtype), kv[0], kv[1], attn_mask=seen)
         x = x + self.proj(y.view(1, -1).to(x.dtype))

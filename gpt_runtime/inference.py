@@ -55,15 +55,19 @@ class Bf16Linear(nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
             weight = None
         self.weight = None if weight is None else nn.Parameter(weight, requires_grad=False)
+        # For decode.Step: a plain function over the tensors themselves (a module's attribute
+        # lookups cost microseconds a token). A prepared layer is never moved, so they stay put.
+        packed, weight, bias = self.packed, self.weight, self.bias
+        if packed is not None:
+            product = torch.ops.mkldnn._linear_pointwise.default._op
+            self.matvec = lambda x: product(x.to(torch.bfloat16), packed, bias, "none", [], "").float()
+        else:
+            self.matvec = lambda x: F.linear(x.to(torch.bfloat16), weight, bias).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            y = torch.ops.mkldnn._linear_pointwise.default(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
-        elif x.numel() <= self.FEW_ROWS * x.size(-1):
-            y = F.linear(x.to(torch.bfloat16), self.weight, self.bias)
-        else:
-            y = F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
-        return y.float()
+        if self.packed is not None or x.numel() <= self.FEW_ROWS * x.size(-1):
+            return self.matvec(x)
+        return F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
 
 
 class Int8Linear(nn.Module):
@@ -83,7 +87,10 @@ class Int8Linear(nn.Module):
         qweight = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), False)
         self.packed = _fbgemm_pack(qweight, scale, self.bias)
-        # For decode.Step: the product of a (rows, in) tensor as one call into PyTorch's C++.
+        # The product of a (rows, in) tensor as one call into PyTorch's C++ (decode.Step calls
+        # it directly). Through torch.ops.quantized.linear_dynamic by name, PyTorch would first
+        # look through the arguments for fake script objects: 9 us a call. reduce_range: 7-bit
+        # activations, which AVX2's integer products cannot overflow.
         self.matvec = None if self.packed is None else functools.partial(
             torch.ops.quantized.linear_dynamic.default._op, W_prepack=self.packed, reduce_range=True)
         # The fallback's operands; with fbgemm its packed copy is all that is kept.
@@ -91,22 +98,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2:  # a decoding step: no reshaping to pay for
-            return _int8_linear(x, self.packed, True)
         rows = x.reshape(-1, x.size(-1))
         if self.packed is not None:
-            y = _int8_linear(rows, self.packed, True)  # 7-bit activations: no AVX2 overflow
+            y = self.matvec(rows)
         else:
             y = torch._weight_int8pack_mm(rows, self.qweight, self.scale)
             if self.bias is not None:
                 y = y + self.bias
         return y.view(*x.shape[:-1], -1)
-
-
-def _int8_linear(x: torch.Tensor, packed, reduce_range: bool) -> torch.Tensor:
-    # The op's overload itself: calling torch.ops.quantized.linear_dynamic by name makes
-    # PyTorch look through the arguments for fake script objects first, 9 us a call.
-    return torch.ops.quantized.linear_dynamic.default(x, packed, reduce_range)
 
 
 def _fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):

@@ -98,9 +98,13 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)
         angles = torch.outer(torch.arange(block_size).float(), inv_freq)  # (T, hs/2)
         angles = torch.cat((angles, angles), dim=-1)  # (T, hs): both halves of each pair
+        # The first half of the sines is negated: turning a pair (a, b) gives
+        # (a cos - b sin, b cos + a sin), and with the halves of x swapped by a roll, that is
+        # x * cos + roll(x) * sin, two products and no slicing.
+        sign = torch.cat((-torch.ones(head_size // 2), torch.ones(head_size // 2)))
         # Derived from the config, so not saved in checkpoints.
         self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("sin", angles.sin() * sign, persistent=False)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x: (B, nh, T, hs)
         T = x.size(-2)
@@ -108,10 +112,8 @@ class Rotary(nn.Module):
 
     @staticmethod
     def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate `x` by the angles whose cosines and sines are given, (T, hs)."""
-        half = x.size(-1) // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+        """Rotate `x` by the angles of `cos` and `sin` (rows of the buffers of those names)."""
+        return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, -1) * sin.to(x.dtype)
 
 
 def _attention_kernel(device: torch.device, head_size: int):

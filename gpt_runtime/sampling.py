@@ -318,6 +318,19 @@ class Chain:
         """
         import torch
 
+        before = logits.clone()  # samplers may work in place; kept to find the culprit on failure
+        out = self._run(logits, state, check_each=False)
+        # One check per step in the common case: a row's maximum is NaN if any logit is,
+        # +inf if any is, and -inf if every token was removed.
+        if not bool(torch.isfinite(out.amax(dim=-1)).all()):
+            self._run(before, state, check_each=True)  # again, checking each sampler: raises naming it
+            raise SamplerError(self.links[-1], f"left logits that are NaN, +inf or all removed at the end of "
+                                               f"the chain {self.spec} (not seen again when each sampler was checked)")
+        return out
+
+    def _run(self, logits: torch.Tensor, state: SamplerState, check_each: bool) -> torch.Tensor:
+        import torch
+
         for link in self.links:
             try:
                 out = link.sampler.apply(logits, state)
@@ -328,8 +341,7 @@ class Chain:
             if not isinstance(out, torch.Tensor) or out.shape != logits.shape or out.dtype != logits.dtype:
                 got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
                 raise SamplerError(link, f"returned {got} instead of {logits.dtype} logits of shape {tuple(logits.shape)}")
-            # One check per step in the common case; the details only on failure.
-            if bool(torch.isnan(out).any() | torch.isposinf(out).any() | torch.isneginf(out).all(dim=-1).any()):
+            if check_each and not bool(torch.isfinite(out.amax(dim=-1)).all()):
                 if torch.isnan(out).any():
                     raise SamplerError(link, "returned NaN logits")
                 if torch.isposinf(out).any():

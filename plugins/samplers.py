@@ -92,9 +92,9 @@ class Temperature(Sampler):
         if self.t < 1:
             # A tiny t can overflow finite logits to +inf (or a whole row to
             # -inf); such a row was meant to be greedy, so make it exactly that.
-            broken = ~torch.isfinite(out.amax(dim=-1, keepdim=True))
-            if bool(broken.any()):
-                out = torch.where(broken, keep_argmax(logits), out)
+            finite = torch.isfinite(out.amax(dim=-1, keepdim=True))
+            if not bool(finite.all()):
+                out = torch.where(finite, out, keep_argmax(logits))
         return out
 
 
