@@ -51,7 +51,7 @@ from .model import GPT
 MAX_KL = 0.005
 MIN_AGREEMENT = 0.9
 MAX_PREFILL_RATIO = 2.0
-MIN_GAIN = 0.05
+MIN_GAIN = 0.10
 BURST = 8  # steps a path runs before the next takes its turn
 CACHE_ENTRIES = 64  # the cache file keeps the most recent measurements
 PIN_VARIABLE = "QUILL_GENERATION_PATH"

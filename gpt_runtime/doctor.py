@@ -341,7 +341,7 @@ def _generation_paths(backend) -> dict[str, Any]:
         if (key["hardware"], key["torch"], key["backend"]) != (here, torch_version(), backend.name):
             continue
         m = key["model"]
-        shape = f"{m['n_layer']}x{m['n_embd']} ({m['position']}, {m['norm']}, {m['mlp']}), vocab {m['vocab_size']}"
+        shape = f"{m['n_layer']}x{m['n_embd']}, vocab {m['vocab_size']} ({m['position']}, {m['norm']}, {m['mlp']})"
         name = entry["path"]["quantize"] if entry["path"]["quantize"] != "none" else entry["path"]["dtype"]
         rows.append({"model": shape, "path": name + (" graph" if entry["path"].get("graph") else ""),
                      "trials": entry["trials"], "measured": entry["measured"]})
@@ -475,7 +475,8 @@ def _choice_rows(c: dict[str, Any]) -> list[Row]:
     for row in g["measured"]:
         times = ", ".join(f"{t['path']} {t['decode_ms']:.2f}" + (" (refused)" if t["refused"] else "")
                           for t in row["trials"])
-        rows.append((f"generation, {row['model']}", row["path"], f"ms per token: {times}; measured {row['measured']}"))
+        label, _, arch = row["model"].rstrip(")").partition(" (")
+        rows.append((f"generation {label}", row["path"], f"ms per token: {times} ({arch}; measured {row['measured']})"))
     if not g["measured"]:
         rows.append(("generation", "measured per model", "on its first use here; nothing measured yet"))
     rows.append(("generation cache", g["cache_file"], "delete it to measure again"))

@@ -283,8 +283,9 @@ class Decoder:
 def _top(tokenizer: Tokenizer, logits: torch.Tensor, chosen: int, n: int) -> tuple[float, list[tuple[int, str, float]]]:
     probs = torch.softmax(logits, dim=-1)
     values, ids = probs.topk(min(n, probs.numel()))
-    top = [(int(i), tokenizer.decode([int(i)]), float(p)) for p, i in zip(values, ids)]
-    return float(probs[chosen]), top
+    # Lists first: iterating tensors makes a tensor per element, microseconds each, every token
+    top = [(i, tokenizer.decode([i]), p) for i, p in zip(ids.tolist(), values.tolist())]
+    return probs[chosen].item(), top
 
 
 def _start(model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], chain: Chain | None, seed: int | None,

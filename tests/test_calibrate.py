@@ -164,10 +164,10 @@ def test_quill_generate_measures_once_and_doctor_shows_the_measurement(checkpoin
     report = json.loads(run_quill("doctor", "--json", env=env).stdout)
     row, = report["choices"]["generation"]["measured"]
     name = entry["path"]["quantize"] if entry["path"]["quantize"] != "none" else entry["path"]["dtype"]
-    assert row["path"] == name and row["model"].startswith("2x32 (learned, layernorm, gelu)")
+    assert row["path"] == name and row["model"].startswith("2x32, vocab 38 (learned, layernorm, gelu")
     assert [t["path"] for t in row["trials"]] == ALL
     text = run_quill("doctor", env=env).stdout.decode()
-    assert f"generation, {row['model']}" in text and "ms per token: float32 " in text
+    assert "\n  generation 2x32, vocab 38 " in text and "ms per token: float32 " in text
 
 
 def test_a_chat_reply_records_its_path_and_replay_refuses_another(checkpoint, tmp_path, monkeypatch):
