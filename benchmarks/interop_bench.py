@@ -8,9 +8,10 @@ with a tokenizer of GPT-2's size (50,257 tokens) in a temporary directory. Then:
 - `import_s`: wall time of `quill import DIR --out ...` as a user runs it (a new
   process: Python, torch, reading 500 MB and writing the checkpoint);
 - `load_s`: loading for generation, Quill's checkpoint (`load_checkpoint`, then
-  its generation dtype) against `GPT2LMHeadModel.from_pretrained`;
+  preparing it along its generation path, measured on the first run of a machine
+  and cached after) against `GPT2LMHeadModel.from_pretrained`;
 - decoding at batch 1: greedy, `--new-tokens` after a 16-token prompt, both with
-  their KV caches: Quill in its automatic dtype, transformers in float32 (its
+  their KV caches: Quill along its automatic path, transformers in float32 (its
   default) and in bfloat16. They take turns, run by run, so that each meets the
   same machine; figures are medians.
 """
@@ -31,11 +32,11 @@ from machine import machine_info  # noqa: E402
 
 import torch  # noqa: E402
 
-from gpt_runtime.backend import dtype_name, get_backend  # noqa: E402
+from gpt_runtime.backend import get_backend  # noqa: E402
 from gpt_runtime.checkpoint import load_checkpoint  # noqa: E402
 from gpt_runtime.generate import generate  # noqa: E402
 from gpt_runtime.hf_tokenizer import byte_alphabet  # noqa: E402
-from gpt_runtime.inference import generation_dtype, prepare_model  # noqa: E402
+from gpt_runtime.calibrate import prepare  # noqa: E402
 from gpt_runtime.sampling import build_chain  # noqa: E402
 
 EOT = 50256
@@ -74,8 +75,7 @@ def main() -> None:
         start = time.perf_counter()
         ckpt = load_checkpoint(checkpoint)
         backend = get_backend("cpu")
-        dtype = generation_dtype(backend, ckpt.model, "auto", "none")
-        quill = prepare_model(ckpt.model, backend, dtype, "none")
+        quill, choice = prepare(ckpt.model, backend)  # measured on first use, then cached
         quill_load = time.perf_counter() - start
         start = time.perf_counter()
         theirs = GPT2LMHeadModel.from_pretrained(source).eval()
@@ -111,7 +111,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "model": "GPT-2 small shape, random weights, 124,439,808 parameters",
         "import_s": round(import_s, 2),
         "load_s": {"quill": round(quill_load, 2), "transformers": round(theirs_load, 2)},
-        "quill_dtype": dtype_name(dtype), "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),
+        "quill_path": choice.path.name, "quill_path_source": choice.source, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),
         "decode_tokens_per_s_median": medians,
         "speedup_vs_transformers_float32": round(medians["quill"] / medians["transformers_float32"], 2),
         "speedup_vs_transformers_bfloat16": round(medians["quill"] / medians["transformers_bfloat16"], 2),

@@ -9,7 +9,9 @@
   late while a 1,000-token reply streamed and a `/train` job trained the classic
   6x384 shape (headless app, in-process);
 - `streamed_tokens_per_s` against `engine_tokens_per_s`: the reply's speed in
-  the app, and the same reply generated with no interface.
+  the app, and the same reply generated with no interface;
+- `status_line_tokens_per_s`: what the status line shows after a reply with no
+  job running (median of 8 replies at the profile's sampler, seed 1).
 """
 
 from __future__ import annotations
@@ -103,6 +105,28 @@ async def lag_while_busy(profile: str, data: Path, run_dir: Path) -> dict:
             "streamed_tokens": done.new_tokens, "streamed_tokens_per_s": done.tokens_per_second}
 
 
+MESSAGES = ["Good morrow, fair lady.", "What news from the court?", "Wilt thou love me?", "Where is the king?"]
+
+
+async def status_speed(profile: str, replies: int = 8) -> float:
+    """The speed the status line shows after a reply (no job running): median over `replies`."""
+    from tui.app import QuillApp
+
+    app = QuillApp(profile)
+    speeds = []
+    async with app.run_test(size=(120, 40)) as pilot:
+        while app.profile_name is None:
+            await pilot.pause(0.05)
+        app.session.set("seed", "1")
+        for i in range(replies):
+            app.run_line(MESSAGES[i % len(MESSAGES)])
+            await pilot.pause(0.1)
+            while app.streaming:
+                await pilot.pause(0.05)
+            speeds.append(app.session.turns[-1].provenance.tokens_per_second)
+    return round(statistics.median(speeds), 1)
+
+
 def engine_speed(profile: str) -> float:
     from gpt_runtime.generate import Done, generate
     from gpt_runtime.sampling import build_chain
@@ -123,10 +147,11 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     args = parser.parse_args()
     corpus = corpus_or_exit(args.corpus)
+    status = asyncio.run(status_speed(args.profile))
     times = [launch_times(args.profile) for _ in range(5)]
     results = {"machine": machine_info(), "profile": args.profile,
                "first_frame_s": round(statistics.median(t[0] for t in times), 2),
-               "ready_s": round(statistics.median(t[1] for t in times), 2)}
+               "ready_s": round(statistics.median(t[1] for t in times), 2), "status_line_tokens_per_s": status}
     from gpt_runtime.data import prepare
     from gpt_runtime.fileio import read_corpus
     from gpt_runtime.tokenizer import train_tokenizer

@@ -42,7 +42,7 @@ import torch
 
 from . import __version__
 from .backend import Backend, dtype_name, resolve_dtype
-from .decode import step_for
+from .decode import GraphStep, Step
 from .errors import QuillError, QuillWarning
 from .fileio import atomic_write_bytes
 from .inference import fbgemm_unavailable, int8_unavailable, prepare_model
@@ -153,49 +153,69 @@ def prepare(model: GPT, backend: Backend, dtype: str = "auto", quantize: str = "
 
 
 def _parse(name: str, backend: Backend) -> GenerationPath:
+    """The path `QUILL_GENERATION_PATH` names, its dtype spelled as Quill records it."""
     words = name.split()
     graph = words[1:] == ["graph"]
-    if not words or len(words) > 2 or (len(words) == 2 and not graph):
-        raise QuillError(f"{PIN_VARIABLE}={name!r} is not a generation path",
-                         hint="use float32, bfloat16 or int8, with ' graph' after it on CUDA")
+    bad = not words or len(words) > 2 or (len(words) == 2 and not graph) or words[0] == "auto" \
+        or (graph and (words[0] == "int8" or backend.device.type != "cuda"))
+    if bad:
+        raise QuillError(f"{PIN_VARIABLE}={name!r} is not a generation path here",
+                         hint="use float32, bfloat16 or int8 (int8 on the CPU), with ' graph' after a dtype on CUDA")
     if words[0] == "int8":
         return candidates(backend, "auto", "int8")[0]
-    resolve_dtype(backend, words[0])
-    return GenerationPath(words[0], graph=graph)
+    try:
+        return GenerationPath(dtype_name(resolve_dtype(backend, words[0])), graph=graph)
+    except QuillError as exc:
+        raise QuillError(f"{PIN_VARIABLE}={name!r}: {exc.message}", hint=exc.hint) from None
 
 
 def _best(paths: list[GenerationPath], trials: list[Trial]) -> GenerationPath:
-    """The fastest acceptable path; float32 unless another beats it by `MIN_GAIN`."""
+    """The fastest acceptable path; a lossy one only if it beats the fastest exact one by `MIN_GAIN`."""
     by_name = {p.name: p for p in paths}
     pool = [t for t in trials if t.path in by_name and not t.refused]
     # A dtype the user asked for is theirs to have, however far it is from float32.
     fastest = min(pool or [t for t in trials if t.path in by_name], key=lambda t: t.decode_ms)
-    base = trials[0]  # float32, eager: the reference
-    if base.path in by_name and fastest.decode_ms > base.decode_ms * (1 - MIN_GAIN):
-        return by_name[base.path]
+    exact = [t for t in pool if by_name[t.path].dtype == "float32" and by_name[t.path].quantize == "none"]
+    if exact:
+        base = min(exact, key=lambda t: t.decode_ms)
+        if fastest.decode_ms > base.decode_ms * (1 - MIN_GAIN):
+            return by_name[base.path]
     return by_name[fastest.path]
 
 
 # --- measuring -------------------------------------------------------------------------------------
+
+class _Owner:
+    """Holds a CUDA graph's cache during a measurement, as a window does while it decodes."""
+
 
 def measure(model: GPT, backend: Backend, paths: list[GenerationPath], steps: int = 24) -> list[Trial]:
     """Time each path's prefill and decoding step and compare its predictions with float32's.
 
     The first trial is float32's (eager), whether or not it is among `paths`:
     its own sampled tokens are fed to every path, and its distributions are the
-    reference. Paths take turns, `BURST` steps at a time.
+    reference. Paths take turns, `BURST` steps at a time. `model` itself (float32
+    on the backend's device) is the reference; each other weight format is one
+    prepared copy, which a CUDA graph and eager decoding share.
     """
     reference = GenerationPath("float32")
     order = [reference] + [p for p in paths if p != reference]
-    prepared = [prepare_model(copy.deepcopy(model), backend, resolve_dtype(backend, p.dtype), p.quantize, graph=p.graph)
-                for p in order]
+    models: dict[tuple[str, str], GPT] = {("float32", "none"): model.eval()}
+    for p in order:
+        if (p.dtype, p.quantize) not in models:
+            models[p.dtype, p.quantize] = prepare_model(copy.deepcopy(model), backend, resolve_dtype(backend, p.dtype),
+                                                        p.quantize, graph=backend.device.type == "cuda")
+    prepared = [models[p.dtype, p.quantize] for p in order]
     config = model.config
     generator = torch.Generator().manual_seed(0)
     prompt_length = max(1, min(32, config.block_size // 2))
     steps = min(steps, config.block_size - prompt_length - 1)
     prompt = torch.randint(config.vocab_size, (1, prompt_length), generator=generator).to(backend.device)
-    owners = [object() for _ in prepared]  # what claims a CUDA graph's cache, as a window does
-    steps_of = [step_for(m, owner) for m, owner in zip(prepared, owners)]
+    owner = _Owner()
+    steps_of = [GraphStep(m) if p.graph else Step(m) for m, p in zip(prepared, order)]
+    for step in steps_of:
+        if isinstance(step, GraphStep):
+            step.claim(owner)
     caches, prefill_ms, logits = [], [], []
     with torch.inference_mode():
         for m, step in zip(prepared, steps_of):
@@ -216,7 +236,7 @@ def measure(model: GPT, backend: Backend, paths: list[GenerationPath], steps: in
                     out = step(tokens[i].to(backend.device), cache)
                     if i >= 2:  # the first steps of a burst bring the weights back into the CPU's cache
                         times[j].append(1000 * (_now(backend) - start))
-                    logits[j].append(out[0].float())
+                    logits[j].append(out[0].to(torch.float32, copy=True))  # a graph's output is reused
     reference_logp = torch.log_softmax(torch.stack(logits[0]), -1)
     trials = []
     for path, t, ms, lg in zip(order, times, prefill_ms, logits):

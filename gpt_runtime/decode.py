@@ -170,11 +170,15 @@ class GraphStep(Step):
     Its cache is a single buffer that `new_cache` hands out again each time;
     while a window still uses it, another gets an eager `Step` instead (two
     generations from one model at once stay correct, the second one slower).
+    A cache whose buffer was replaced (a beam search of one beam reorders it)
+    is stepped eagerly too: the graph reads and writes only the buffer it was
+    captured on. The logits it returns are overwritten by the next step.
     """
 
     def __init__(self, model: GPT) -> None:
         super().__init__(model)
         self.static = KVCache(self.config, 1, self.device, self.cache_dtype)
+        self.buffer = self.static.kv  # what the graph is captured on
         self.idx = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.positions = torch.arange(self.config.block_size, device=self.device).view(1, -1)
@@ -191,7 +195,7 @@ class GraphStep(Step):
         return True
 
     def new_cache(self) -> KVCache:
-        self.static.length = 0
+        self.static.kv, self.static.length = self.buffer, 0
         return self.static
 
     def _replayable(self) -> torch.Tensor:
@@ -199,7 +203,7 @@ class GraphStep(Step):
         if self.wpe is not None:
             x = x + self.wpe.index_select(0, self.pos)
         seen = self.positions <= self.pos  # (1, block): the filled positions; the rest of the window is stale
-        for layer, kv in zip(self.layers, self.static.kv):
+        for layer, kv in zip(self.layers, self.buffer):
             x = layer.replayable(x, kv, self.pos, seen)
         return self.head(self.norm_f(x)).float()
 
@@ -220,7 +224,7 @@ class GraphStep(Step):
         self.capture_seconds = time.perf_counter() - start
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if cache is not self.static or idx.numel() != 1:
+        if cache.kv is not self.buffer or idx.numel() != 1:
             return super().__call__(idx, cache)
         pos = cache.length
         if pos >= self.config.block_size:
@@ -238,8 +242,9 @@ def step_for(model: GPT, owner: object | None = None) -> ForwardStep:
     """The decoding step for `model`: its captured `GraphStep` when it was prepared for one,
     else the flat `Step` (a `ForwardStep` for a subclass with a `forward` of its own).
 
-    `owner` (a window decoding one row) claims the graph's cache; without an
-    owner, or while another owns it, the step is eager.
+    `owner` (a window decoding one row; any object a weak reference can point
+    to) claims the graph's cache; without an owner, or while another owns it,
+    the step is eager.
     """
     if type(model).forward is not GPT.forward or "forward" in vars(model):  # a forward of its own
         return ForwardStep(model)

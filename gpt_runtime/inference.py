@@ -36,15 +36,17 @@ from .plugins import get_registry
 class Bf16Linear(nn.Module):
     """bf16 weights under float32 activations, for the CPU: half the bytes per token.
 
-    A few rows (decoding) are multiplied in bf16, converted on the way in and
-    out. Many rows (a prompt) are multiplied in float32 by the weights widened
-    for the call: CPUs without bf16 instructions have no fast bf16 matrix-matrix
-    kernel (a 200-token prompt at 6x384 took 222 ms that way, 33 ms widened, on
-    an AVX2 EPYC). Where oneDNN has bf16 kernels (AVX512-BF16, AMX) the weights
-    are packed for it instead, and every product runs in bf16.
+    One or two rows (a decoding step) are multiplied in bf16, converted on the
+    way in and out. More rows (a prompt, a batch, beams) are multiplied in
+    float32 by the weights widened for the call: without oneDNN's bf16 kernels,
+    PyTorch's bf16 product costs about one matrix-vector product per row (a
+    200-token prompt at 6x384 took 222 ms that way, 33 ms widened, on an AVX2
+    EPYC; at 8 rows widening was already 3x faster). Where oneDNN has bf16
+    kernels (`bf16_packing_unavailable` is None: AVX512 or AVX-NE-CONVERT on
+    x86-64) the weights are packed for it instead, and every product runs there.
     """
 
-    FEW_ROWS = 8  # up to this many rows, the bf16 matrix-vector kernel wins
+    FEW_ROWS = 2  # up to this many rows, PyTorch's bf16 matrix-vector product wins
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -62,12 +64,12 @@ class Bf16Linear(nn.Module):
             product = torch.ops.mkldnn._linear_pointwise.default._op
             self.matvec = lambda x: product(x.to(torch.bfloat16), packed, bias, "none", [], "").float()
         else:
-            self.matvec = lambda x: F.linear(x.to(torch.bfloat16), weight, bias).float()
+            few, wide_bias = self.FEW_ROWS, None if bias is None else bias.float()
+            self.matvec = lambda x: (F.linear(x.to(torch.bfloat16), weight, bias).float() if x.size(0) <= few
+                                     else F.linear(x, weight.float(), wide_bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None or x.numel() <= self.FEW_ROWS * x.size(-1):
-            return self.matvec(x)
-        return F.linear(x, self.weight.float(), None if self.bias is None else self.bias.float())
+        return self.matvec(x.reshape(-1, x.size(-1))).view(*x.shape[:-1], -1)
 
 
 class Int8Linear(nn.Module):

@@ -324,8 +324,8 @@ class Chain:
         # +inf if any is, and -inf if every token was removed.
         if not bool(torch.isfinite(out.amax(dim=-1)).all()):
             self._run(before, state, check_each=True)  # again, checking each sampler: raises naming it
-            raise SamplerError(self.links[-1], f"left logits that are NaN, +inf or all removed at the end of "
-                                               f"the chain {self.spec} (not seen again when each sampler was checked)")
+            raise QuillError(f"the sampler chain {self.spec} left logits that are NaN, +inf or all removed, "
+                             "and did not when its samplers ran again one by one", hint="a sampler is not repeatable")
         return out
 
     def _run(self, logits: torch.Tensor, state: SamplerState, check_each: bool) -> torch.Tensor:

@@ -101,6 +101,9 @@ def test_the_rule_takes_the_fastest_acceptable_path_that_beats_float32_clearly()
     assert calibrate._best(paths, trials(2.6, 2.4)).name == "int8"
     assert calibrate._best(paths, trials(2.6, 2.4, "KL 0.02 > 0.005")).name == "bfloat16"
     assert calibrate._best(paths, trials(3.9, 3.95)).name == "float32"  # under MIN_GAIN: exactness wins
+    cuda = [GenerationPath("float32", graph=True), GenerationPath("float32"), GenerationPath("bfloat16", graph=True)]
+    timed = [Trial("float32", 4.0, 10, 0, 1), Trial("float32 graph", 1.0, 10, 0, 1), Trial("bfloat16 graph", 0.95, 8, 1e-4, 1)]
+    assert calibrate._best(cuda, timed).name == "float32 graph"  # lossy must beat the fastest exact path
     asked = [GenerationPath("bfloat16")]  # a dtype the user asked for is theirs even when refused
     refused = [Trial("float32", 4.0, 10, 0, 1), Trial("bfloat16", 5.0, 10, 0.1, 0.5, "KL 0.1 > 0.005")]
     assert calibrate._best(asked, refused).name == "bfloat16"
@@ -128,9 +131,12 @@ def test_the_environment_pins_a_path(model, monkeypatch):
     monkeypatch.setenv("QUILL_GENERATION_PATH", "int8")
     assert choose(model, CPU) == Choice(GenerationPath("float32", "int8"), "pinned")
     assert choose(model, CPU, "float32").path.name == "float32"  # flags still win
-    monkeypatch.setenv("QUILL_GENERATION_PATH", "fast please")
-    with pytest.raises(QuillError, match="QUILL_GENERATION_PATH='fast please' is not a generation path"):
-        choose(model, CPU)
+    monkeypatch.setenv("QUILL_GENERATION_PATH", "bf16")  # spelled as provenance records it, so replays match
+    assert choose(model, CPU).path == GenerationPath("bfloat16")
+    for name in ("fast please", "auto", "float32 graph", "int8 graph"):  # graphs are CUDA's, and int8 the CPU's
+        monkeypatch.setenv("QUILL_GENERATION_PATH", name)
+        with pytest.raises(QuillError, match=f"QUILL_GENERATION_PATH={name!r} is not a generation path here"):
+            choose(model, CPU)
 
 
 @pytest.mark.parametrize("name, layer", [("bfloat16", Bf16Linear), ("int8", Int8Linear)])

@@ -25,6 +25,10 @@ from plugins.char_tokenizer import CharTokenizer
 pytestmark = pytest.mark.cuda
 
 
+class Owner:
+    """What claims a graph's cache (a window does): anything a weak reference can point to."""
+
+
 @pytest.fixture(scope="module")
 def tok() -> CharTokenizer:
     return CharTokenizer.train(SAMPLE_TEXT)
@@ -56,7 +60,7 @@ def test_the_captured_step_gives_eager_greedy_text(tok, arch, dtype):
 
 def test_the_captured_step_computes_the_eager_logits(tok, pair):
     eager, graphed = pair
-    owner = object()
+    owner = Owner()
     g, e = step_for(graphed, owner), Step(eager)
     assert isinstance(g, GraphStep)
     prompt = torch.tensor([[1, 2, 3, 4, 5]], device="cuda")
@@ -71,7 +75,7 @@ def test_the_captured_step_computes_the_eager_logits(tok, pair):
 
 def test_a_second_window_while_the_first_is_alive_decodes_eagerly(pair):
     _, graphed = pair
-    first, second = object(), object()
+    first, second = Owner(), Owner()
     assert isinstance(step_for(graphed, first), GraphStep)
     assert type(step_for(graphed, second)) is Step  # the static cache is taken
     del first
@@ -110,6 +114,12 @@ def test_beam_search_and_batches_run_eagerly_on_a_graph_prepared_model(tok, pair
     beam = build_chain("beam", {"beam": {"num_beams": 3}})
     assert ids_of(run_generation(graphed, tok, "First", chain=beam, max_new_tokens=12)[0]) == \
         ids_of(run_generation(eager, tok, "First", chain=beam, max_new_tokens=12)[0])
+    one = build_chain("beam", {"beam": {"num_beams": 1}})  # one row, reordered: stepped eagerly
+    assert ids_of(run_generation(graphed, tok, "First", chain=one, max_new_tokens=12)[0]) == \
+        ids_of(run_generation(eager, tok, "First", chain=one, max_new_tokens=12)[0])
+    greedy = greedy_without_eos(tok)  # and the graph's own cache is used again afterwards
+    assert ids_of(run_generation(graphed, tok, "First", chain=greedy, max_new_tokens=20)[0]) == \
+        ids_of(run_generation(eager, tok, "First", chain=greedy, max_new_tokens=20)[0])
     chain = build_chain("top_k")
     assert generate_batch(graphed, tok, "First", 3, chain=chain, max_new_tokens=10, seed=1).texts == \
         generate_batch(eager, tok, "First", 3, chain=chain, max_new_tokens=10, seed=1).texts

@@ -61,7 +61,7 @@ def test_a_full_cache_is_refused_by_the_step():
 
 def test_a_model_prepared_without_a_graph_decodes_eagerly_on_every_device():
     model = prepare_model(tiny_gpt(40), backends.CpuBackend(), torch.float32)
-    assert type(step_for(model, object())) is Step and type(step_for(model)) is Step
+    assert type(step_for(model, Window())) is Step and type(step_for(model)) is Step
 
 
 def test_graphs_are_refused_off_cuda():
@@ -137,3 +137,82 @@ def test_the_step_a_cuda_graph_captures_computes_the_eager_logits(arch):
         gc.length += 1
         torch.testing.assert_close(got, eager(idx, ec), atol=2e-5, rtol=1e-5)
     assert gc is graph.new_cache() and gc.length == 0  # one cache, handed out again
+
+
+# --- the CUDA graph's bookkeeping, on the CPU: capture and replay stood in for -----------------------------
+
+class Window:
+    """What claims a graph's cache: anything a weak reference can point to."""
+
+
+@pytest.fixture
+def replayed(monkeypatch):
+    """GraphStep with its capture replaced: "replay" recomputes what the graph records, into the same
+    logits tensor, so everything around the graph (its one cache, ownership, reuse) runs on the CPU."""
+    from types import SimpleNamespace
+
+    def capture(self):
+        def replay():
+            self.graph.replays += 1
+            self.logits.copy_(self._replayable())
+        self.logits = self._replayable()
+        self.graph = SimpleNamespace(replay=replay, replays=0)
+        self.capture_seconds = 0.0
+
+    monkeypatch.setattr(GraphStep, "_capture", capture)
+
+    def graph_model(**arch):
+        model = tiny_gpt(40, **arch)
+        model.decode_graph = True  # what prepare_model(..., graph=True) records on CUDA
+        return model
+    return graph_model
+
+
+def greedy_ids(model, tok, n: int, chain=None) -> list[int]:
+    from generation_helpers import greedy_without_eos, ids_of, run
+
+    return ids_of(run(model, tok, [1, 2, 3], chain=chain or greedy_without_eos(tok), max_new_tokens=n)[0])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from plugins.char_tokenizer import CharTokenizer
+
+    return CharTokenizer([chr(c) for c in range(97, 133)])  # 36 pieces + 4 specials: 40 ids
+
+
+@torch.inference_mode()
+def test_the_replayed_step_decodes_as_eager_past_the_window_and_after_a_one_beam_search(replayed, tok):
+    from gpt_runtime.sampling import build_chain
+
+    model = replayed(position="rope")
+    eager = copy.deepcopy(model)
+    eager.decode_graph = False
+    want = greedy_ids(eager, tok, 80)  # 80 > 2 x the 32-token window: the cache is refilled twice
+    assert greedy_ids(model, tok, 80) == want
+    graph = model.__dict__["_graph_step"]
+    assert graph.graph.replays > 0 and graph.buffer is graph.static.kv
+    beam = build_chain("beam", {"beam": {"num_beams": 1}})  # one row that beam search reorders
+    replays = graph.graph.replays
+    assert greedy_ids(model, tok, 10, beam) == greedy_ids(eager, tok, 10, beam)
+    assert graph.graph.replays == replays  # a reordered cache is no longer the captured buffer: eager
+    assert greedy_ids(model, tok, 80) == want and graph.graph.replays > replays  # the buffer is back in use
+
+
+def test_a_second_window_decodes_eagerly_while_the_first_holds_the_graph(replayed):
+    model = replayed()
+    first, second = Window(), Window()
+    assert isinstance(step_for(model, first), GraphStep)
+    assert type(step_for(model, second)) is Step
+    del first
+    assert isinstance(step_for(model, second), GraphStep)
+
+
+def test_calibration_compares_each_replayed_step_not_the_last_one(replayed, monkeypatch):
+    from gpt_runtime import calibrate
+    from gpt_runtime.calibrate import GenerationPath
+
+    model = replayed(block_size=64)
+    trials = calibrate.measure(model, backends.CpuBackend(), [GenerationPath("float32"), GenerationPath("float32", graph=True)])
+    graph = trials[1]
+    assert graph.path == "float32 graph" and graph.kl < 1e-6 and graph.agreement == 1.0 and not graph.refused
