@@ -42,6 +42,7 @@ test-mps: $(SETUP)
 bench: $(VENV)/.installed
 	$(PY) benchmarks/tokenizer_bench.py
 	$(PY) benchmarks/generate_bench.py
+	$(PY) benchmarks/quality_bench.py
 	$(PY) benchmarks/interop_bench.py
 	$(PY) benchmarks/chat_bench.py --profile shakespeare-char
 	$(PY) benchmarks/tui_bench.py

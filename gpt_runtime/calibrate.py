@@ -16,10 +16,11 @@ measured again when any of them changes.
 Close to float32 means, on the float32 model's own sampled continuation (fed
 to every candidate, token by token): a mean KL divergence of the next-token
 distributions of at most `MAX_KL` nats, and the same most likely token at
-`MIN_AGREEMENT` of the positions or more. A candidate whose prompt is more
-than `MAX_PREFILL_RATIO` times slower than float32's is not chosen either: the
-first token stays fast whatever decodes the rest. A candidate must beat
-float32 by `MIN_GAIN` to be chosen, so noise never trades exactness away.
+`MIN_AGREEMENT` of the positions where float32 has a clear favourite. A
+candidate whose prompt is more than `MAX_PREFILL_RATIO` times slower than
+float32's is not chosen either: the first token stays fast whatever decodes
+the rest. A lossy candidate must beat the fastest exact one by `MIN_GAIN` to be
+chosen, so noise never trades exactness away.
 
 `--dtype`, `--quantize` and a profile's `[backend]` narrow the candidates; the
 environment variable `QUILL_GENERATION_PATH` names one outright.
@@ -50,9 +51,11 @@ from .model import GPT
 
 MAX_KL = 0.005
 MIN_AGREEMENT = 0.9
+CLEAR_LEAD = 0.1  # nats: a top token at least 10% likelier than the next is a clear favourite
 MAX_PREFILL_RATIO = 2.0
 MIN_GAIN = 0.10
 BURST = 8  # steps a path runs before the next takes its turn
+STEP_BUDGET = 0.5  # seconds of decoding steps, all paths together: a large model measures fewer
 CACHE_ENTRIES = 64  # the cache file keeps the most recent measurements
 PIN_VARIABLE = "QUILL_GENERATION_PATH"
 
@@ -219,14 +222,17 @@ def measure(model: GPT, backend: Backend, paths: list[GenerationPath], steps: in
     caches, prefill_ms, logits = [], [], []
     with torch.inference_mode():
         for m, step in zip(prepared, steps_of):
-            m(prompt, cache=step.new_cache())  # warm-up: the first calls set kernels up
+            m(prompt[:, :4], cache=step.new_cache())  # warm-up: the first calls set kernels up
             caches.append(step.new_cache())
             start = _now(backend)
             out, _ = m(prompt, cache=caches[-1])
             prefill_ms.append(1000 * (_now(backend) - start))
             logits.append([out[0, -1].float()])
         times: list[list[float]] = [[] for _ in prepared]
+        started = time.perf_counter()
         for burst in range(0, steps, BURST):
+            if burst and time.perf_counter() - started > STEP_BUDGET:
+                break
             tokens = []
             for j, (step, cache) in enumerate(zip(steps_of, caches)):
                 for i in range(min(BURST, steps - burst)):
@@ -242,12 +248,26 @@ def measure(model: GPT, backend: Backend, paths: list[GenerationPath], steps: in
     for path, t, ms, lg in zip(order, times, prefill_ms, logits):
         logp = torch.log_softmax(torch.stack(lg), -1)
         kl = float((reference_logp.exp() * (reference_logp - logp)).sum(-1).mean())
-        agreement = float((logp.argmax(-1) == reference_logp.argmax(-1)).float().mean())
+        agreement = _agreement(reference_logp, logp)
         trials.append(Trial(path.name, round(statistics.median(t), 4), round(ms, 3), round(kl, 6),
                             round(agreement, 3)))
     for trial in trials[1:]:
         trial.refused = _refusal(trial, trials[0])
     return trials
+
+
+def _agreement(reference: torch.Tensor, logp: torch.Tensor) -> float:
+    """How often the most likely token is the same where float32 has a clear favourite.
+
+    Positions where float32's top two tokens are within `CLEAR_LEAD` nats of each other
+    are left out: there a rounding difference picks either, which says nothing about
+    the path (an untrained model is all such positions). 1.0 when no position is clear.
+    """
+    top2 = reference.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > CLEAR_LEAD
+    if not bool(clear.any()):
+        return 1.0
+    return float((logp.argmax(-1) == reference.argmax(-1))[clear].float().mean())
 
 
 def _refusal(trial: Trial, base: Trial) -> str:

@@ -193,3 +193,12 @@ def test_a_chat_reply_records_its_path_and_replay_refuses_another(checkpoint, tm
     with pytest.raises(QuillError, match="reply 1 was generated along the bfloat16 path") as info:
         s.replay(1)
     assert "QUILL_GENERATION_PATH='bfloat16'" in info.value.hint
+
+
+def test_agreement_counts_only_positions_where_float32_has_a_clear_favourite():
+    # Three positions: a clear favourite kept, a clear favourite lost, a near-tie swapped (not counted)
+    reference = torch.log_softmax(torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [1.0, 1.02, 0.0]]), -1)
+    other = torch.log_softmax(torch.tensor([[3.0, 0.0, 0.0], [3.0, 0.0, 0.0], [1.02, 1.0, 0.0]]), -1)
+    assert calibrate._agreement(reference, other) == 0.5
+    flat = torch.log_softmax(torch.zeros(4, 5), -1)  # an untrained model: nothing is clear
+    assert calibrate._agreement(flat, torch.log_softmax(torch.randn(4, 5), -1)) == 1.0
