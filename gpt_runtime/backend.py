@@ -72,7 +72,7 @@ class Backend:
     def generation_dtype(self, num_params: int) -> "torch.dtype":
         """The dtype to generate in with a model of `num_params` parameters.
 
-        Asked of backends other than cpu and cuda only: on those two Quill times
+        Asked only of backends whose device is neither a CPU nor a CUDA GPU: on those Quill times
         its candidate paths on the machine instead (calibrate.py).
         """
         return self.preferred_dtype()
