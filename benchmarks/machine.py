@@ -20,20 +20,12 @@ def corpus_or_exit(path: Path) -> Path:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    from gpt_runtime.doctor import cpu_flags, cpuinfo, isa_level  # torch-free
+    from gpt_runtime.cpu import cpu_flags, cpuinfo, isa_level  # torch-free
 
+    info = cpuinfo()
     return {
-        "cpu": cpu,
-        "cpu_class": isa_level(platform.machine(), cpu_flags(cpuinfo())),  # AVX2, AVX512, AVX512-BF16, AMX, ...
+        "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "cpu_class": isa_level(platform.machine(), cpu_flags(info)),  # AVX2, AVX512, AVX512-BF16, AMX, ...
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),

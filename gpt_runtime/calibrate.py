@@ -43,6 +43,7 @@ import torch
 
 from . import __version__
 from .backend import Backend, dtype_name, resolve_dtype
+from .cpu import cpu_flags, cpuinfo
 from .decode import GraphStep, Step
 from .errors import QuillError, QuillWarning
 from .fileio import atomic_write_bytes
@@ -309,8 +310,6 @@ def hardware_id(backend: Backend) -> str:
     """The processor that runs `backend`: the GPU's name, or the CPU's model and instruction sets."""
     if backend.device.type == "cuda":
         return torch.cuda.get_device_name(backend.device)
-    from .doctor import cpu_flags, cpuinfo  # torch-free helpers that read /proc/cpuinfo
-
     info = cpuinfo()
     flags = sorted(f for f in cpu_flags(info) or () if f.startswith(("avx", "amx", "fma", "sse4", "neon", "asimd", "sve")))
     return " ".join([info.get("model name") or platform.processor() or platform.machine(), *flags])

@@ -28,16 +28,14 @@ from typing import Any
 
 from . import __version__
 from .backend import AUTO_ORDER, dtype_name, get_backend
+from .cpu import cpu_flags, cpuinfo, isa_level
 from .errors import QuillError
 from .plugins import get_plugin_host, get_registry
 
 NVML_LIBRARY = "libnvidia-ml.so.1"
 CUDA_DRIVER_LIBRARY = "libcuda.so.1"
 NVIDIA_PROC_VERSION = Path("/proc/driver/nvidia/version")
-CPUINFO = Path("/proc/cpuinfo")
 MEMINFO = Path("/proc/meminfo")
-# x86-64 ISA levels from /proc/cpuinfo flags, best first.
-X86_LEVELS = (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX512", "avx512f"), ("AVX2", "avx2"))
 
 
 def describe_error(exc: BaseException) -> str:
@@ -81,44 +79,6 @@ def probe_platform() -> dict[str, Any]:
         "python_implementation": platform.python_implementation(),
         "executable": sys.executable,
     }
-
-
-def cpuinfo() -> dict[str, str]:
-    """The first processor's fields from /proc/cpuinfo ({} where there is none)."""
-    fields: dict[str, str] = {}
-    try:
-        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    if fields:
-                        break  # every processor repeats the same fields
-                    continue
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return {}
-    return fields
-
-
-def isa_level(machine: str, flags: set[str] | None) -> str:
-    """AMX, AVX512-BF16, AVX512 or AVX2 on x86-64, NEON on arm64, else baseline.
-
-    `flags` are the CPU's /proc/cpuinfo flags, None where they could not be read
-    (then an x86-64 CPU's level is "unknown" rather than a guess).
-    """
-    machine = machine.lower()
-    if machine in ("aarch64", "arm64"):
-        return "NEON"  # part of every arm64 CPU
-    if machine not in ("x86_64", "amd64"):
-        return "baseline"
-    if flags is None:
-        return "unknown"
-    return next((level for level, flag in X86_LEVELS if flag in flags), "baseline")
-
-
-def cpu_flags(info: dict[str, str]) -> set[str] | None:
-    """The CPU's feature flags from `cpuinfo()` fields (arm64 calls them Features), or None."""
-    return set((info.get("flags") or info.get("Features") or "").split()) if info else None
 
 
 def probe_cpu() -> dict[str, Any]:
