@@ -11,6 +11,7 @@ saying why, where the device's backend is not available.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def pytest_configure(config):
     # across processes must come from the same path. test_calibrate.py unpins it.
     os.environ["QUILL_GENERATION_PATH"] = "float32"
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="quill-test-cache-")  # measurements stay out of ~/.cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.get("XDG_CACHE_HOME", ""), ignore_errors=True)
 
 
 def pytest_runtest_setup(item):

@@ -44,9 +44,11 @@ def test_the_first_use_measures_every_candidate_and_caches_the_choice(model, unp
     assert [t.path for t in choice.trials] == ALL
     reference = choice.trials[0]
     assert (reference.kl, reference.agreement, reference.refused) == (0.0, 1.0, "")
-    assert all(t.decode_ms > 0 and t.prefill_ms > 0 for t in choice.trials)
-    assert all(0 <= t.kl < calibrate.MAX_KL and t.agreement >= calibrate.MIN_AGREEMENT for t in choice.trials)
-    assert choice.path.name in ALL
+    assert all(t.decode_ms > 0 and t.prefill_ms > 0 and t.kl >= 0 and 0 <= t.agreement <= 1 for t in choice.trials)
+    # How close bf16 and int8 come depends on the CPU's kernels: only the rule is the same everywhere
+    assert all(bool(t.refused) == bool(calibrate._refusal(t, reference)) for t in choice.trials[1:])
+    chosen, = [t for t in choice.trials if t.path == choice.path.name]
+    assert not chosen.refused
     entries = json.loads(unpinned.read_text())["entries"]
     assert len(entries) == 1 and entries[0]["path"]["dtype"] == choice.path.dtype
     assert entries[0]["key"]["torch"] == torch.__version__ and entries[0]["key"]["model"]["n_embd"] == 32

@@ -90,7 +90,7 @@ def test_bf16_weights_keep_float32_activations_and_stay_close(arch):
     # The prompt takes the many-rows path (weights widened), each step the few-rows one (bf16 products)
     got = stepped_logits(model, prompt, follow)
     assert got.dtype == torch.float32
-    assert 0 < (got - expected).abs().max() < 0.03 * scale
+    assert 0 < (got - expected).abs().max() < 0.05 * scale  # oneDNN-packed (AVX512) runs the prompt in bf16 too
 
 
 @pytest.mark.skipif(fbgemm_unavailable() is not None, reason=f"fbgemm: {fbgemm_unavailable()}")
