@@ -3,6 +3,8 @@
 `prepare` writes a data directory::
 
     train.bin  val.bin   token ids, uint16 when the vocabulary fits, else uint32
+    train.mask val.mask  chat data only: one byte per token, 1 where the loss counts
+                         (the model's turns), 0 elsewhere (system and user text)
     meta.json            counts, dtype, and the tokenizer's fingerprint
     tokenizer.json       the tokenizer itself, so the directory is enough to train
 
@@ -89,9 +91,8 @@ def _cut(data: bytes) -> int:
     return cut - 1 if cut and data[cut - 1] >= 0xC0 else len(data)
 
 
-def _encode_region(f, start: int, end: int, tok: Tokenizer, out, typecode: str, path: str, progress) -> int:
-    """Encode corpus bytes [start, end) a block at a time; returns the token count."""
-    n_tokens = 0
+def _encode_region(f, start: int, end: int, tok: Tokenizer, out: "SplitWriter", path: str, progress) -> None:
+    """Encode corpus bytes [start, end) a block at a time into `out`."""
     f.seek(start)
     block_start, carry = start, b""
     while block_start < end:
@@ -101,13 +102,69 @@ def _encode_region(f, start: int, end: int, tok: Tokenizer, out, typecode: str, 
             data, carry = data[:cut], data[cut:]
         else:
             carry = b""
-        ids = array(typecode, tok.encode(decode_corpus(data, path, block_start)))
-        ids.tofile(out)
-        n_tokens += len(ids)
+        out.write(tok.encode(decode_corpus(data, path, block_start)))
         block_start += len(data)
         if progress:
             progress(block_start, None)
-    return n_tokens
+
+
+class SplitWriter:
+    """The token ids of one split (and, for chat data, their loss mask), written to
+    temporary files as they come; `commit` renames them into place."""
+
+    def __init__(self, out: Path, name: str, vocab_size: int, masked: bool = False) -> None:
+        self.out, self.name = out, name
+        self.typecode, self.dtype = _token_dtype(vocab_size)
+        self.tokens = 0
+        self._ids = open(out / f".{name}.bin.tmp", "wb")
+        self._mask = open(out / f".{name}.mask.tmp", "wb") if masked else None
+
+    def write(self, ids: list[int], mask: list[bool] | None = None) -> None:
+        """Append `ids`; chat data gives each its `mask` (True: the loss counts there)."""
+        if (mask is None) != (self._mask is None) or (mask is not None and len(mask) != len(ids)):
+            raise ValueError("a masked split needs one mask value per token, an unmasked one none")
+        array(self.typecode, ids).tofile(self._ids)
+        if self._mask is not None:
+            self._mask.write(bytes(bytearray(map(bool, mask))))
+        self.tokens += len(ids)
+
+    def _files(self) -> list[str]:
+        return [f"{self.name}.bin"] + ([f"{self.name}.mask"] if self._mask is not None else [])
+
+    def close(self) -> None:
+        self._ids.close()
+        if self._mask is not None:
+            self._mask.close()
+
+    def discard(self) -> None:
+        """Close and remove the temporary files (an earlier preparation stays as it was)."""
+        self.close()
+        for name in self._files():
+            (self.out / f".{name}.tmp").unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        self.close()
+        for name in self._files():
+            os.replace(self.out / f".{name}.tmp", self.out / name)
+
+
+def write_data_dir(out: Path, splits: list[SplitWriter], tok: Tokenizer, meta: dict) -> dict:
+    """Finish a preparation: move the splits into place, then write tokenizer.json and
+    meta.json (counts, dtype, fingerprint and mask added to `meta`). Returns the metadata."""
+    # Without meta.json the directory is not usable, so a crash while the files
+    # below are replaced leaves nothing that mixes two preparations.
+    (out / "meta.json").unlink(missing_ok=True)
+    for name in ("train.mask", "val.mask"):  # a mask left by an earlier chat preparation
+        (out / name).unlink(missing_ok=True)
+    for split in splits:
+        split.commit()
+    meta = {"version": META_VERSION, **meta, "dtype": splits[0].dtype, "vocab_size": tok.vocab_size,
+            "tokenizer_kind": tok.kind, "tokenizer_fingerprint": tok.fingerprint,
+            **{f"{split.name}_tokens": split.tokens for split in splits},
+            "mask": splits[0]._mask is not None}
+    tok.save(out / "tokenizer.json")
+    atomic_write_bytes(out / "meta.json", (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
+    return meta
 
 
 def prepare(
@@ -134,47 +191,26 @@ def prepare(
         raise QuillError(f"corpus {str(corpus)!r} is empty", hint="give it some text to learn from")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    typecode, dtype = _token_dtype(tok.vocab_size)
-    counts = {}
     report = (lambda done, _: progress(done, size)) if progress else None
+    splits = [SplitWriter(out, "train", tok.vocab_size), SplitWriter(out, "val", tok.vocab_size)]
+    sizes = {}
     with open(corpus, "rb") as f:
         bom = 3 if f.read(3) == b"\xef\xbb\xbf" else 0
         split = _line_start_after(f, int(size * (1 - val_fraction)), size) if val_fraction else size
         split = max(split, bom)
         try:
-            for name, (start, end) in {"train": (bom, split), "val": (split, size)}.items():
-                with open(out / f".{name}.bin.tmp", "wb") as dst:
-                    counts[name] = _encode_region(f, start, end, tok, dst, typecode, str(corpus), report)
-                counts[f"{name}_bytes"] = end - start
-            if counts["train"] == 0:
+            for writer, (start, end) in zip(splits, [(bom, split), (split, size)]):
+                _encode_region(f, start, end, tok, writer, str(corpus), report)
+                sizes[f"{writer.name}_bytes"] = end - start
+            if splits[0].tokens == 0:
                 raise QuillError(f"corpus {str(corpus)!r} leaves no training text after the validation split")
-            if val_fraction and counts["val"] == 0:
+            if val_fraction and splits[1].tokens == 0:
                 raise QuillError(f"corpus {str(corpus)!r} is too short for a validation split", hint="use a longer corpus or --val-fraction 0")
         except BaseException:
-            for name in ("train", "val"):  # an earlier preparation stays as it was
-                (out / f".{name}.bin.tmp").unlink(missing_ok=True)
+            for writer in splits:
+                writer.discard()
             raise
-    # Without meta.json the directory is not usable, so a crash while the files
-    # below are replaced leaves nothing that mixes two preparations.
-    (out / "meta.json").unlink(missing_ok=True)
-    for name in ("train", "val"):
-        os.replace(out / f".{name}.bin.tmp", out / f"{name}.bin")
-    meta = {
-        "version": META_VERSION,
-        "corpus": str(corpus),
-        "val_fraction": val_fraction,
-        "dtype": dtype,
-        "vocab_size": tok.vocab_size,
-        "tokenizer_kind": tok.kind,
-        "tokenizer_fingerprint": tok.fingerprint,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "train_bytes": counts["train_bytes"],
-        "val_bytes": counts["val_bytes"],
-    }
-    tok.save(out / "tokenizer.json")
-    atomic_write_bytes(out / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
-    return meta
+    return write_data_dir(out, splits, tok, {"corpus": str(corpus), "val_fraction": val_fraction, **sizes})
 
 
 @dataclass
@@ -228,6 +264,19 @@ class DataDir:
             return torch.zeros(0, dtype=torch.int64)
         return torch.from_file(str(file), shared=False, size=n, dtype=dtype)
 
+    def mask(self, split: str) -> torch.Tensor | None:
+        """Chat data's loss mask of one split (bool, True where the loss counts), memory-mapped;
+        None for plain text, where every token counts."""
+        if not self.meta.get("mask"):
+            return None
+        n = self.meta[f"{split}_tokens"]
+        file = self.path / f"{split}.mask"
+        if not file.is_file() or file.stat().st_size != n:
+            raise QuillError(f"{str(file)!r} is missing or does not hold one byte per token ({n})", hint="run `quill prepare` again")
+        if n == 0:
+            return torch.zeros(0, dtype=torch.bool)
+        return torch.from_file(str(file), shared=False, size=n, dtype=torch.bool)
+
 
 class BatchSampler:
     """Random (input, target) windows from a token tensor, reproducible and resumable.
@@ -235,15 +284,18 @@ class BatchSampler:
     Every rank draws the same global batch of offsets from one seeded generator and
     keeps its own slice, so N ranks with batch B see exactly what one process with
     batch N*B sees. `state()` / `load_state()` capture the position for exact resume.
+    With a `mask` (chat data), targets where it is False are -1, which the loss ignores.
     """
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 mask: torch.Tensor | None = None) -> None:
         if len(tokens) <= block_size:
             raise QuillError(
                 f"the split has {len(tokens)} tokens, not enough for one block of {block_size} (+1 target)",
                 hint="use a longer corpus or a smaller --block-size",
             )
         self.tokens = tokens
+        self.mask = mask
         self.block_size = block_size
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
@@ -254,7 +306,11 @@ class BatchSampler:
         offsets = torch.randint(high, (self.batch_size * self.world_size,), generator=self.generator)
         mine = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
         rows = torch.stack([self.tokens[i:i + self.block_size + 1] for i in mine]).to(torch.int64)
-        return rows[:, :-1], rows[:, 1:]
+        x, y = rows[:, :-1], rows[:, 1:]
+        if self.mask is not None:
+            keep = torch.stack([self.mask[i + 1:i + self.block_size + 1] for i in mine])
+            y = y.masked_fill(~keep, -1)
+        return x, y
 
     def state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -263,11 +319,12 @@ class BatchSampler:
         self.generator.set_state(state)
 
 
-def sequential_windows(tokens: torch.Tensor, block_size: int, batch_size: int):
+def sequential_windows(tokens: torch.Tensor, block_size: int, batch_size: int, mask: torch.Tensor | None = None):
     """Yield (input, target) batches covering every token once, for exact evaluation.
 
     Windows do not overlap, so each target is predicted once with the context of
-    its own window; the last window is shorter. Targets padded with -1 are ignored.
+    its own window; the last window is shorter. Targets padded with -1 are ignored,
+    as are those where `mask` (chat data) is False.
     """
     n = len(tokens) - 1  # the first token has nothing to predict it from
     starts = list(range(0, n, block_size))
@@ -280,4 +337,6 @@ def sequential_windows(tokens: torch.Tensor, block_size: int, batch_size: int):
             window = tokens[s:s + length + 1].to(torch.int64)
             x[row, :length] = window[:-1]
             y[row, :length] = window[1:]
+            if mask is not None:
+                y[row, :length].masked_fill_(~mask[s + 1:s + length + 1], -1)
         yield x, y

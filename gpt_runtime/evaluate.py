@@ -30,16 +30,19 @@ class EvalResult:
     loss: float  # mean cross-entropy per token, in nats
     perplexity: float
     bits_per_byte: float
-    tokens: int
+    tokens: int  # the tokens the loss is over: for chat data, only the model's turns
     bytes: int
+    masked: bool = False  # chat data: the loss is over the tokens its mask marks, not all
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @torch.no_grad()
-def evaluate_tokens(model: GPT, tokens: torch.Tensor, tokenizer: Tokenizer, batch_size: int = 8, autocast=None, progress=None) -> EvalResult:
-    """Evaluate `model` on every token of `tokens` (each predicted once)."""
+def evaluate_tokens(model: GPT, tokens: torch.Tensor, tokenizer: Tokenizer, batch_size: int = 8, autocast=None, progress=None,
+                    mask: torch.Tensor | None = None) -> EvalResult:
+    """Evaluate `model` on every token of `tokens` (each predicted once); with a `mask`
+    (chat data), only on the tokens it marks."""
     if batch_size < 1:
         raise QuillError(f"batch size must be at least 1, not {batch_size}")
     if len(tokens) < 2:
@@ -52,19 +55,21 @@ def evaluate_tokens(model: GPT, tokens: torch.Tensor, tokenizer: Tokenizer, batc
     block = model.config.block_size
     n_batches = math.ceil(math.ceil((len(tokens) - 1) / block) / batch_size)
     try:
-        for i, (x, y) in enumerate(sequential_windows(tokens, block, batch_size)):
+        for i, (x, y) in enumerate(sequential_windows(tokens, block, batch_size, mask)):
             x, y = x.to(device), y.to(device)
             with autocast or nullcontext():
                 logits, _ = model(x)
             nats = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1, reduction="sum")
-            mask = y >= 0
+            counted = y >= 0
             total_nats += nats.item()
-            total_tokens += int(mask.sum())
-            total_bytes += int(piece_bytes[y[mask].cpu()].sum())
+            total_tokens += int(counted.sum())
+            total_bytes += int(piece_bytes[y[counted].cpu()].sum())
             if progress:
                 progress(i + 1, n_batches)
     finally:
         model.train(was_training)
+    if total_tokens == 0:
+        raise QuillError("the mask leaves no tokens to evaluate on (no model turns in this split)")
     loss = total_nats / total_tokens
     return EvalResult(
         loss=loss,
@@ -72,6 +77,7 @@ def evaluate_tokens(model: GPT, tokens: torch.Tensor, tokenizer: Tokenizer, batc
         bits_per_byte=total_nats / math.log(2) / max(total_bytes, 1),
         tokens=total_tokens,
         bytes=total_bytes,
+        masked=mask is not None,
     )
 
 
@@ -98,8 +104,8 @@ def evaluate(
         check_tokenizer_match(ckpt.tokenizer.fingerprint, data_dir.tokenizer, f"checkpoint {str(ckpt.path)!r}", f"data directory {str(data)!r}")
         if split not in ("train", "val"):
             raise QuillError(f"unknown split {split!r}", hint="use train or val")
-        tokens = data_dir.tokens(split)
+        tokens, mask = data_dir.tokens(split), data_dir.mask(split)
     else:
-        tokens = torch.tensor(ckpt.tokenizer.encode(read_corpus(data)), dtype=torch.int64)
+        tokens, mask = torch.tensor(ckpt.tokenizer.encode(read_corpus(data)), dtype=torch.int64), None
     autocast = backend.autocast(resolve_dtype(backend, dtype))
-    return evaluate_tokens(ckpt.model, tokens, ckpt.tokenizer, batch_size, autocast, progress)
+    return evaluate_tokens(ckpt.model, tokens, ckpt.tokenizer, batch_size, autocast, progress, mask)

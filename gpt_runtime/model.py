@@ -251,7 +251,8 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits for every position of `idx` (B, T); with `targets`, the mean loss too.
 
-        Targets equal to -1 are ignored in the loss. With a `cache`, `idx` continues
+        Targets equal to -1 are ignored in the loss (a batch with none left has loss 0,
+        not NaN: chat data can mask a whole window). With a `cache`, `idx` continues
         the sequence the cache holds, the cache is extended, and only the last
         position's logits are computed (all that generation needs): (B, 1, vocab).
         """
@@ -276,7 +277,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            targets = targets.reshape(-1)
+            total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets, ignore_index=-1, reduction="sum")
+            loss = total / (targets >= 0).sum().clamp(min=1)
         return logits, loss
 
     def num_params(self, exclude_positions: bool = True) -> int:

@@ -136,6 +136,7 @@ class _Run:
     data: DataDir
     train_batches: BatchSampler
     val_tokens: torch.Tensor
+    val_mask: torch.Tensor | None  # chat data: where the validation loss counts
     model: GPT
     runner: torch.nn.Module  # what the steps call: the model, compiled and/or wrapped by DDP
     optimizer: torch.optim.Optimizer
@@ -292,7 +293,7 @@ def _setup(cfg: TrainConfig, resume: bool, backend_settings: ExitStack) -> _Run:
         raise QuillError(f"the run in {str(out)!r} is already at step {state['step']}", hint=f"pass --max-steps above {state['step']} to train further")
     backend, device, dtype = _start_backend(cfg, world)
     backend_settings.enter_context(backend.training())
-    data, train_batches, val_tokens = _open_data(cfg, state, out, rank, world)
+    data, train_batches, (val_tokens, val_mask) = _open_data(cfg, state, out, rank, world)
 
     torch.manual_seed(cfg.seed + rank)
     model = GPT(cfg.model_config(data.tokenizer.vocab_size)).to(device)
@@ -317,7 +318,7 @@ def _setup(cfg: TrainConfig, resume: bool, backend_settings: ExitStack) -> _Run:
     # The throughput counted is all ranks', and each rank has a device of its own (on CPUs
     # under torchrun, a thread of its own), so the yardstick is rank 0's times the ranks.
     peak, peak_source = peak_flops(backend, dtype) if rank == 0 else (0.0, "")
-    return _Run(cfg, out, rank, world, backend, device, dtype, backend.autocast(dtype), data, train_batches, val_tokens,
+    return _Run(cfg, out, rank, world, backend, device, dtype, backend.autocast(dtype), data, train_batches, val_tokens, val_mask,
                 model, runner, optimizer, step, best_val, last_val, model.flops_per_token(), peak * world, peak_source,
                 compiled=compiled, defer_loss=_defers_loss(device), first_step=step)
 
@@ -357,13 +358,14 @@ def _start_backend(cfg: TrainConfig, world: int) -> tuple[Backend, torch.device,
     return backend, device, dtype
 
 
-def _open_data(cfg: TrainConfig, state: dict | None, out: Path, rank: int, world: int) -> tuple[DataDir, BatchSampler, torch.Tensor]:
-    """The data directory, this rank's training batches and the validation tokens."""
+def _open_data(cfg: TrainConfig, state: dict | None, out: Path, rank: int, world: int
+               ) -> tuple[DataDir, BatchSampler, tuple[torch.Tensor, torch.Tensor | None]]:
+    """The data directory, this rank's training batches, and the validation tokens with their mask."""
     data = DataDir.open(cfg.data)
     if state is not None:
         check_tokenizer_match(state["tokenizer_fingerprint"], data.tokenizer, f"run {str(out)!r}", f"data directory {cfg.data!r}")
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
-    train_batches = BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, rank, world)
+    train_batches = BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, rank, world, data.mask("train"))
     if len(val_tokens) <= cfg.block_size:
         warnings.warn(
             f"the validation split of {cfg.data!r} has {len(val_tokens)} tokens, less than one block; "
@@ -371,8 +373,8 @@ def _open_data(cfg: TrainConfig, state: dict | None, out: Path, rank: int, world
             QuillWarning,
             stacklevel=4,  # the caller of train(), which called _setup, which called us
         )
-        val_tokens = train_tokens
-    return data, train_batches, val_tokens
+        return data, train_batches, (train_tokens, train_batches.mask)
+    return data, train_batches, (val_tokens, data.mask("val"))
 
 
 # --- one step, evaluation, logging ---------------------------------------------------------------
@@ -462,7 +464,7 @@ def _evaluate_and_checkpoint(run: _Run) -> float:
     """Measure the validation loss; save the best checkpoint if it is one, then the last
     checkpoint and resume state. Every rank takes part; only rank 0 writes."""
     cfg = run.cfg
-    val_batches = BatchSampler(run.val_tokens, cfg.block_size, cfg.batch_size, cfg.seed + 1, run.rank, run.world)
+    val_batches = BatchSampler(run.val_tokens, cfg.block_size, cfg.batch_size, cfg.seed + 1, run.rank, run.world, run.val_mask)
     run.last_val = estimate_loss(run.model, val_batches, cfg.eval_steps, run.autocast, run.world, run.device)
     if not math.isfinite(run.last_val):  # weights that give this are not worth a checkpoint
         raise _diverged("validation loss", run.last_val, run.step, run.out)

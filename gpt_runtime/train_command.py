@@ -101,8 +101,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.to_dict()))
         return
+    over = "model-turn tokens (the chat data's mask)" if result.masked else "tokens"
     print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  bits/byte {result.bits_per_byte:.4f}  "
-          f"({result.tokens:,} tokens, {result.bytes:,} bytes)")
+          f"({result.tokens:,} {over}, {result.bytes:,} bytes)")
 
 
 def command_parser() -> Parser:

@@ -141,7 +141,8 @@ def test_check_with_the_matching_and_another_tokenizer(w):
 
 def test_eval_text_and_json(w):
     result = json.loads(ok(w["out"]["eval_json"]))
-    assert set(result) == {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"}
+    assert set(result) == {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "masked"}
+    assert result["masked"] is False  # plain text: every token counts
     meta = json.loads((w["data"] / "meta.json").read_text())
     assert result["tokens"] == meta["val_tokens"] - 1  # every val token but the first is predicted once
     assert result["bytes"] == result["tokens"]  # char tokenizer, ASCII text
