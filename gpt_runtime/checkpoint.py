@@ -42,6 +42,7 @@ class Checkpoint:
     step: int
     val_loss: float | None
     train_args: dict[str, Any]
+    init_from: dict[str, Any] | None = None  # the weights a fine-tuning run started from: source, sha256, step
 
     @property
     def config(self) -> GPTConfig:
@@ -63,9 +64,11 @@ def save_checkpoint(
     val_loss: float | None = None,
     train_args: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
+    init_from: dict[str, Any] | None = None,
 ) -> None:
     """Write weights and metadata to `path` atomically; `dtype` (e.g. bfloat16)
-    stores the weights smaller, and loading casts them back to the model's dtype."""
+    stores the weights smaller, and loading casts them back to the model's dtype.
+    `init_from` records the weights a fine-tuning run started from."""
     from safetensors.torch import save
 
     metadata = {
@@ -77,6 +80,7 @@ def save_checkpoint(
         "step": str(step),
         "val_loss": "" if val_loss is None else repr(float(val_loss)),
         "train_args": json.dumps(train_args or {}),
+        **({"init_from": json.dumps(init_from)} if init_from else {}),
     }
     atomic_write_bytes(path, save(_weights(model, dtype), metadata=metadata))
 
@@ -163,6 +167,7 @@ def load_checkpoint(
         step = int(meta["step"])
         val_loss = float(meta["val_loss"]) if meta.get("val_loss") else None
         train_args = json.loads(meta.get("train_args") or "{}")
+        init_from = json.loads(meta["init_from"]) if meta.get("init_from") else None
     except (KeyError, ValueError, TypeError) as exc:
         raise QuillError(f"{source} has malformed metadata ({type(exc).__name__}: {exc})") from None
     if tokenizer is not None:
@@ -180,7 +185,7 @@ def load_checkpoint(
     if missing or unexpected:
         raise QuillError(f"{source} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device).eval()
-    return Checkpoint(path, model, tok, step, val_loss, train_args)
+    return Checkpoint(path, model, tok, step, val_loss, train_args, init_from)
 
 
 def save_resume_state(path: str | os.PathLike, state: dict[str, Any]) -> None:

@@ -62,7 +62,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"wrote {out}/: GPT-2 with {ckpt.model.num_params():,} parameters in {dtype}, "
               f"step {ckpt.step}; load it with GPT2LMHeadModel.from_pretrained({str(out)!r})")
         return
-    save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.step, ckpt.val_loss, ckpt.train_args,
+    save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.step, ckpt.val_loss, ckpt.train_args, init_from=ckpt.init_from,
                     dtype=getattr(torch, dtype))
     print(f"wrote {out}: {ckpt.model.num_params():,} parameters in {dtype}, step {ckpt.step}, "
           f"{out.stat().st_size / 1e6:.1f} MB")
@@ -141,6 +141,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "tokenizer_kind": ckpt.tokenizer.kind,
         "tokenizer_vocab_size": ckpt.tokenizer.vocab_size,
         "tokenizer_fingerprint": ckpt.tokenizer.fingerprint,
+        "init_from": ckpt.init_from,
     }
     if args.tokenizer:
         given = load_tokenizer(args.tokenizer)
@@ -156,6 +157,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         rows = [("file", info["file"]), ("model", arch), ("parameters", f"{info['parameters']:,}"),
                 ("step", str(ckpt.step)), ("val loss", val),
                 ("tokenizer", f"{ckpt.tokenizer.kind}, vocab {ckpt.tokenizer.vocab_size}, fingerprint {ckpt.tokenizer.fingerprint}")]
+        if ckpt.init_from:
+            rows.append(("started from", _describe_origin(ckpt.init_from)))
         if args.tokenizer:
             verdict = "matches" if info["tokenizer_matches"] else f"DOES NOT MATCH (it is {info['given_tokenizer_fingerprint']})"
             rows.append(("given tokenizer", f"{args.tokenizer}: {verdict}"))
@@ -163,3 +166,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         for key, value in rows:
             print(f"{key:<{width}}  {value}")
     return 0 if info.get("tokenizer_matches", True) else 1
+
+
+def _describe_origin(origin: dict) -> str:
+    """One line for where a fine-tuned checkpoint's weights started."""
+    grown = f"; {origin['new_tokens']} new token(s) added" if origin.get("new_tokens") else ""
+    return (f"{origin.get('source')} at step {origin.get('step')} (sha256 {str(origin.get('sha256'))[:16]}, "
+            f"tokenizer {origin.get('tokenizer_fingerprint')}{grown})")

@@ -25,6 +25,10 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", 
 DTYPES = ("bfloat16", "float16", "float32")
 QUANTIZE = ("auto", "none", "int8")  # auto: int8 when it is measured fastest and close enough
 
+# The settings that make a model's shape: a run that starts from another model's weights
+# (`init_from`) takes them from it, and may not change them.
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position", "norm", "mlp", "tie_embeddings")
+
 # `compile = "auto"` compiles only runs of at least this many steps (in one invocation):
 # compiling takes tens of seconds to minutes, and a fused step saves milliseconds, so
 # shorter runs would spend more time compiling than they save.
@@ -41,6 +45,8 @@ class TrainConfig:
 
     data: str = _opt("", "prepared data directory (from `quill prepare`)")
     out: str = _opt("runs/default", "run directory for checkpoints and the log")
+    init_from: str = _opt("", "start from these weights, and their shape: a checkpoint, a run directory or a profile "
+                              "(empty: from scratch)")
     # model
     n_layer: int = _opt(6, "transformer blocks (0 gives a bigram model)")
     n_head: int = _opt(6, "attention heads per block")

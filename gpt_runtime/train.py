@@ -45,6 +45,7 @@ from .config import COMPILE_AUTO_MIN_STEPS, TrainConfig
 from .data import BatchSampler, DataDir
 from .errors import QuillError, QuillWarning
 from .fileio import atomic_write_bytes
+from .init_from import start_from
 from .model import GPT
 from .peak import peak_flops
 
@@ -154,6 +155,7 @@ class _Run:
     window_start: float = 0.0  # tokens/s is over the steps since the last log line
     window_tokens: int = 0
     compile_seconds: float = 0.0  # the first compiled step's time, left out of tokens/s and the ETA
+    init_from: dict | None = None  # where the weights started (init_from.start_from), for the checkpoints
 
     @property
     def tokens_per_step(self) -> int:
@@ -296,7 +298,11 @@ def _setup(cfg: TrainConfig, resume: bool, backend_settings: ExitStack) -> _Run:
     data, train_batches, (val_tokens, val_mask) = _open_data(cfg, state, out, rank, world)
 
     torch.manual_seed(cfg.seed + rank)
-    model = GPT(cfg.model_config(data.tokenizer.vocab_size)).to(device)
+    origin = None
+    if cfg.init_from and state is None:
+        model, origin = start_from(cfg, data.tokenizer, device)
+    else:
+        model = GPT(cfg.model_config(data.tokenizer.vocab_size)).to(device)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     optimizer = make_optimizer(model, cfg)
     step, best_val, last_val = 0, None, None
@@ -306,6 +312,7 @@ def _setup(cfg: TrainConfig, resume: bool, backend_settings: ExitStack) -> _Run:
         train_batches.load_state(state["data_rng"])
         _restore_rng(state, rank, device)
         step, best_val, last_val = state["step"], state["best_val_loss"], state["last_val_loss"]
+        origin = json.loads(state["init_from"]) if state.get("init_from") else None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.json", (json.dumps(asdict(cfg), indent=1) + "\n").encode())
@@ -320,7 +327,7 @@ def _setup(cfg: TrainConfig, resume: bool, backend_settings: ExitStack) -> _Run:
     peak, peak_source = peak_flops(backend, dtype) if rank == 0 else (0.0, "")
     return _Run(cfg, out, rank, world, backend, device, dtype, backend.autocast(dtype), data, train_batches, val_tokens, val_mask,
                 model, runner, optimizer, step, best_val, last_val, model.flops_per_token(), peak * world, peak_source,
-                compiled=compiled, defer_loss=_defers_loss(device), first_step=step)
+                compiled=compiled, defer_loss=_defers_loss(device), first_step=step, init_from=origin)
 
 
 def _defers_loss(device: torch.device) -> bool:
@@ -471,7 +478,8 @@ def _evaluate_and_checkpoint(run: _Run) -> float:
     if run.best_val is None or run.last_val < run.best_val:
         run.best_val = run.last_val
         if run.rank == 0:
-            save_checkpoint(run.out / "best.safetensors", run.model, run.data.tokenizer, run.step, run.last_val, asdict(cfg))
+            save_checkpoint(run.out / "best.safetensors", run.model, run.data.tokenizer, run.step, run.last_val, asdict(cfg),
+                            init_from=run.init_from)
     rng_states = _rng_states(run.device, run.world)  # every rank takes part
     if run.rank == 0:
         args = asdict(cfg)
@@ -480,8 +488,10 @@ def _evaluate_and_checkpoint(run: _Run) -> float:
             "data_rng": run.train_batches.state(), "rng_states": rng_states,
             "best_val_loss": run.best_val, "last_val_loss": run.last_val,
             "tokenizer_fingerprint": run.data.tokenizer.fingerprint,
+            "init_from": json.dumps(run.init_from) if run.init_from else "",
         })
-        save_checkpoint(run.out / "last.safetensors", run.model, run.data.tokenizer, run.step, run.last_val, args)
+        save_checkpoint(run.out / "last.safetensors", run.model, run.data.tokenizer, run.step, run.last_val, args,
+                        init_from=run.init_from)
     return run.last_val
 
 

@@ -37,7 +37,8 @@ def add_train_command(commands) -> Parser:
         "quill train --data data/shakespeare --out runs/small --config small.toml --lr 3e-4",
         "quill train --out runs/small --resume --max-steps 4000",
         "quill train --data data/shakespeare --out runs/ddp --nproc 2",
-    ), description="Train a GPT. Every flag can also be a key of the --config TOML file "
+        "quill train --init-from shakespeare-bpe --data data/mine --out runs/mine --max-steps 300 --lr 3e-4",
+    ), description="Train a GPT, from scratch or (--init-from) from a model's weights. Every flag can also be a key of the --config TOML file "
                    "(n_layer = 4); flags override the file. Ctrl-C saves a checkpoint and stops; "
                    "--resume continues exactly where a run stopped.")
     p.add_argument("--config", help="TOML file with any of the settings below, in snake_case")
@@ -121,14 +122,25 @@ def command_parser() -> Parser:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The training settings from parsed `quill train` arguments: the flags given,
-    over the --config file, the resumed run's settings or the defaults."""
+    over the --config file, the resumed run's settings or the defaults. A new run
+    with `init_from` takes its model's shape from the source (`init_from.take_source_shape`)."""
     if args.resume:
         if args.config:
             raise UsageError("--resume continues a run with its own settings; it takes no --config")
-        base = saved_config(getattr(args, "out", TrainConfig.out))
-    else:
-        base = TrainConfig.from_dict(load_toml(args.config), f"config file {args.config!r}") if args.config else TrainConfig()
-    return replace(base, **{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+        return replace(saved_config(getattr(args, "out", TrainConfig.out)), **_flags(args))
+    told = load_toml(args.config) if args.config else {}
+    base = TrainConfig.from_dict(told, f"config file {args.config!r}") if args.config else TrainConfig()
+    cfg = replace(base, **_flags(args))
+    if not cfg.init_from:
+        return cfg
+    from .init_from import take_source_shape
+
+    return take_source_shape(cfg, set(told) | set(_flags(args)))
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    """The settings given as flags (the others are absent: argparse.SUPPRESS)."""
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
