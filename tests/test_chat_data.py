@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import random
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -320,3 +322,12 @@ def test_quill_prepare_chat_end_to_end(disk, tmp_path):
     assert run_quill(*args, "--skip-bad", "--force", env=env).returncode == 0
     message, _ = one_line_error(run_quill("prepare", "--chat", str(lines), "--out", str(out), env=env), code=2)
     assert message.startswith("--chat needs --profile NAME")
+
+
+def test_prepare_help_names_the_chat_flags_and_imports_no_torch():
+    code = ("import sys\nfrom tui.cli import main\ntry:\n    main(['prepare', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert out.stderr.decode().strip().splitlines()[-1] == "False"
+    said = out.stdout.decode()
+    assert all(flag in said for flag in ("--chat FILE", "--profile", "--skip-bad", "--force", "quill prepare --chat"))
