@@ -78,15 +78,35 @@ class ChatTemplate:
     def _fill(self, text: str) -> str:
         return text.replace("{user}", self.user_name).replace("{model}", self.model_name)
 
-    def render(self, turns: list[tuple[str, str]], message: str) -> str:
-        """The prompt for the reply to `message`, after the (user, model) `turns`."""
+    def segments(self, turns: list[tuple[str, str]], message: str | None = None,
+                 system: str | None = None) -> list[tuple[str, bool]]:
+        """The layout of a conversation as pieces of text, each True when it is the model's own.
+
+        The (user, model) `turns` come first; with `message`, the prompt for the
+        reply to it follows (ending with the model prefix). `system` replaces the
+        template's system text (a training conversation's own system message) and
+        is kept as given. Neighbouring pieces of one side are joined and empty ones
+        left out, so the pieces alternate: chat data encodes each piece on its own,
+        and fewer boundaries keep its tokens closer to those of the joined prompt.
+        """
         user_prefix, user_suffix, model_prefix, model_suffix = (
             self._fill(text) for text in (self.user_prefix, self.user_suffix, self.model_prefix, self.model_suffix))
-        parts = [self._fill(self.system)]
+        pieces = [(self._fill(self.system) if system is None else system, False)]
         for user, model in turns:
-            parts += [user_prefix, user, user_suffix, model_prefix, model, model_suffix]
-        parts += [user_prefix, message, user_suffix, model_prefix]
-        return "".join(parts)
+            pieces += [(user_prefix + user + user_suffix + model_prefix, False), (model + model_suffix, True)]
+        if message is not None:
+            pieces.append((user_prefix + message + user_suffix + model_prefix, False))
+        merged: list[tuple[str, bool]] = []
+        for text, own in pieces:
+            if merged and merged[-1][1] == own:
+                merged[-1] = (merged[-1][0] + text, own)
+            elif text:
+                merged.append((text, own))
+        return merged
+
+    def render(self, turns: list[tuple[str, str]], message: str) -> str:
+        """The prompt for the reply to `message`, after the (user, model) `turns`."""
+        return "".join(text for text, _ in self.segments(turns, message))
 
     def stop_strings(self) -> list[str]:
         """The stop strings, names filled in."""
