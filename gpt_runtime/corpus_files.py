@@ -38,17 +38,18 @@ def is_jsonl(path: Path) -> bool:
     return path.suffix.lower() == ".jsonl"
 
 
-def find_corpus_files(inputs: Iterable[str | os.PathLike], glob: str | None = None) -> tuple[list[CorpusFile], Counter[str]]:
+def find_corpus_files(inputs: Iterable[str | os.PathLike], glob: str | None = None,
+                      exclude: Path | None = None) -> tuple[list[CorpusFile], Counter[str]]:
     """The files `inputs` name, in order (a directory's files sorted, recursively,
-    those matching `glob` only), each once, and the count of directory files skipped
-    by reason (see `SKIP_REASONS`)."""
+    those matching `glob` only, none under `exclude`), each once, and the count of
+    directory files skipped by reason (see `SKIP_REASONS`)."""
     files: list[CorpusFile] = []
     skipped: Counter[str] = Counter()
     seen: set[Path] = set()
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
-            found = _directory_files(path, glob or "*")
+            found = _directory_files(path, glob or "*", exclude.resolve() if exclude else None)
         else:
             _check_named_file(path)
             found = [path]
@@ -77,9 +78,13 @@ def _check_named_file(path: Path) -> None:
         raise QuillError(f"corpus {str(path)!r} is empty", hint="give it some text to learn from")
 
 
-def _directory_files(root: Path, glob: str) -> Iterator[Path]:
-    """Files under `root` whose path relative to it matches `glob`, sorted, hidden ones left out."""
+def _directory_files(root: Path, glob: str, exclude: Path | None) -> Iterator[Path]:
+    """Files under `root` whose path relative to it matches `glob`, sorted, hidden ones
+    and those under `exclude` (the data directory being written) left out."""
     for folder, dirs, names in os.walk(root):
+        if exclude is not None and Path(folder).resolve() == exclude:
+            dirs[:] = []
+            continue
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             path = Path(folder, name)

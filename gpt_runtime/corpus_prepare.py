@@ -74,7 +74,8 @@ def prepare_corpus(
     if not inputs:
         raise QuillError("no corpus given", hint="name text files, JSON Lines files or directories")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    files, skipped = find_corpus_files(inputs, options.glob)
+    out = Path(out_dir)
+    files, skipped = find_corpus_files(inputs, options.glob, exclude=out)  # never the output of an earlier run
     if not files:
         raise QuillError(f"no text to prepare in {', '.join(map(repr, inputs))}" + _skipped_note(skipped),
                          hint="check the paths and --glob")
@@ -82,7 +83,6 @@ def prepare_corpus(
     if extend:
         tok = _extended(tok, files, options)
     separator, label = _separator(tok, options.separator, needed=len(files) > 1 or files[0].jsonl)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = [SplitWriter(out, "train", tok.vocab_size), SplitWriter(out, "val", tok.vocab_size)]
     tally = _Tally()

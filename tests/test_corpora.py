@@ -70,6 +70,13 @@ def test_files_and_directories_are_documents_separated_by_eos(tmp_path, tok):
     assert meta["inputs"] == [str(a), str(tmp_path / "d")]
 
 
+def test_the_data_directory_inside_a_corpus_directory_is_not_read(tmp_path, tok):
+    write(tmp_path / "a.txt", "alpha\n")
+    prepare_corpus([tmp_path], tok, tmp_path / "data", val_fraction=0)
+    meta = prepare_corpus([tmp_path], tok, tmp_path / "data", val_fraction=0)
+    assert meta["files"] == 1 and ids(tmp_path / "data", "train") == tok.encode("alpha\n")
+
+
 def test_glob_chooses_files_inside_directories(tmp_path, tok):
     write(tmp_path / "d" / "a.txt", "alpha\n")
     write(tmp_path / "d" / "n" / "b.md", "beta\n")
