@@ -120,16 +120,18 @@ def add_check_command(commands) -> None:
     p = subcommand(commands, "check", "describe a checkpoint, and whether a tokenizer matches it", (
         "quill check runs/small/best.safetensors",
         "quill check runs/small --tokenizer tokenizer.json",
+        "quill check runs/finetuned --tokenizer shakespeare-char   # the same tokenizer as a profile's model?",
     ))
     p.add_argument("checkpoint", help="checkpoint file, or a run directory")
-    p.add_argument("--tokenizer", help="tokenizer file to compare with the checkpoint's")
+    p.add_argument("--tokenizer", help="tokenizer to compare with the checkpoint's: a tokenizer file, or the "
+                                         "tokenizer of another checkpoint, run directory or profile (by name)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=cmd_check)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .tokenizer import load_tokenizer
+    from .sources import tokenizer_source
 
     ckpt = load_checkpoint(args.checkpoint)
     info = {
@@ -144,7 +146,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "init_from": ckpt.init_from,
     }
     if args.tokenizer:
-        given = load_tokenizer(args.tokenizer)
+        given = tokenizer_source(args.tokenizer)
         info["given_tokenizer_fingerprint"] = given.fingerprint
         info["tokenizer_matches"] = given.fingerprint == ckpt.tokenizer.fingerprint
     if args.json:

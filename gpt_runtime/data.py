@@ -20,7 +20,7 @@ import json
 import os
 import re
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +91,9 @@ def _cut(data: bytes) -> int:
     return cut - 1 if cut and data[cut - 1] >= 0xC0 else len(data)
 
 
-def _encode_region(f, start: int, end: int, tok: Tokenizer, out: "SplitWriter", path: str, progress) -> None:
-    """Encode corpus bytes [start, end) a block at a time into `out`."""
+def text_blocks(f, start: int, end: int, path: str, progress=None) -> Iterator[str]:
+    """Corpus bytes [start, end) of open file `f` as text, a block at a time (each ends
+    where BPE encodes the same whole or cut, see `_cut`); `progress(offset, None)` after each."""
     f.seek(start)
     block_start, carry = start, b""
     while block_start < end:
@@ -102,10 +103,16 @@ def _encode_region(f, start: int, end: int, tok: Tokenizer, out: "SplitWriter", 
             data, carry = data[:cut], data[cut:]
         else:
             carry = b""
-        out.write(tok.encode(decode_corpus(data, path, block_start)))
+        yield decode_corpus(data, path, block_start)
         block_start += len(data)
         if progress:
             progress(block_start, None)
+
+
+def _encode_region(f, start: int, end: int, encode: Callable[[str], list[int]], out: "SplitWriter", path: str, progress) -> None:
+    """Encode corpus bytes [start, end) a block at a time (`encode`: text to ids) into `out`."""
+    for text in text_blocks(f, start, end, path, progress):
+        out.write(encode(text))
 
 
 class SplitWriter:
@@ -200,7 +207,7 @@ def prepare(
         split = max(split, bom)
         try:
             for writer, (start, end) in zip(splits, [(bom, split), (split, size)]):
-                _encode_region(f, start, end, tok, writer, str(corpus), report)
+                _encode_region(f, start, end, tok.encode, writer, str(corpus), report)
                 sizes[f"{writer.name}_bytes"] = end - start
             if splits[0].tokens == 0:
                 raise QuillError(f"corpus {str(corpus)!r} leaves no training text after the validation split")

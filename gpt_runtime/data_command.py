@@ -12,6 +12,7 @@ import time
 
 from .cmdline import Parser, subcommand
 from .errors import QuillError, UsageError
+from .tokenizer_command import TOKENIZER_HELP
 
 
 def add_data_command(commands) -> None:
@@ -65,12 +66,32 @@ def add_prepare_command(commands) -> None:
     p = subcommand(commands, "prepare", "tokenize a corpus into a data directory for training", (
         "quill prepare corpus.txt --tokenizer tokenizer.json --out data/shakespeare",
         "quill prepare corpus.txt --tokenizer chars.json --out data/chars --val-fraction 0.05",
+        "quill prepare notes/ more.txt --glob '*.md' --tokenizer shakespeare-char --out data/notes",
+        "quill prepare chats.jsonl --field content --skip-bad --tokenizer runs/small --out data/chats",
+        "quill prepare letters/ --tokenizer shakespeare-char --extend --out data/letters --force",
         "quill prepare --chat chats.jsonl saved.json --profile shakespeare-char --out data/chat",
-    ))
-    p.add_argument("corpus", nargs="?", help="UTF-8 text file")
-    p.add_argument("--tokenizer", help="tokenizer file (from `quill tokenizer train`); required for a corpus")
+    ), description="Tokenize a corpus into a data directory for training. The corpus is any number of UTF-8 "
+                   "text files, JSON Lines files (.jsonl: one JSON object per line, its text in --field) and "
+                   "directories (read recursively; hidden files are left out, and files that are empty, binary "
+                   "or not UTF-8 are skipped and counted). Each plain file is one document, each JSON Lines "
+                   "record one; documents are separated by the tokenizer's end-of-text token (<eos> or "
+                   "<|endoftext|>) or --separator. The last --val-fraction of the bytes is kept for validation. "
+                   "With --chat, conversations instead, laid out by a profile's chat template, with a loss mask "
+                   "that trains only on the model's turns.")
+    p.add_argument("corpus", nargs="*", help="UTF-8 text files, .jsonl files and directories")
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP + " (required for a corpus)")
     p.add_argument("--out", required=True, help="directory to write train.bin, val.bin, meta.json, tokenizer.json")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of the corpus (with --chat: of the conversations) kept for validation (default: 0.1)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="last fraction of the corpus (with --chat: of the conversations) kept for validation (default: 0.1)")
+    p.add_argument("--glob", metavar="PATTERN", help="in directories, read only the files whose path matches, e.g. '*.txt' (default: all)")
+    p.add_argument("--field", default="text", help="the field of a JSON Lines record that holds its text (default: text)")
+    p.add_argument("--separator", metavar="TEXT",
+                   help="put this between documents instead of the end-of-text token: a special token's name, or text")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip JSON Lines lines that are not records with the field (with --chat: bad conversations), and count them")
+    p.add_argument("--extend", action="store_true",
+                   help="add the characters the (char) tokenizer lacks as new ids after its own, instead of <unk>")
+    p.add_argument("--force", action="store_true", help="overwrite a data directory --out already holds")
     _add_chat_flags(p)
     p.set_defaults(run=cmd_prepare)
 
@@ -80,24 +101,55 @@ def _add_chat_flags(p) -> None:
     p.add_argument("--chat", nargs="+", metavar="FILE",
                    help="chat data instead of a corpus: JSON Lines ({\"messages\": [...]}) or /save transcripts (.json)")
     p.add_argument("--profile", help="with --chat: the profile whose model, tokenizer and chat template the data is for")
-    p.add_argument("--skip-bad", action="store_true", help="with --chat: skip and count bad conversations instead of stopping")
-    p.add_argument("--force", action="store_true", help="with --chat: replace the data in a directory that already has meta.json")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     if args.chat:
         return cmd_prepare_chat(args)
     if not args.corpus or not args.tokenizer:
-        raise UsageError("give a corpus and --tokenizer FILE, or --chat FILE... --profile NAME",
+        raise UsageError("give a corpus and --tokenizer, or --chat FILE... --profile NAME",
                          hint="quill prepare corpus.txt --tokenizer tokenizer.json --out DIR")
-    from .data import prepare
-    from .progress import progress_bar
+    from pathlib import Path
 
+    from .corpus_prepare import Options, prepare_corpus
+    from .errors import QuillError
+    from .progress import progress_bar
+    from .sources import tokenizer_source
+
+    if (Path(args.out) / "meta.json").exists() and not args.force:
+        raise QuillError(f"{args.out!r} already holds a prepared data directory", hint="pass --force to overwrite it, or choose another --out")
+    tok = tokenizer_source(args.tokenizer)
+    options = Options(glob=args.glob, field=args.field, separator=args.separator, skip_bad=args.skip_bad)
     start = time.perf_counter()
     with progress_bar("tokenizing", unit="bytes") as progress:
-        meta = prepare(args.corpus, args.tokenizer, args.out, args.val_fraction, progress)
+        meta = prepare_corpus(args.corpus, tok, args.out, args.val_fraction, progress, options, extend=args.extend)
     print(f"wrote {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
           f"({meta['dtype']}), tokenizer {meta['tokenizer_fingerprint']}, in {time.perf_counter() - start:.1f} s")
+    for line in summary_lines(meta):
+        print(line)
+
+
+def summary_lines(meta: dict) -> list[str]:
+    """What `quill prepare` read, skipped and could not encode, from its meta.json."""
+    separator = f", separated by {meta['separator']!r}" if meta["separator"] else ""
+    lines = [f"read {_count(meta['files'], 'file')}, {_count(meta['documents'], 'document')}{separator}: "
+             f"{meta['train_bytes']:,} train and {meta['val_bytes']:,} val bytes"]
+    if meta["skipped"]:
+        lines.append("skipped " + ", ".join(_count(n, "bad line") if reason == "bad lines" else _count(n, f"{reason} file")
+                                            for reason, n in meta["skipped"].items()))
+    if "extends" in meta:
+        lines.append(f"extended tokenizer {meta['extends']} by {_count(meta['added_tokens'], 'character')} "
+                     f"(new ids from {meta['vocab_size'] - meta['added_tokens']}): tokenizer.json is the extended one")
+    unknown = meta["unknown_chars"]
+    if unknown["occurrences"]:
+        shown = " ".join(repr(c) for c in unknown["first"]) + (" ..." if unknown["distinct"] > len(unknown["first"]) else "")
+        lines.append(f"{_count(unknown['occurrences'], 'unknown character')} ({unknown['distinct']:,} distinct) became <unk>: {shown}; "
+                     "--extend adds them to the tokenizer")
+    return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def cmd_prepare_chat(args: argparse.Namespace) -> None:

@@ -42,8 +42,8 @@ def tokenizer_source(spec: str | os.PathLike) -> Tokenizer:
     """The tokenizer that `spec` names: a tokenizer file, or the one stored in a
     checkpoint, a run directory's checkpoint or a profile's checkpoint."""
     path = Path(spec)
-    if path.is_file() and path.suffix != ".toml" and not _is_safetensors(path):
-        return load_tokenizer(path)
+    if (path.suffix == ".json" and not path.is_dir()) or (path.is_file() and path.suffix != ".toml" and not _is_safetensors(path)):
+        return load_tokenizer(path)  # a missing tokenizer.json is reported as one, not as an unknown profile
     checkpoint = checkpoint_source(spec)
     meta = read_metadata(checkpoint)
     try:

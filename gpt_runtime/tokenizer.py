@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -45,6 +46,10 @@ class Tokenizer:
     - ``encode_ordinary(text)``: text to ids, never producing special tokens;
     - ``pieces``: a list, indexed by id, of the bytes each id stands for (a special
       token's piece is its name, UTF-8 encoded).
+
+    Optional, for tokenizers with a fixed alphabet (the char kind): ``missing(text)``
+    names the characters it cannot encode, and ``extend(chars)`` makes a tokenizer
+    that also encodes them, keeping every existing id (`quill prepare --extend`).
 
     The base class adds special-token handling, decoding, fingerprints and files.
     """
@@ -78,6 +83,19 @@ class Tokenizer:
         ``quill export --format hf``; optional (`gpt_runtime.hf_tokenizer` helps)."""
         raise QuillError(f"the {self.kind!r} tokenizer has no HuggingFace form",
                          hint="its plugin does not implement Tokenizer.hf_tokenizer_json()")
+
+    def missing(self, text: str) -> Counter[str]:
+        """The characters of `text` this tokenizer cannot encode (they would become
+        ``<unk>``), with their counts, in the order first seen; optional. The default,
+        right for byte-level tokenizers, is none."""
+        return Counter()
+
+    def extend(self, chars: Iterable[str]) -> "Tokenizer":
+        """A tokenizer that also encodes `chars`: every existing id keeps its piece and
+        the new ones follow (see `is_extension`); optional. Characters it already has
+        are ignored, so ``extend([])`` is an equal tokenizer."""
+        raise QuillError(f"the {self.kind!r} tokenizer cannot be extended",
+                         hint="only tokenizers with a fixed alphabet (char) can; a byte-level BPE encodes every character already")
 
     # --- provided -----------------------------------------------------------
     @property
@@ -262,6 +280,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 def eos_id(tokenizer: Tokenizer) -> int | None:
     """The id that ends a text for this tokenizer, if it has one (see `END_OF_TEXT`)."""
     return next((tokenizer.special_tokens[name] for name in END_OF_TEXT if name in tokenizer.special_tokens), None)
+
+
+def is_extension(old: Tokenizer, new: Tokenizer) -> bool:
+    """Whether `new` keeps every id of `old` (same special tokens, and its pieces start
+    with all of old's), so a model trained with `old` can grow rows for the rest."""
+    return (new.special_tokens == old.special_tokens and len(new.pieces) >= len(old.pieces)
+            and new.pieces[:len(old.pieces)] == old.pieces)
 
 
 def check_ids(ids: Sequence[Any]) -> list[int]:

@@ -15,6 +15,9 @@ import time
 from .cmdline import Parser, read_arg, subcommand
 from .errors import QuillError, UsageError
 
+TOKENIZER_HELP = ("a tokenizer file, or the tokenizer of a checkpoint, a run directory "
+                  "or a profile (by name)")
+
 
 def add_tokenizer_command(commands) -> None:
     """Add `tokenizer` and its actions to argparse subparsers `commands`."""
@@ -78,18 +81,19 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 def _add_encode(actions) -> None:
     p = subcommand(actions, "encode", "text to token ids (a JSON list)", (
         "quill tokenizer encode --tokenizer tokenizer.json 'To be, or not to be'",
+        "quill tokenizer encode --tokenizer shakespeare-char 'To be'   # a profile's tokenizer",
         "cat notes.txt | quill tokenizer encode --tokenizer tokenizer.json -",
     ))
-    p.add_argument("--tokenizer", required=True, help="tokenizer file")
+    p.add_argument("--tokenizer", required=True, help=TOKENIZER_HELP)
     p.add_argument("text", help="text to encode, or - to read standard input")
     p.add_argument("--allow-special", action="store_true", help="turn special-token strings such as <eos> in the text into their ids")
     p.set_defaults(run=cmd_tokenizer_encode)
 
 
 def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
-    from .tokenizer import load_tokenizer
+    from .sources import tokenizer_source
 
-    tok = load_tokenizer(args.tokenizer)
+    tok = tokenizer_source(args.tokenizer)
     text = read_arg(args.text, "text")
     ids = tok.encode(text, allowed_special="all" if args.allow_special else ())
     print(json.dumps(ids))
@@ -98,17 +102,19 @@ def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
 def _add_decode(actions) -> None:
     p = subcommand(actions, "decode", "token ids (a JSON list) to text", (
         "quill tokenizer decode --tokenizer tokenizer.json '[464, 3290, 11]'",
+        "quill tokenizer decode --tokenizer runs/small '[20, 43, 50]'   # a run's tokenizer",
         "quill tokenizer encode --tokenizer t.json - < a.txt | quill tokenizer decode --tokenizer t.json -",
     ))
-    p.add_argument("--tokenizer", required=True, help="tokenizer file")
+    p.add_argument("--tokenizer", required=True, help=TOKENIZER_HELP)
     p.add_argument("ids", help="a JSON list of ids, or - to read it from standard input")
     p.set_defaults(run=cmd_tokenizer_decode)
 
 
 def cmd_tokenizer_decode(args: argparse.Namespace) -> None:
-    from .tokenizer import check_ids, load_tokenizer
+    from .sources import tokenizer_source
+    from .tokenizer import check_ids
 
-    tok = load_tokenizer(args.tokenizer)
+    tok = tokenizer_source(args.tokenizer)
     raw = read_arg(args.ids, "ids")
     try:
         ids = json.loads(raw)
@@ -128,8 +134,9 @@ def _add_inspect(actions) -> None:
     p = subcommand(actions, "inspect", "show a tokenizer, and how it splits a text", (
         "quill tokenizer inspect --tokenizer tokenizer.json",
         "quill tokenizer inspect --tokenizer tokenizer.json 'Wherefore art thou?'",
+        "quill tokenizer inspect --tokenizer runs/small/best.safetensors",
     ))
-    p.add_argument("--tokenizer", required=True, help="tokenizer file")
+    p.add_argument("--tokenizer", required=True, help=TOKENIZER_HELP)
     p.add_argument("text", nargs="?", help="text to split into pieces (- reads standard input)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_tokenizer_inspect)
@@ -143,9 +150,9 @@ def _show_piece(piece: bytes) -> str:
 
 
 def cmd_tokenizer_inspect(args: argparse.Namespace) -> None:
-    from .tokenizer import load_tokenizer
+    from .sources import tokenizer_source
 
-    tok = load_tokenizer(args.tokenizer)
+    tok = tokenizer_source(args.tokenizer)
     info = {
         "file": args.tokenizer,
         "kind": tok.kind,

@@ -3,13 +3,15 @@
 Ids 0-3 are always ``<pad> <unk> <bos> <eos>``; the corpus characters follow in
 code-point order. A character the vocabulary lacks becomes ``<unk>``, and the
 tokenizer warns once per new character, listing them, so nothing is dropped
-silently.
+silently. `extend` appends characters after the existing ones (old ids never move),
+so an extended vocabulary is no longer wholly in code-point order.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from gpt_runtime.errors import QuillError, QuillWarning, UsageError
@@ -73,6 +75,16 @@ class CharTokenizer(Tokenizer):
         special-token text such as "<eos>" into its id; Quill only when asked.)"""
         model = bpe_model({**self.special_tokens, **self.stoi}, [], unk_token="<unk>")
         return tokenizer_json(model, self, None, {"type": "Fuse"})
+
+    def missing(self, text: str) -> Counter[str]:
+        """The characters of `text` outside the vocabulary, counted, first seen first."""
+        absent = set(text).difference(self.stoi)  # set() runs in C: the common case costs little
+        return Counter(c for c in text if c in absent) if absent else Counter()
+
+    def extend(self, chars: Iterable[str]) -> "CharTokenizer":
+        """This vocabulary plus `chars` (in the order given, those it lacks), after the old ids."""
+        new = [c for c in dict.fromkeys(chars) if c not in self.stoi]
+        return CharTokenizer(self.chars + new)
 
     def encode_ordinary(self, text: str) -> list[int]:
         try:
