@@ -295,9 +295,3 @@ def check_ids(ids: Sequence[Any]) -> list[int]:
         raise QuillError("token ids must be a JSON list of integers, e.g. [12, 7, 301]")
     return ids
 
-
-def is_extension(old: Tokenizer, new: Tokenizer) -> bool:
-    """Whether `new` is `old` with ids added after its own (`quill prepare --extend`):
-    the same kind and special tokens, and every old id standing for the same piece."""
-    return (new.kind == old.kind and new.special_tokens == old.special_tokens
-            and new.vocab_size > old.vocab_size and new.pieces[:old.vocab_size] == old.pieces)
