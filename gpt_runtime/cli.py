@@ -18,6 +18,7 @@ from . import __version__
 from .checkpoint_command import add_check_command, add_export_command, add_import_command
 from .cmdline import PROG, Parser, examples_epilog, run
 from .data_command import add_data_command, add_prepare_command
+from .finetune_command import add_finetune_command
 from .generate_command import add_generate_command
 from .info_command import add_doctor_command, add_plugins_command, add_samplers_command
 from .profiles_command import add_profiles_command
@@ -46,6 +47,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     add_data_command(commands)
     add_prepare_command(commands)
     add_train_command(commands)
+    add_finetune_command(commands)
     add_eval_command(commands)
     add_export_command(commands)
     add_import_command(commands)

@@ -1,8 +1,8 @@
 """Background jobs: training and evaluation in a separate process.
 
-The chat starts `/train` and `/eval` here. Each job is a child process
-(``python -m gpt_runtime.jobs train|eval ...``, taking the arguments of
-`quill train` / `quill eval`) that prints one JSON event per line on stdout:
+The chat starts `/train`, `/finetune` and `/eval` here. Each job is a child process
+(``python -m gpt_runtime.jobs train|finetune|eval ...``, taking the arguments of
+`quill train` / `quill finetune` / `quill eval`) that prints one JSON event per line on stdout:
 ``start``, ``step`` (step, loss, val loss, tokens/s, ETA), ``progress``,
 ``done`` or ``error``. A thread per job reads them into `Job.last` and the
 `Jobs.events` queue, so the interface never waits on a job. The child runs one
@@ -29,13 +29,16 @@ from .errors import QuillError, UsageError
 from .progress import describe_step
 from .train_command import command_parser, train_config
 
+KINDS = ("train", "finetune", "eval")
+TRAINING = ("train", "finetune")  # the kinds that train a run, save checkpoints and become profiles
+
 
 @dataclass
 class Job:
     """One background job and the latest it reported."""
 
     id: int
-    kind: str  # "train" or "eval"
+    kind: str  # "train", "finetune" or "eval"
     argv: list[str]
     process: subprocess.Popen
     status: str = "running"  # running, cancelling, finished, cancelled, failed
@@ -51,7 +54,7 @@ class Job:
         if self.error:
             return f"{what} {self.error}"
         if self.result is not None:
-            if self.kind == "train":
+            if self.kind in TRAINING:
                 best = self.result.get("best_val_loss")
                 best = "none" if best is None else f"{best:.4f}"
                 return f"{what} {self.result.get('steps', '?')} steps, best val loss {best}, in {self.result.get('out')}"
@@ -60,14 +63,16 @@ class Job:
             return f"{what} {describe_step(self.last)}"
         if self.last.get("event") == "progress":
             return f"{what} {self.last['done']}/{self.last['total']} batches"
+        if self.last.get("event") == "preparing":
+            return f"{what} preparing the data: {self.last['done']:,}/{self.last['total']:,} bytes"
         return what
 
 
 def check_arguments(kind: str, argv: list[str]) -> argparse.Namespace:
     """Parse a job's arguments as `quill train` / `quill eval` would, so a mistake is
     a `UsageError` at once rather than a job that fails; returns them parsed."""
-    if kind not in ("train", "eval"):
-        raise QuillError(f"there is no job kind {kind!r}", hint="jobs: train, eval")
+    if kind not in KINDS:
+        raise QuillError(f"there is no job kind {kind!r}", hint=f"jobs: {', '.join(KINDS)}")
     # (argparse also takes abbreviations: --he is --help, which would print and exit)
     if any(flag == "-h" or (len(flag) >= 3 and "--help".startswith(flag)) for flag in argv):
         raise UsageError(f"/{kind} takes the flags of `quill {kind}`", hint=f"run `quill {kind} --help` to see them")
@@ -87,7 +92,7 @@ class Jobs:
         self.events: queue.Queue[tuple[Job, dict[str, Any]]] = queue.Queue()
 
     def start(self, kind: str, argv: list[str]) -> Job:
-        """Start a `train` or `eval` job with command-line arguments `argv` (checked first)."""
+        """Start a `train`, `finetune` or `eval` job with command-line arguments `argv` (checked first)."""
         check_arguments(kind, argv)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         # A session of its own: Ctrl-C at the terminal (which stops a reply) goes to the
@@ -189,16 +194,8 @@ def _worker(argv: list[str]) -> int:
     kind, rest = argv[0], argv[1:]
     try:
         args = command_parser().parse_args([kind, *rest])
-        if kind == "train":
-            from .train import train  # imports torch: loaded when first used
-
-            def forward(event: dict[str, Any]) -> None:
-                if event.get("event") != "done":  # ours below is the one "done", with the run directory
-                    _emit(event)
-
-            result = train(train_config(args), resume=args.resume, on_event=forward)
-            _emit({"event": "done", "out": str(result.out), "steps": result.step, "best_val_loss": result.best_val_loss,
-                   "stopped": result.stopped})
+        if kind in TRAINING:
+            _train_job(kind, args)
         else:
             from .evaluate import evaluate  # imports torch: loaded when first used
 
@@ -213,6 +210,27 @@ def _worker(argv: list[str]) -> int:
     except Exception as exc:
         _emit({"event": "error", "message": f"internal error: {type(exc).__name__}: {exc}"})
     return 1
+
+
+def _train_job(kind: str, args: argparse.Namespace) -> None:
+    """Train as `quill train` or `quill finetune` would, reporting as events; a fine-tune's
+    finished run becomes a profile here, and its "done" event names it."""
+    from .finetune_command import adopt_finished, setup_finetune
+    from .train import train  # imports torch: loaded when first used
+
+    def forward(event: dict[str, Any]) -> None:
+        if event.get("event") != "done":  # ours below is the one "done", with the run directory
+            _emit(event)
+
+    if kind == "finetune":
+        parent, cfg = setup_finetune(args, lambda done, total: _emit({"event": "preparing", "done": done, "total": total}),
+                                     say=lambda line: _emit({"event": "note", "text": line}))
+    else:
+        parent, cfg = None, train_config(args)
+    result = train(cfg, resume=args.resume, on_event=forward)
+    profile = adopt_finished(result, parent, args.name) if parent is not None else None
+    _emit({"event": "done", "out": str(result.out), "steps": result.step, "best_val_loss": result.best_val_loss,
+           "stopped": result.stopped, **({"profile": profile} if parent is not None else {})})
 
 
 def _kill(process: subprocess.Popen) -> None:

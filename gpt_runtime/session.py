@@ -533,7 +533,8 @@ class ChatSession:
         torch.set_num_threads(max(1, min(self._threads, (os.cpu_count() or 1) - running)))
 
     def start_job(self, kind: str, argv: list[str]):
-        """Start a background `train` or `eval` job; arguments as for `quill train` / `quill eval`.
+        """Start a background `train`, `finetune` or `eval` job; arguments as for `quill train`,
+        `quill finetune` or `quill eval`.
 
         The arguments are checked here first, so a typo or a missing corpus is
         reported at once instead of by a failed job.
@@ -541,6 +542,9 @@ class ChatSession:
         args = check_arguments(kind, argv)
         if kind == "train":
             _check_train_job(args)
+        missing = [path for path in getattr(args, "inputs", []) if not Path(path).exists()]
+        if missing:
+            raise UsageError(f"nothing at {', '.join(repr(p) for p in missing)}", hint="name files or directories that exist")
         data = getattr(args, "data", None)
         if data is not None and not Path(data).exists():
             raise UsageError(f"no data at {data!r}", hint="prepare a corpus first: quill prepare CORPUS --tokenizer T --out DIR")
@@ -550,20 +554,21 @@ class ChatSession:
         """What the jobs reported since the last call, as one-line notices.
 
         A training job that finishes becomes a profile (in the user's profile
-        directory, with this profile's sampler and template) that `/profile` can switch to.
+        directory, with this profile's sampler and template) that `/profile` can switch to;
+        a fine-tuning job wrote its own (with its parent profile's).
         """
         notices = []
         while not self.jobs.events.empty():
             job, event = self.jobs.events.get_nowait()
             kind = event.get("event")
-            if kind == "finished" and job.kind == "train":
-                name = job.profile = self._adopt(job.result["out"])
+            if kind == "finished" and job.kind in ("train", "finetune"):
+                name = job.profile = job.result.get("profile") or self._adopt(job.result["out"])
                 notices.append(Notice(f"job {job.id} finished training {job.result['out']}; profile {name!r} is ready: "
                                       f"/profile {name}"))
             elif kind == "finished":
                 notices.append(Notice(job.describe()))
             elif kind == "cancelled":
-                saved = f"; its last checkpoint is in {job.result['out']}" if job.result and job.kind == "train" else ""
+                saved = f"; its last checkpoint is in {job.result['out']}" if job.result and job.kind != "eval" else ""
                 notices.append(Notice(f"job {job.id} cancelled{saved}"))
             elif kind == "failed":
                 notices.append(Notice(f"job {job.id} failed: {job.error}"))

@@ -44,19 +44,27 @@ def add_train_command(commands) -> Parser:
     p.add_argument("--config", help="TOML file with any of the settings below, in snake_case")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--nproc", type=int, default=1, help="processes for data-parallel training (launches torchrun)")
+    add_settings(p)
+    p.set_defaults(run=cmd_train)
+    return p
+
+
+def add_settings(p: Parser, defaults: dict | None = None, skip: tuple[str, ...] = ()) -> None:
+    """A flag for each TrainConfig setting (--n-layer, --lr, ...) but those in `skip`;
+    `defaults` are shown in the help in place of TrainConfig's (`quill finetune` starts from others)."""
     # Settings are only set when given (SUPPRESS), so `train_config` can layer them
     # over the --config file or the resumed run.
     for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
-        help = f"{f.metadata['help']} (default: {f.default})"
+        help = f"{f.metadata['help']} (default: {(defaults or {}).get(f.name, f.default)})"
         if f.type == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         elif f.type == "bool | str":  # a switch that may also be "auto"
             _add_auto_switch(p, flag, f.name, help)
         else:
             p.add_argument(flag, type=_TYPES[f.type], default=argparse.SUPPRESS, help=help, metavar=f.type.upper())
-    p.set_defaults(run=cmd_train)
-    return p
 
 
 def _add_auto_switch(p: Parser, flag: str, dest: str, help: str) -> None:
@@ -108,14 +116,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def command_parser() -> Parser:
-    """`quill` with only its `train` and `eval` commands, for parsing their arguments.
+    """`quill` with only its `train`, `finetune` and `eval` commands, for parsing their arguments.
 
     Parsing `[kind, *argv]` with it gives what the full CLI gives, its error
     messages included: an unknown flag is `quill: unrecognized arguments: ...`.
     """
     parser = Parser(prog=PROG)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    from .finetune_command import add_finetune_command  # which itself takes the settings flags from here
+
     add_train_command(commands)
+    add_finetune_command(commands)
     add_eval_command(commands)
     return parser
 
@@ -127,18 +138,18 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume:
         if args.config:
             raise UsageError("--resume continues a run with its own settings; it takes no --config")
-        return replace(saved_config(getattr(args, "out", TrainConfig.out)), **_flags(args))
+        return replace(saved_config(getattr(args, "out", TrainConfig.out)), **settings_given(args))
     told = load_toml(args.config) if args.config else {}
     base = TrainConfig.from_dict(told, f"config file {args.config!r}") if args.config else TrainConfig()
-    cfg = replace(base, **_flags(args))
+    cfg = replace(base, **settings_given(args))
     if not cfg.init_from:
         return cfg
     from .init_from import take_source_shape
 
-    return take_source_shape(cfg, set(told) | set(_flags(args)))
+    return take_source_shape(cfg, set(told) | set(settings_given(args)))
 
 
-def _flags(args: argparse.Namespace) -> dict:
+def settings_given(args: argparse.Namespace) -> dict:
     """The settings given as flags (the others are absent: argparse.SUPPRESS)."""
     return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
 
@@ -157,10 +168,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, resume=args.resume, on_event=on_event)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun, rank 0 speaks for all
-    return _report(result)
+    return report(result)
 
 
-def _report(result: TrainResult) -> int:
+def report(result: TrainResult) -> int:
     """Say how a run ended; the exit code tells a stop by signal from the end of the run."""
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
     if result.stopped in ("SIGINT", "SIGTERM"):

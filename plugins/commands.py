@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import shlex
 import time
+from pathlib import Path
 
 from gpt_runtime.commands import QUIT, CommandHelp, Comparison, JobsChanged, Reply, TokenView, TurnsChanged, commands, find
 from gpt_runtime.errors import UsageError
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.plugins import get_registry
 from gpt_runtime.profiles import find_profiles
+
+FINETUNE_USAGE = "/finetune FILE|DIR... [--out RUN] [--max-steps N] [flags of `quill finetune`]"
 
 
 def _profile_names(session, partial: str) -> list[str]:
@@ -145,6 +148,26 @@ def train(session, args: str) -> JobsChanged:
     return JobsChanged(f"started job {job.id}: train {args} (/jobs shows its progress, /cancel {job.id} stops it)")
 
 
+def finetune(session, args: str) -> JobsChanged:
+    argv = shlex.split(args)
+    if not argv or argv[0].startswith("-"):
+        raise UsageError("/finetune needs the files or directories to fine-tune on", hint=FINETUNE_USAGE)
+    if not any(arg == "--out" or arg.startswith("--out=") for arg in argv):
+        argv += ["--out", _free_run_dir(f"runs/{session.profile.name}-finetune")]
+    job = session.start_job("finetune", [str(session.profile.path), *argv])
+    return JobsChanged(f"started job {job.id}: fine-tuning {session.profile.name} on {argv[0]} "
+                       f"(/jobs shows its progress, /cancel {job.id} stops it)")
+
+
+def _free_run_dir(base: str) -> str:
+    """`base`, or base-2, base-3, ... : the first that does not exist yet."""
+    path, n = base, 1
+    while Path(path).exists():
+        n += 1
+        path = f"{base}-{n}"
+    return path
+
+
 def eval_(session, args: str) -> JobsChanged:
     argv = shlex.split(args)
     if not argv or argv[0].startswith("-"):
@@ -163,7 +186,7 @@ def cancel(session, args: str) -> JobsChanged:
     except ValueError:
         raise UsageError(f"/cancel takes a job number, not {args!r}" if args else "/cancel needs a job number") from None
     job = session.jobs.cancel(job_id)
-    return JobsChanged(f"cancelling job {job.id}" + (" (it saves its last checkpoint first)" if job.kind == "train" else ""))
+    return JobsChanged(f"cancelling job {job.id}" + (" (it saves its last checkpoint first)" if job.kind != "eval" else ""))
 
 
 def quit_(session, args: str):
@@ -194,6 +217,8 @@ def quill_register_commands(register) -> None:
     register("/tokens", tokens, help="how the tokenizer splits some text", usage="/tokens TEXT")
     register("/train", train, help="train a model in the background (the flags of `quill train`)",
              usage="/train --data DIR --out RUN [FLAGS]")
+    register("/finetune", finetune, help="fine-tune this profile's model in the background on text or conversations; "
+             "the result becomes a profile", usage=FINETUNE_USAGE)
     register("/eval", eval_, help="evaluate this profile's model in the background", usage="/eval DATA [--split val]")
     register("/jobs", jobs, help="the background jobs and their progress", usage="/jobs")
     register("/cancel", cancel, help="stop a background job (training saves its last checkpoint)", usage="/cancel ID",

@@ -366,6 +366,28 @@ def test_a_training_job_runs_in_the_jobs_panel_and_its_model_opens_in_the_chat(c
     run(app, steps)
 
 
+def test_a_finetune_job_opens_as_a_profile_from_its_card(chat_profiles, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text(SAMPLE_TEXT * 3, encoding="utf-8")
+    app = QuillApp("alpha")
+
+    async def steps(pilot):
+        await type_command(pilot, "/finetune notes.txt --max-steps 4 --eval-interval 2 --eval-steps 1 --batch-size 2")
+        await until(pilot, lambda: bool(app.query(JobCard)))
+        card = app.query_one(JobCard)
+        await until(pilot, lambda: card.job.profile is not None, timeout=120)
+        await pilot.pause(0.4)
+        assert card.job.kind == "finetune" and card.job.status == "finished" and card.job.profile == "alpha-finetune"
+        assert card.query_one("#open").display
+        await pilot.click("#open")
+        await until(pilot, lambda: app.profile_name == "alpha-finetune")
+        assert app.session.profile.checkpoint == (tmp_path / "runs" / "alpha-finetune" / "best.safetensors").resolve()
+        await say(pilot, "Speak")
+        assert app.session.turns[-1].provenance.profile == "alpha-finetune"
+
+    run(app, steps)
+
+
 def test_quitting_while_a_job_runs_asks_first(chat_profiles, tmp_path):
     data = tiny_data(tmp_path)
     app = QuillApp("alpha")

@@ -540,7 +540,8 @@ class QuillApp(App):
                            ("/clear", "forget the conversation"), ("/save", "write the transcript"),
                            ("/jobs", "list the jobs"), ("/show", "profile, sampler, device")):
             yield SystemCommand(line, what, lambda line=line: self.run_line(line))
-        for line, what in (("/train --data  --out ", "start training in the background: fill in the paths"),
+        for line, what in (("/finetune ", "fine-tune this model on your files or conversations: name them"),
+                           ("/train --data  --out ", "start training in the background: fill in the paths"),
                            ("/eval  --data ", "evaluate a checkpoint in the background"),
                            ("/compare greedy | ", "the last message through two sampler chains")):
             yield SystemCommand(line.strip(), what, lambda line=line: self.prefill(line))

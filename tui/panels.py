@@ -159,7 +159,7 @@ class JobsPanel(VerticalScroll):
     """Every job of the session, newest first."""
 
     def on_mount(self) -> None:
-        self.mount(Static("No jobs yet. Start one with /train --data DIR --out RUN or /eval CHECKPOINT --data DIR.",
+        self.mount(Static("No jobs yet. Start one with /finetune FILES, /train --data DIR --out RUN or /eval DATA.",
                           id="no-jobs", classes="option-help"))
 
     def show(self, jobs: list) -> None:
