@@ -1,6 +1,6 @@
-"""Does fine-tuning pay? Two measurements, printed as JSON.
+"""Does fine-tuning pay, and what memory does it take? Printed as JSON.
 
-    python benchmarks/finetune_bench.py [--text FILE] [--steps 200] [--sft-steps 300]
+    python benchmarks/finetune_bench.py [pretrain] [sft] [memory] [--text FILE] [--steps 200] [--sft-steps 300]
 
 1. Continued pretraining. The shipped `shakespeare-bpe` model and the same
    architecture from scratch each train `--steps` steps on an English text
@@ -15,6 +15,12 @@
    then 100 names it never saw, asked through `ChatSession` (greedy) and its
    template; a reply counts when it is exactly the expected text. The same run
    without the loss mask (every token counted, the user's too) is beside it.
+3. Memory. A model of GPT-2 small's shape (124M parameters, 50,257 tokens,
+   random weights made by transformers and brought in with `quill import`)
+   fine-tuned for 2 steps of 1,024-token windows, each setting in a process of
+   its own: peak resident memory (the process's maximum RSS) and seconds per step,
+   for a batch of 4, the same with gradient checkpointing, and a batch of 1 with
+   4 accumulation steps (the same tokens per step).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,8 +133,50 @@ def supervised(steps: int, work: Path) -> dict:
             "steps": steps, **results}
 
 
+MEMORY_SETTINGS = {
+    "batch 4": ["--batch-size", "4"],
+    "batch 4, gradient checkpointing": ["--batch-size", "4", "--gradient-checkpointing"],
+    "batch 1 x 4 accumulation": ["--batch-size", "1", "--grad-accum", "4"],
+    "batch 1 x 4 accumulation, gradient checkpointing": ["--batch-size", "1", "--grad-accum", "4", "--gradient-checkpointing"],
+}
+
+
+def peak_rss_mb(command: list[str]) -> tuple[float, float]:
+    """Run `command` in a process of its own (through a Python that waits for it, so its
+    children's maximum RSS is this command's alone); returns (peak MB, seconds)."""
+    waiter = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+              "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t)")
+    done = subprocess.run([sys.executable, "-c", waiter, *command], check=True, capture_output=True, text=True)
+    kib, seconds = done.stdout.split()
+    return round(int(kib) / 1024, 1), float(seconds)
+
+
+def memory(text: Path, work: Path) -> dict:
+    from interop_bench import make_gpt2_small
+
+    make_gpt2_small(work / "gpt2")
+    quill = [sys.executable, "-m", "tui.cli"]
+    subprocess.run([*quill, "import", str(work / "gpt2"), "--out", str(work / "gpt2.safetensors"), "--no-profile"], check=True,
+                   capture_output=True)
+    subprocess.run([*quill, "prepare", str(text), "--tokenizer", str(work / "gpt2.safetensors"), "--out", str(work / "gpt2-data")],
+                   check=True, capture_output=True)
+    results = {}
+    for label, flags in MEMORY_SETTINGS.items():
+        out = work / f"mem-{len(results)}"
+        command = [*quill, "train", "--init-from", str(work / "gpt2.safetensors"), "--data", str(work / "gpt2-data"),
+                   "--out", str(out), "--max-steps", "2", "--eval-interval", "100", "--eval-steps", "1", "--log-interval", "1",
+                   "--device", "cpu", "--dtype", "float32", *flags]
+        peak, seconds = peak_rss_mb(command)
+        steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        results[label] = {"peak_rss_mb": peak, "tokens_per_s": steps[-1]["tokens_per_s"], "process_s": round(seconds, 1)}
+    return {"model": "GPT-2 small's shape, 124M parameters, block 1024, float32, AdamW", "tokens_per_step": 4096, **results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", choices=["pretrain", "sft", "memory"], default=[],
+                        help="which measurements (default: all three)")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="English text the models have not seen")
     parser.add_argument("--steps", type=int, default=200, help="steps of continued pretraining (default: 200)")
     parser.add_argument("--sft-steps", type=int, default=300, help="steps of supervised fine-tuning (default: 300)")
@@ -137,8 +186,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ["QUILL_PROFILES"] = str(work / "profiles")  # the fine-tuned runs' profiles stay out of the user's
-        report = {"machine": machine_info(), "continued_pretraining": continued_pretraining(args.text, args.steps, work),
-                  "sft": supervised(args.sft_steps, work)}
+        parts = args.parts or ["pretrain", "sft", "memory"]
+        report = {"machine": machine_info()}
+        if "pretrain" in parts:
+            report["continued_pretraining"] = continued_pretraining(args.text, args.steps, work)
+        if "sft" in parts:
+            report["sft"] = supervised(args.sft_steps, work)
+        if "memory" in parts:
+            report["memory"] = memory(args.text, work)
     print(json.dumps(report, indent=1))
 
 

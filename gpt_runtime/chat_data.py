@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .checkpoint import read_metadata
 from .errors import QuillError
 from .fileio import read_user_file
+from .init_from import source_shape
 from .profiles import ChatTemplate, Profile, get_profile
 from .sources import tokenizer_source
 from .tokenizer import Tokenizer, eos_id
@@ -214,20 +214,21 @@ def chat_profile(profile: Profile | str) -> tuple[Profile, Tokenizer, int]:
     if eos_id(tok) is None:
         raise QuillError(f"the tokenizer of profile {profile.name!r} has no end-of-text token (<eos> or <|endoftext|>), "
                          "so nothing could end a conversation", hint="fine-tune a model whose tokenizer has one")
-    try:
-        block_size = json.loads(read_metadata(profile.checkpoint)["config"])["block_size"]
-    except (KeyError, TypeError, ValueError):
-        raise QuillError(f"checkpoint {str(profile.checkpoint)!r} has no readable model config in its metadata",
-                         hint="use a checkpoint written by `quill train`") from None
-    return profile, tok, block_size
+    return profile, tok, source_shape(str(profile.checkpoint))[1]["block_size"]
 
 
-def val_count(conversations: int, val_fraction: float) -> int:
-    """How many of the last conversations are kept for validation: at least one when asked
-    for and there are two or more, and never all of them."""
-    if not val_fraction or conversations < 2:
+def val_count(lengths: list[int], val_fraction: float, min_tokens: int = 0) -> int:
+    """How many of the last conversations (of these token `lengths`) are kept for validation:
+    the asked-for share, at least one when asked for and there are two or more, and more while
+    they hold no more than `min_tokens` (validation draws whole windows of the model's
+    context), but never more than half."""
+    n = len(lengths)
+    if not val_fraction or n < 2:
         return 0
-    return min(conversations - 1, max(1, round(conversations * val_fraction)))
+    count = min(n - 1, max(1, round(n * val_fraction)))
+    while count < n // 2 and sum(lengths[n - count:]) <= min_tokens:
+        count += 1
+    return count
 
 
 def prepare_chat(inputs: list[str | os.PathLike], profile: Profile | str, out_dir: str | os.PathLike,
@@ -246,7 +247,7 @@ def prepare_chat(inputs: list[str | os.PathLike], profile: Profile | str, out_di
         raise QuillError(f"no conversation is left to train on ({_describe(skipped) or 'the files hold none'})",
                          hint="give conversations that fit the model's context of "
                               f"{block_size} tokens" if skipped.get("too long") else None)
-    n_val = val_count(len(documents), val_fraction)
+    n_val = val_count([len(ids) for ids, _ in documents], val_fraction, block_size + 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = [SplitWriter(out, "train", tok.vocab_size, masked=True), SplitWriter(out, "val", tok.vocab_size, masked=True)]

@@ -36,6 +36,11 @@ CORPORA = {c.name: c for c in [
            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
            "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", "tinyshakespeare.txt",
            "40,000 lines of Shakespeare's plays (1.1 MB), the corpus of char-rnn and nanoGPT"),
+    Corpus("sherlock",
+           "https://raw.githubusercontent.com/jsvine/markovify/6f93edb986ee6ebf2f1a8d88096416d48d406e3c/test/texts/sherlock.txt",
+           "242ec73a70f0a03dcbe007e32038e7deeaee004aaec9a09a07fa322743440fa8", "sherlock.txt",
+           "The Adventures of Sherlock Holmes (Conan Doyle; Project Gutenberg's text, public domain, 0.6 MB): "
+           "English prose the shipped models never saw, for fine-tuning"),
 ]}
 
 CHUNK = 1 << 16

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .corpus_files import CorpusFile, find_corpus_files
-from .data import SplitWriter, _line_start_after, text_blocks, write_data_dir
+from .data import SplitWriter, line_start_after, text_blocks, write_data_dir
 from .errors import QuillError, QuillWarning
 from .jsonl import read_records
 from .tokenizer import END_OF_TEXT, Tokenizer, eos_id, load_tokenizer
@@ -222,7 +222,7 @@ class _Pass:
         with open(file.path, "rb") as f:
             bom = len(BOM) if f.read(len(BOM)) == BOM else 0
             local = self.split_at - base
-            cut = file.size if local >= file.size else bom if local <= 0 else max(_line_start_after(f, local, file.size), bom)
+            cut = file.size if local >= file.size else bom if local <= 0 else max(line_start_after(f, local, file.size), bom)
             if file.size > bom:
                 self.tally.documents += 1
             report = (lambda done, _: self._report(base + done)) if self.progress else None

@@ -39,7 +39,7 @@ def _token_dtype(vocab_size: int) -> tuple[str, str]:
     return ("H", "uint16") if vocab_size <= 1 << 16 else ("I", "uint32")
 
 
-def _line_start_after(f, offset: int, size: int) -> int:
+def line_start_after(f, offset: int, size: int) -> int:
     """The first offset >= `offset` that starts a line (or `size`)."""
     if offset <= 0:
         return 0
@@ -109,12 +109,6 @@ def text_blocks(f, start: int, end: int, path: str, progress=None) -> Iterator[s
             progress(block_start, None)
 
 
-def _encode_region(f, start: int, end: int, encode: Callable[[str], list[int]], out: "SplitWriter", path: str, progress) -> None:
-    """Encode corpus bytes [start, end) a block at a time (`encode`: text to ids) into `out`."""
-    for text in text_blocks(f, start, end, path, progress):
-        out.write(encode(text))
-
-
 class SplitWriter:
     """The token ids of one split (and, for chat data, their loss mask), written to
     temporary files as they come; `commit` renames them into place."""
@@ -134,6 +128,10 @@ class SplitWriter:
         if self._mask is not None:
             self._mask.write(bytes(bytearray(map(bool, mask))))
         self.tokens += len(ids)
+
+    @property
+    def masked(self) -> bool:
+        return self._mask is not None
 
     def _files(self) -> list[str]:
         return [f"{self.name}.bin"] + ([f"{self.name}.mask"] if self._mask is not None else [])
@@ -168,7 +166,7 @@ def write_data_dir(out: Path, splits: list[SplitWriter], tok: Tokenizer, meta: d
     meta = {"version": META_VERSION, **meta, "dtype": splits[0].dtype, "vocab_size": tok.vocab_size,
             "tokenizer_kind": tok.kind, "tokenizer_fingerprint": tok.fingerprint,
             **{f"{split.name}_tokens": split.tokens for split in splits},
-            "mask": splits[0]._mask is not None}
+            "mask": splits[0].masked}
     tok.save(out / "tokenizer.json")
     atomic_write_bytes(out / "meta.json", (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
     return meta
@@ -181,43 +179,14 @@ def prepare(
     val_fraction: float = 0.1,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Tokenize `corpus` into `out_dir` (train.bin, val.bin, meta.json, tokenizer.json).
+    """Tokenize one text file, `corpus`, into `out_dir` (train.bin, val.bin, meta.json,
+    tokenizer.json): `corpus_prepare.prepare_corpus` with a single input. Returns the
+    metadata written to meta.json."""
+    from .corpus_prepare import prepare_corpus  # which builds on this module
 
-    Returns the metadata written to meta.json.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise QuillError(f"--val-fraction must be in [0, 1), not {val_fraction}")
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    corpus = Path(corpus)
-    if corpus.is_dir():
+    if Path(corpus).is_dir():
         raise QuillError(f"corpus {str(corpus)!r} is a directory, not a file", hint="name a text file")
-    if not corpus.exists():
-        raise QuillError(f"corpus {str(corpus)!r} does not exist")
-    size = corpus.stat().st_size
-    if size == 0:
-        raise QuillError(f"corpus {str(corpus)!r} is empty", hint="give it some text to learn from")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = (lambda done, _: progress(done, size)) if progress else None
-    splits = [SplitWriter(out, "train", tok.vocab_size), SplitWriter(out, "val", tok.vocab_size)]
-    sizes = {}
-    with open(corpus, "rb") as f:
-        bom = 3 if f.read(3) == b"\xef\xbb\xbf" else 0
-        split = _line_start_after(f, int(size * (1 - val_fraction)), size) if val_fraction else size
-        split = max(split, bom)
-        try:
-            for writer, (start, end) in zip(splits, [(bom, split), (split, size)]):
-                _encode_region(f, start, end, tok.encode, writer, str(corpus), report)
-                sizes[f"{writer.name}_bytes"] = end - start
-            if splits[0].tokens == 0:
-                raise QuillError(f"corpus {str(corpus)!r} leaves no training text after the validation split")
-            if val_fraction and splits[1].tokens == 0:
-                raise QuillError(f"corpus {str(corpus)!r} is too short for a validation split", hint="use a longer corpus or --val-fraction 0")
-        except BaseException:
-            for writer in splits:
-                writer.discard()
-            raise
-    return write_data_dir(out, splits, tok, {"corpus": str(corpus), "val_fraction": val_fraction, **sizes})
+    return prepare_corpus([corpus], tokenizer, out_dir, val_fraction, progress)
 
 
 @dataclass

@@ -106,13 +106,14 @@ def _add_chat_flags(p) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     if args.chat:
         return cmd_prepare_chat(args)
+    if args.profile:
+        raise UsageError("--profile is for --chat: a corpus takes the model's tokenizer as --tokenizer PROFILE")
     if not args.corpus or not args.tokenizer:
         raise UsageError("give a corpus and --tokenizer, or --chat FILE... --profile NAME",
                          hint="quill prepare corpus.txt --tokenizer tokenizer.json --out DIR")
     from pathlib import Path
 
     from .corpus_prepare import Options, prepare_corpus
-    from .errors import QuillError
     from .progress import progress_bar
     from .sources import tokenizer_source
 
@@ -164,6 +165,10 @@ def cmd_prepare_chat(args: argparse.Namespace) -> None:
                          hint="see `quill profiles`")
     if args.corpus or args.tokenizer:
         raise UsageError("--chat takes no corpus or --tokenizer: the profile's model gives the tokenizer")
+    text_only = [flag for flag, given in (("--extend", args.extend), ("--glob", args.glob), ("--separator", args.separator),
+                                          ("--field", args.field != "text")) if given]
+    if text_only:
+        raise UsageError(f"{', '.join(text_only)} {'is' if len(text_only) == 1 else 'are'} for a corpus, not --chat")
     if (Path(args.out) / "meta.json").exists() and not args.force:
         raise QuillError(f"{args.out!r} already holds prepared data (meta.json)", hint="add --force to replace it")
     start = time.perf_counter()

@@ -37,6 +37,8 @@ def add_finetune_command(commands) -> Parser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="part of the inputs kept for validation (default: 0.1)")
     p.add_argument("--config", help="TOML file with training settings, in snake_case")
     p.add_argument("--resume", action="store_true", help="continue a fine-tune in --out that stopped")
+    p.add_argument("--extend", action="store_true", help="text for a char model: add the characters it lacks (see quill prepare)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad JSON Lines lines or conversations instead of stopping")
     add_settings(p, DEFAULTS, skip=("data", "out", "init_from"))
     p.set_defaults(run=cmd_finetune)
     return p
@@ -44,12 +46,16 @@ def add_finetune_command(commands) -> Parser:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Run parsed `quill finetune` arguments; returns the exit code."""
+    from .finetune import input_kind
     from .progress import progress_bar, train_display
     from .train import train
     from .train_command import report
 
-    with progress_bar("preparing", unit="bytes") as progress:
-        parent, cfg = setup_finetune(args, progress, say=lambda line: print(line, file=sys.stderr))
+    unit = "conversations" if args.inputs and input_kind(args.inputs) == "chat" else "bytes"
+    with progress_bar("preparing", unit=unit) as progress:
+        parent, cfg, meta = setup_finetune(args, progress)
+    for line in describe_data(meta):
+        print(line, file=sys.stderr)
     with train_display() as on_event:
         result = train(cfg, resume=args.resume, on_event=on_event)
     name = adopt_finished(result, parent, args.name)
@@ -59,31 +65,43 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return code
 
 
-def setup_finetune(args: argparse.Namespace, progress: Callable[[int, int], None] | None, say: Callable[[str], None]):
-    """The parent profile and the run's settings; unless resuming, the inputs prepared in RUN/data first."""
-    from .finetune import finetune_config, prepare_inputs
+def setup_finetune(args: argparse.Namespace, progress: Callable[[int, int], None] | None):
+    """The parent profile, the run's settings and (unless resuming, None then) the metadata of
+    the inputs, prepared in RUN/data first. Everything that can be refused is refused before
+    anything is prepared."""
+    from .finetune import finetune_config, prepare_inputs, profile_of_run
     from .profiles import free_profile_name, get_profile
 
     parent = get_profile(args.profile)
     out = Path(args.out)
-    if args.name:
-        free_profile_name(args.name, exact=True)  # a name that is taken is refused now, not after training
+    if args.name and profile_of_run(out) != args.name:
+        free_profile_name(args.name, exact=True, flag="--name")  # a name that is taken is refused now, not after training
     if args.resume:
         if args.inputs or args.config:
             raise UsageError("--resume continues the fine-tune in --out with its own data and settings",
                              hint="leave out the inputs and --config")
-        return parent, replace(saved_config(out), **settings_given(args))
+        return parent, replace(saved_config(out), **settings_given(args)), None
     if not args.inputs:
         raise UsageError("give the files or directories to fine-tune on", hint=f"quill finetune {args.profile} notes/ --out {args.out}")
-    if (out / "config.json").exists() or (out / "data" / "meta.json").exists():
+    if (out / "config.json").exists():  # prepared data alone, from a fine-tune that failed, is prepared again
         raise QuillError(f"{str(out)!r} already holds a run", hint="continue it with --resume, or choose another --out")
-    told = load_toml(args.config) if args.config else {}
-    settings = {**told, **settings_given(args)}
-    cfg = finetune_config(parent, out, settings, set(settings))  # a shape clash is refused before any work
-    meta = prepare_inputs(args.inputs, parent, out / "data", args.val_fraction, progress)
-    say(f"prepared {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens in {out / 'data'}"
-        + (" (chat data: the loss counts on the model's turns only)" if meta.get("mask") else ""))
-    return parent, cfg
+    source = f"config file {args.config!r}"
+    cfg = finetune_config(parent, out, load_toml(args.config) if args.config else {}, settings_given(args), source)
+    meta = prepare_inputs(args.inputs, parent, out / "data", args.val_fraction, progress, args.extend, args.skip_bad)
+    return parent, cfg, meta
+
+
+def describe_data(meta: dict | None) -> list[str]:
+    """What was prepared, in a line or a few (none when resuming)."""
+    from .data_command import summary_lines
+
+    if meta is None:
+        return []
+    if meta.get("mask"):
+        return [f"prepared {meta['conversations']:,} conversations: {meta['train_tokens']:,} train and "
+                f"{meta['val_tokens']:,} val tokens, the loss on the model's turns only ({meta['truncated']:,} cut to fit, "
+                f"{sum(meta['skipped'].values()):,} skipped)"]
+    return [f"prepared {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens", *summary_lines(meta)]
 
 
 def adopt_finished(result, parent, name: str | None) -> str | None:

@@ -35,9 +35,14 @@ def source_shape(spec: str) -> tuple[Path, dict[str, Any]]:
     """The checkpoint `spec` names and its model config (read from its header)."""
     path = checkpoint_source(spec)
     try:
-        return path, json.loads(read_metadata(path)["config"])
-    except (KeyError, ValueError):
-        raise QuillError(f"checkpoint {str(path)!r} has no readable model config") from None
+        shape = json.loads(read_metadata(path)["config"])
+        missing = [name for name in SHAPE if name not in shape]
+    except (KeyError, ValueError, TypeError):
+        shape, missing = None, None
+    if not isinstance(shape, dict) or missing:
+        raise QuillError(f"checkpoint {str(path)!r} has no readable model config" + (f" (it lacks {', '.join(missing)})" if missing else ""),
+                         hint="use a checkpoint written by `quill train` or `quill import`")
+    return path, shape
 
 
 def take_source_shape(cfg: TrainConfig, told: set[str]) -> TrainConfig:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,7 @@ class Job:
         if self.last.get("event") == "progress":
             return f"{what} {self.last['done']}/{self.last['total']} batches"
         if self.last.get("event") == "preparing":
-            return f"{what} preparing the data: {self.last['done']:,}/{self.last['total']:,} bytes"
+            return f"{what} preparing the data: {self.last['done'] / max(1, self.last['total']):.0%}"
         return what
 
 
@@ -122,7 +123,7 @@ class Jobs:
                 job.result = event
             elif event.get("event") == "error":
                 job.error = event.get("message", "failed")
-            else:
+            elif event.get("event") != "note":  # a note is news for the chat, not the job's state
                 job.last = event
                 if event.get("event") == "step":
                     job.history.append(event)
@@ -191,6 +192,9 @@ def _worker(argv: list[str]) -> int:
     if hasattr(os, "nice"):
         os.nice(5)  # the chat comes first
     signal.signal(signal.SIGINT, signal.default_int_handler)  # /cancel works even if SIGINT was ignored
+    # A warning (validation falling back to training text, say) would go to stderr, which the chat
+    # shows only when a job fails: it is sent as a note instead.
+    warnings.showwarning = lambda message, *_: _emit({"event": "note", "text": str(message)})
     kind, rest = argv[0], argv[1:]
     try:
         args = command_parser().parse_args([kind, *rest])
@@ -215,7 +219,7 @@ def _worker(argv: list[str]) -> int:
 def _train_job(kind: str, args: argparse.Namespace) -> None:
     """Train as `quill train` or `quill finetune` would, reporting as events; a fine-tune's
     finished run becomes a profile here, and its "done" event names it."""
-    from .finetune_command import adopt_finished, setup_finetune
+    from .finetune_command import adopt_finished, describe_data, setup_finetune
     from .train import train  # imports torch: loaded when first used
 
     def forward(event: dict[str, Any]) -> None:
@@ -223,8 +227,9 @@ def _train_job(kind: str, args: argparse.Namespace) -> None:
             _emit(event)
 
     if kind == "finetune":
-        parent, cfg = setup_finetune(args, lambda done, total: _emit({"event": "preparing", "done": done, "total": total}),
-                                     say=lambda line: _emit({"event": "note", "text": line}))
+        parent, cfg, meta = setup_finetune(args, lambda done, total: _emit({"event": "preparing", "done": done, "total": total}))
+        for line in describe_data(meta):
+            _emit({"event": "note", "text": line})
     else:
         parent, cfg = None, train_config(args)
     result = train(cfg, resume=args.resume, on_event=forward)

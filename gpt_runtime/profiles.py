@@ -349,7 +349,7 @@ def default_profile() -> str:
     raise QuillError("several profiles: say which with --profile NAME", hint=f"profiles: {', '.join(good)}")
 
 
-def free_profile_name(name: str, exact: bool = False) -> str:
+def free_profile_name(name: str, exact: bool = False, flag: str = "--profile") -> str:
     """`name` made fit for a file name, and not yet a profile's (a user's or a shipped
     one): else NAME-2, NAME-3, ..., or with `exact` an error."""
     directory = user_profile_dir()
@@ -358,7 +358,7 @@ def free_profile_name(name: str, exact: bool = False) -> str:
     name, n = base, 1
     while name in taken or (directory / f"{name}.toml").exists() or (directory / name).exists():
         if exact:
-            raise QuillError(f"there is already a profile named {name!r}", hint="choose another name with --profile NAME")
+            raise QuillError(f"there is already a profile named {name!r}", hint=f"choose another name with {flag} NAME")
         n += 1
         name = f"{base}-{n}"
     return name

@@ -27,9 +27,9 @@ from .checkpoint import load_checkpoint
 from .config import load_toml
 from .errors import QuillError, UsageError, did_you_mean
 from .fileio import atomic_write_bytes, file_sha256, read_user_file
-from .jobs import Jobs, check_arguments
+from .jobs import TRAINING, Jobs, check_arguments
 from .plugins import get_registry
-from .profiles import ChatTemplate, Profile, free_profile_name, get_profile, is_name, write_profile
+from .profiles import ChatTemplate, Profile, get_profile, is_name
 from .sampling import build_chain, check_seed, settings_from_strings
 
 
@@ -561,25 +561,29 @@ class ChatSession:
         while not self.jobs.events.empty():
             job, event = self.jobs.events.get_nowait()
             kind = event.get("event")
-            if kind == "finished" and job.kind in ("train", "finetune"):
-                name = job.profile = job.result.get("profile") or self._adopt(job.result["out"])
+            if kind == "note":
+                notices.append(Notice(f"job {job.id}: {event['text']}"))
+            elif kind == "finished" and job.kind in TRAINING:
+                # A fine-tune wrote its profile itself (its parent's settings); a training run gets the chat's.
+                name = job.profile = job.result["profile"] if job.kind == "finetune" else self._adopt(job.result["out"])
                 notices.append(Notice(f"job {job.id} finished training {job.result['out']}; profile {name!r} is ready: "
                                       f"/profile {name}"))
             elif kind == "finished":
                 notices.append(Notice(job.describe()))
             elif kind == "cancelled":
-                saved = f"; its last checkpoint is in {job.result['out']}" if job.result and job.kind != "eval" else ""
+                saved = f"; its last checkpoint is in {job.result['out']}" if job.result and job.kind in TRAINING else ""
                 notices.append(Notice(f"job {job.id} cancelled{saved}"))
             elif kind == "failed":
                 notices.append(Notice(f"job {job.id} failed: {job.error}"))
         return notices
 
     def _adopt(self, run_dir: str) -> str:
-        """Write a profile for a freshly trained run; returns its name."""
-        name = free_profile_name(Path(run_dir).resolve().name)
-        write_profile(name, Path(run_dir), f"trained in the chat from profile {self.profile.name}", self.chain,
-                      self.options, self.max_new_tokens, self.template)
-        return name
+        """Write a profile for a freshly trained run, with this chat's sampler, limits and template; returns its name."""
+        from .finetune import adopt
+
+        settings = replace(self.profile, chain=self.chain, options=self.options, max_new_tokens=self.max_new_tokens,
+                           template=self.template)
+        return adopt(run_dir, self.profile, settings=settings, description=f"trained in the chat from profile {self.profile.name}")
 
 
 def _whole(name: str, value: str) -> int:

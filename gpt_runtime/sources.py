@@ -42,8 +42,10 @@ def tokenizer_source(spec: str | os.PathLike) -> Tokenizer:
     """The tokenizer that `spec` names: a tokenizer file, or the one stored in a
     checkpoint, a run directory's checkpoint or a profile's checkpoint."""
     path = Path(spec)
-    if (path.suffix == ".json" and not path.is_dir()) or (path.is_file() and path.suffix != ".toml" and not _is_safetensors(path)):
-        return load_tokenizer(path)  # a missing tokenizer.json is reported as one, not as an unknown profile
+    # Quill's checkpoints end in .safetensors and profiles in .toml: any other file is a tokenizer
+    # file, and a missing .json is reported as a tokenizer file, not as an unknown profile.
+    if path.suffix not in (".safetensors", ".toml") and (path.is_file() or (path.suffix == ".json" and not path.is_dir())):
+        return load_tokenizer(path)
     checkpoint = checkpoint_source(spec)
     meta = read_metadata(checkpoint)
     try:
@@ -52,9 +54,3 @@ def tokenizer_source(spec: str | os.PathLike) -> Tokenizer:
         raise QuillError(f"checkpoint {str(checkpoint)!r} has no readable tokenizer in its metadata") from None
     return tokenizer_from_dict(data, f"the tokenizer in checkpoint {str(checkpoint)!r}")
 
-
-def _is_safetensors(path: Path) -> bool:
-    """Whether a file starts as a safetensors file does (a header length, then '{')."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size

@@ -294,4 +294,3 @@ def check_ids(ids: Sequence[Any]) -> list[int]:
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise QuillError("token ids must be a JSON list of integers, e.g. [12, 7, 301]")
     return ids
-

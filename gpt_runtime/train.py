@@ -170,21 +170,22 @@ def _distributed() -> tuple[int, int]:
 
 @torch.no_grad()
 def estimate_loss(model: GPT, sampler: BatchSampler, steps: int, autocast, world: int, device: torch.device) -> float:
-    """Mean loss over `steps` fixed batches (the same ones at every evaluation)."""
+    """Mean loss per counted target over `steps` fixed batches (the same ones at every
+    evaluation). Weighted by the targets each batch counts, so that with chat data a batch
+    that is mostly (or all) masked does not pull the mean towards its few tokens (or 0)."""
     was_training = model.training
     model.eval()
-    total = torch.zeros(1, device=device)  # on the device: NCCL reduces only GPU tensors
+    total = torch.zeros(2, device=device)  # loss sum and target count; on the device: NCCL reduces only GPU tensors
     for _ in range(steps):
         x, y = sampler.next()
         with autocast:
             _, loss = model(_to_device(x, device), _to_device(y, device))
-        total += loss.float()
+        counted = (y >= 0).sum()
+        total += torch.stack([loss.float() * counted, counted.float()]).to(device)
     model.train(was_training)
-    total = total / steps
     if world > 1:
         torch.distributed.all_reduce(total)
-        total /= world
-    return total.item()
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -372,7 +373,12 @@ def _open_data(cfg: TrainConfig, state: dict | None, out: Path, rank: int, world
     if state is not None:
         check_tokenizer_match(state["tokenizer_fingerprint"], data.tokenizer, f"run {str(out)!r}", f"data directory {cfg.data!r}")
     train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
-    train_batches = BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, rank, world, data.mask("train"))
+    try:
+        train_batches = BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, rank, world, data.mask("train"))
+    except QuillError as exc:
+        if not cfg.init_from:
+            raise
+        raise QuillError(exc.message, hint="give it more text: a run started from a model keeps the model's block size") from None
     if len(val_tokens) <= cfg.block_size:
         warnings.warn(
             f"the validation split of {cfg.data!r} has {len(val_tokens)} tokens, less than one block; "

@@ -16,7 +16,7 @@ from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.plugins import get_registry
 from gpt_runtime.profiles import find_profiles
 
-FINETUNE_USAGE = "/finetune FILE|DIR... [--out RUN] [--max-steps N] [flags of `quill finetune`]"
+FINETUNE_USAGE = "/finetune FILE|DIR... [--out RUN] [--max-steps N] [flags of `quill finetune`], or /finetune --out RUN --resume"
 
 
 def _profile_names(session, partial: str) -> list[str]:
@@ -150,22 +150,28 @@ def train(session, args: str) -> JobsChanged:
 
 def finetune(session, args: str) -> JobsChanged:
     argv = shlex.split(args)
-    if not argv or argv[0].startswith("-"):
+    resume = "--resume" in argv
+    if not resume and (not argv or argv[0].startswith("-")):
         raise UsageError("/finetune needs the files or directories to fine-tune on", hint=FINETUNE_USAGE)
+    new_dir = None
     if not any(arg == "--out" or arg.startswith("--out=") for arg in argv):
-        argv += ["--out", _free_run_dir(f"runs/{session.profile.name}-finetune")]
+        if resume:
+            raise UsageError("/finetune --resume needs the --out RUN to continue", hint="/jobs shows where each run is")
+        new_dir = _free_run_dir(f"runs/{session.profile.name}-finetune")
+        argv += ["--out", str(new_dir)]
     job = session.start_job("finetune", [str(session.profile.path), *argv])
-    return JobsChanged(f"started job {job.id}: fine-tuning {session.profile.name} on {argv[0]} "
-                       f"(/jobs shows its progress, /cancel {job.id} stops it)")
+    if new_dir is not None:  # made now, not when the job gets to it: a second /finetune must not choose it too
+        new_dir.mkdir(parents=True, exist_ok=True)
+    what = "resuming the fine-tune of" if resume else "fine-tuning"
+    return JobsChanged(f"started job {job.id}: {what} {session.profile.name} (/jobs shows its progress, /cancel {job.id} stops it)")
 
 
-def _free_run_dir(base: str) -> str:
-    """`base`, or base-2, base-3, ... : the first that does not exist yet."""
-    path, n = base, 1
-    while Path(path).exists():
+def _free_run_dir(base: str) -> Path:
+    """`base`, or base-2, base-3, ...: the first that does not exist yet."""
+    n = 1
+    while Path(base if n == 1 else f"{base}-{n}").exists():
         n += 1
-        path = f"{base}-{n}"
-    return path
+    return Path(base if n == 1 else f"{base}-{n}")
 
 
 def eval_(session, args: str) -> JobsChanged:

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt_runtime.chat_data import (BadConversation, Conversation, fit_conversation, prepare_chat, read_conversations,
-                                   val_count)
+from gpt_runtime.chat_data import BadConversation, Conversation, fit_conversation, prepare_chat, read_conversations, val_count
 from gpt_runtime.data import DataDir
 from gpt_runtime.errors import QuillError
 from gpt_runtime.profiles import ChatTemplate
@@ -286,8 +285,10 @@ def test_a_long_conversation_loses_its_oldest_turns_and_one_too_long_is_skipped(
 
 
 def test_the_last_conversations_are_kept_for_validation(profiles, tmp_path):
-    assert [val_count(n, 0.1) for n in (0, 1, 2, 10, 25)] == [0, 0, 1, 1, 2]
-    assert val_count(10, 0.0) == 0 and val_count(3, 0.9) == 2
+    assert [val_count([5] * n, 0.1) for n in (0, 1, 2, 10, 25)] == [0, 0, 1, 1, 2]
+    assert val_count([5] * 10, 0.0) == 0 and val_count([5] * 3, 0.9) == 2
+    # Too few tokens for one window of the context: more conversations, up to half of them.
+    assert val_count([5] * 10, 0.1, min_tokens=12) == 3 and val_count([5] * 10, 0.1, min_tokens=100) == 5
     lines = jsonl(tmp_path / "c.jsonl", *(chat(f"q{i}", f"r{i}") for i in range(5)))
     meta = prepare_chat([lines], "tiny", tmp_path / "out")
     data = DataDir.open(tmp_path / "out")

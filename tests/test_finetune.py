@@ -53,10 +53,12 @@ def test_cli_fine_tunes_a_profile_on_a_folder_into_a_new_profile(chat_profiles, 
     # The new profile chats.
     session = ChatSession("mine")
     assert session.profile.checkpoint == child.checkpoint
-    # Resuming takes the run further, and writes a profile of its own.
-    again = run_quill("finetune", "alpha", "--out", str(out), "--resume", "--max-steps", "6", env=env(chat_profiles))
+    # Resuming takes the run further, and keeps the profile it has.
+    again = run_quill("finetune", "alpha", "--out", str(out), "--resume", "--max-steps", "6", "--name", "mine",
+                      env=env(chat_profiles))
     assert again.returncode == 0, again.stderr.decode()[-2000:]
-    assert load_checkpoint(out / "last.safetensors").step == 6 and "profile 'mine-2' is ready" in again.stdout.decode()
+    assert load_checkpoint(out / "last.safetensors").step == 6 and "profile 'mine' is ready" in again.stdout.decode()
+    assert sorted(p.name for p in chat_profiles.iterdir()) == ["alpha.toml", "beta.toml", "mine.toml"]
 
 
 def test_conversations_are_fine_tuned_on_as_masked_chat_data(chat_profiles, tmp_path):
@@ -77,16 +79,33 @@ def test_bad_fine_tunes_are_refused_before_any_work(chat_profiles, tmp_path):
         (["nobody", str(folder), "--out", str(tmp_path / "c")], "no profile named 'nobody'"),
         (["alpha", str(folder), "--out", str(tmp_path / "d"), "--name", "beta"], "already a profile named 'beta'"),
     ]
+    (tmp_path / "bad.toml").write_text("bogus = 1\n")
+    (tmp_path / "fixed.toml").write_text('data = "elsewhere"\n')
+    cases += [(["alpha", str(folder), "--out", str(tmp_path / "g"), "--config", str(tmp_path / "bad.toml")], "unknown key 'bogus'"),
+              (["alpha", str(folder), "--out", str(tmp_path / "h"), "--config", str(tmp_path / "fixed.toml")],
+               "data cannot be set for a fine-tune")]
     for argv, words in cases:
         message, _ = one_line_error(run_quill("finetune", *argv, env=env(chat_profiles)))
         assert words in message, (argv, message)
         assert not Path(argv[argv.index("--out") + 1]).exists()
     message, hint = one_line_error(run_quill("finetune", "alpha", "--out", str(tmp_path / "e"), env=env(chat_profiles)), code=2)
     assert "give the files or directories" in message
-    (tmp_path / "f" / "data").mkdir(parents=True)
-    (tmp_path / "f" / "data" / "meta.json").write_text("{}")
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "config.json").write_text("{}")
     message, hint = one_line_error(run_quill("finetune", "alpha", str(folder), "--out", str(tmp_path / "f"), env=env(chat_profiles)))
     assert "already holds a run" in message and "--resume" in hint
+
+
+def test_a_fine_tune_that_failed_before_training_can_be_prepared_again(chat_profiles, tmp_path):
+    (tmp_path / "short.txt").write_text("Too short.", encoding="utf-8")
+    out = tmp_path / "run"
+    failed = run_quill("finetune", "alpha", str(tmp_path / "short.txt"), "--out", str(out), "--val-fraction", "0", *TINY,
+                       env=env(chat_profiles))
+    assert failed.returncode == 1
+    error, hint = failed.stderr.decode().splitlines()[-2:]  # after what was prepared
+    assert "not enough for one block of 64" in error and "keeps the model's block size" in hint
+    done = run_quill("finetune", "alpha", str(notes(tmp_path)), "--out", str(out), *TINY, env=env(chat_profiles))
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
 
 
 def test_chat_files_are_told_from_text(tmp_path):
@@ -117,6 +136,18 @@ def test_finetune_in_the_chat_is_a_background_job_whose_run_becomes_a_profile(ch
     assert job.status == "finished" and job.profile == "alpha-finetune", (job.status, job.error, notices)
     assert (tmp_path / "runs" / "alpha-finetune" / "best.safetensors").is_file()
     assert "finetune" in job.describe() and "best val loss" in job.describe()
+    assert any("job 1: prepared" in n.text for n in notices)  # what was prepared reaches the chat
+    # A second one started at once gets a directory of its own; --resume continues one.
+    second = commands.run(session, f"/finetune {folder} {' '.join(TINY)}")
+    assert "started job 2" in second and (tmp_path / "runs" / "alpha-finetune-2").is_dir()
+    session.jobs.cancel(2)
+    resumed = commands.run(session, "/finetune --out runs/alpha-finetune --resume --max-steps 6")
+    assert "resuming the fine-tune of alpha" in resumed
+    with pytest.raises(Exception, match="needs the --out RUN"):
+        commands.run(session, "/finetune --resume")
+    session.jobs.wait()
+    session.job_notices()
+    assert session.jobs.get(3).status == "finished" and session.jobs.get(3).profile == "alpha-finetune"
     commands.run(session, f"/profile {job.profile}")
-    assert session.profile.name == "alpha-finetune" and session.loaded.step == 4
+    assert session.profile.name == "alpha-finetune" and session.loaded.step == 6
     assert session.template == load_profile(chat_profiles / "alpha.toml").template

@@ -113,3 +113,27 @@ def test_a_window_with_every_target_masked_has_loss_zero_not_nan():
     model = GPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16))
     _, loss = model(torch.randint(4, 12, (2, 8)), torch.full((2, 8), -1))
     assert loss.item() == 0.0
+
+
+def test_validation_loss_is_weighted_by_the_targets_each_batch_counts():
+    from gpt_runtime.train import estimate_loss
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=TOK.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    positions = torch.arange(4, 12).repeat(40)
+    mask = torch.zeros(len(positions), dtype=torch.bool)
+    mask[::7] = True  # few targets count: many windows have one or none
+
+    def batches():
+        return BatchSampler(positions, 8, 2, seed=3, mask=mask)
+
+    sampler, total, counted = batches(), 0.0, 0
+    for _ in range(6):
+        x, y = sampler.next()
+        logits, _ = model(x)
+        keep = y >= 0
+        total += torch.nn.functional.cross_entropy(logits[keep], y[keep], reduction="sum").item()
+        counted += int(keep.sum())
+    expected = total / counted
+    got = estimate_loss(model, batches(), 6, torch.autocast("cpu", enabled=False), 1, torch.device("cpu"))
+    assert got == pytest.approx(expected, rel=1e-5)
