@@ -1,6 +1,6 @@
 """Does fine-tuning pay, and what memory does it take? Printed as JSON.
 
-    python benchmarks/finetune_bench.py [pretrain] [sft] [memory] [--text FILE] [--steps 200] [--sft-steps 300]
+    python benchmarks/finetune_bench.py [pretrain] [sft] [memory] [--text FILE] [--steps 200] [--sft-steps 600]
 
 1. Continued pretraining. The shipped `shakespeare-bpe` model and the same
    architecture from scratch each train `--steps` steps on an English text
@@ -124,7 +124,7 @@ def supervised(steps: int, work: Path) -> dict:
     results = {}
     for label, data in (("with_mask", work / "chat"), ("without_mask", unmasked)):
         cfg = take_source_shape(TrainConfig(data=str(data), out=str(work / label), init_from="shakespeare-char", batch_size=16,
-                                            max_steps=steps, lr=1e-3, min_lr=1e-4, warmup_steps=20, eval_interval=steps // 3,
+                                            max_steps=steps, lr=3e-3, min_lr=3e-4, warmup_steps=20, eval_interval=steps // 3,
                                             eval_steps=10, log_interval=steps, device="cpu", dtype="auto", dropout=0.0, seed=1),
                                 set())
         results[label] = {**run(cfg), "exact_replies": exact_replies(work / label, held_out)}
@@ -175,12 +175,14 @@ def memory(text: Path, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", choices=["pretrain", "sft", "memory"], default=[],
-                        help="which measurements (default: all three)")
+    parser.add_argument("parts", nargs="*", metavar="PART", help="pretrain, sft, memory: which to measure (default: all three)")
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="English text the models have not seen")
     parser.add_argument("--steps", type=int, default=200, help="steps of continued pretraining (default: 200)")
-    parser.add_argument("--sft-steps", type=int, default=300, help="steps of supervised fine-tuning (default: 300)")
+    parser.add_argument("--sft-steps", type=int, default=600, help="steps of supervised fine-tuning (default: 600)")
     args = parser.parse_args()
+    unknown = set(args.parts) - {"pretrain", "sft", "memory"}
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}: choose from pretrain, sft, memory")
     if not args.text.is_file():
         sys.exit(f"benchmark: no text at {args.text}; `quill data fetch sherlock --out DIR` and pass --text DIR/sherlock.txt")
     with tempfile.TemporaryDirectory() as tmp:

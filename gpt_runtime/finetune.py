@@ -53,7 +53,7 @@ def input_kind(inputs: list[str]) -> str:
         conversations = [p for p, c in zip(inputs, chat) if c]
         raise QuillError(f"conversations ({', '.join(conversations)}) and text cannot be fine-tuned on together",
                          hint="fine-tune on one kind at a time")
-    return "chat" if all(chat) else "text"
+    return "chat" if chat and all(chat) else "text"
 
 
 def prepare_inputs(inputs: list[str], profile: Profile, out: Path, val_fraction: float = 0.1,

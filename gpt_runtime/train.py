@@ -180,8 +180,8 @@ def estimate_loss(model: GPT, sampler: BatchSampler, steps: int, autocast, world
         x, y = sampler.next()
         with autocast:
             _, loss = model(_to_device(x, device), _to_device(y, device))
-        counted = (y >= 0).sum()
-        total += torch.stack([loss.float() * counted, counted.float()]).to(device)
+        counted = (y >= 0).sum().to(device, torch.float32)  # y is on the CPU; the loss may be on a GPU
+        total += torch.stack([loss.float() * counted, counted])
     model.train(was_training)
     if world > 1:
         torch.distributed.all_reduce(total)
@@ -372,9 +372,9 @@ def _open_data(cfg: TrainConfig, state: dict | None, out: Path, rank: int, world
     data = DataDir.open(cfg.data)
     if state is not None:
         check_tokenizer_match(state["tokenizer_fingerprint"], data.tokenizer, f"run {str(out)!r}", f"data directory {cfg.data!r}")
-    train_tokens, val_tokens = data.tokens("train"), data.tokens("val")
+    train_tokens, val_tokens, train_mask = data.tokens("train"), data.tokens("val"), data.mask("train")
     try:
-        train_batches = BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, rank, world, data.mask("train"))
+        train_batches = BatchSampler(train_tokens, cfg.block_size, cfg.batch_size, cfg.seed, rank, world, train_mask)
     except QuillError as exc:
         if not cfg.init_from:
             raise

@@ -137,3 +137,21 @@ def test_validation_loss_is_weighted_by_the_targets_each_batch_counts():
     expected = total / counted
     got = estimate_loss(model, batches(), 6, torch.autocast("cpu", enabled=False), 1, torch.device("cpu"))
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.cuda
+def test_masked_data_trains_and_fine_tunes_on_cuda(tmp_path):
+    import math
+
+    from gpt_runtime.config import TrainConfig
+    from gpt_runtime.init_from import take_source_shape
+    from gpt_runtime.train import train
+
+    ids, mask = pattern(3000)
+    masked_dir(tmp_path, ids, mask)
+    common = dict(data=str(tmp_path), batch_size=4, max_steps=4, warmup_steps=1, eval_interval=2, eval_steps=2,
+                  log_interval=1, device="cuda", dtype="float32")
+    base = train(TrainConfig(out=str(tmp_path / "base"), n_layer=1, n_head=2, n_embd=16, block_size=16, **common))
+    assert base.best_val_loss is not None and math.isfinite(base.best_val_loss) and base.best_val_loss > 0
+    tuned = train(take_source_shape(TrainConfig(out=str(tmp_path / "tuned"), init_from=str(tmp_path / "base"), **common), set()))
+    assert math.isfinite(tuned.best_val_loss) and tuned.best_val_loss > 0
