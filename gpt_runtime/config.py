@@ -29,6 +29,12 @@ QUANTIZE = ("auto", "none", "int8")  # auto: int8 when it is measured fastest an
 # (`init_from`) takes them from it, and may not change them.
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position", "norm", "mlp", "tie_embeddings")
 
+# What `quill finetune` starts from (its flags override them): a learning rate well below a
+# from-scratch run's, so the weights move on from where they are rather than start over, and
+# evaluations often enough to see whether the new text is helping.
+FINETUNE_DEFAULTS = {"max_steps": 200, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 20, "eval_interval": 50,
+                     "eval_steps": 10, "batch_size": 8, "log_interval": 5}
+
 # `compile = "auto"` compiles only runs of at least this many steps (in one invocation):
 # compiling takes tens of seconds to minutes, and a fused step saves milliseconds, so
 # shorter runs would spend more time compiling than they save.

@@ -17,15 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
+from .config import FINETUNE_DEFAULTS, TrainConfig
 from .errors import QuillError
 from .profiles import Profile, find_profiles, free_profile_name, write_profile
 
-# Settings a fine-tune starts from (flags override them): a learning rate well below a
-# from-scratch run's, so the weights move from where they are rather than start over,
-# and evaluations often enough to see whether the new text is helping.
-DEFAULTS = {"max_steps": 200, "lr": 3e-4, "min_lr": 3e-5, "warmup_steps": 20, "eval_interval": 50, "eval_steps": 10,
-            "batch_size": 8, "log_interval": 5}
 CHAT_SUFFIXES = (".json", ".jsonl")
 
 
@@ -74,7 +69,7 @@ def prepare_inputs(inputs: list[str], profile: Profile, out: Path, val_fraction:
 
 
 def finetune_config(profile: Profile, out: Path, file: dict[str, Any], flags: dict[str, Any], source: str) -> TrainConfig:
-    """The run's settings: `flags` over the config `file` (read from `source`) over `DEFAULTS`,
+    """The run's settings: `flags` over the config `file` (read from `source`) over `FINETUNE_DEFAULTS`,
     the data in out/data, the weights and shape from `profile`; a shape setting given that
     differs from the model's is refused."""
     from .init_from import take_source_shape
@@ -83,7 +78,7 @@ def finetune_config(profile: Profile, out: Path, file: dict[str, Any], flags: di
     if fixed:
         raise QuillError(f"{source}: {', '.join(fixed)} cannot be set for a fine-tune",
                          hint="quill finetune sets them: the data in RUN/data, the weights from the profile")
-    cfg = replace(TrainConfig.from_dict({**DEFAULTS, **file}, source), **flags)
+    cfg = replace(TrainConfig.from_dict({**FINETUNE_DEFAULTS, **file}, source), **flags)
     cfg = replace(cfg, init_from=str(profile.checkpoint), out=str(out), data=str(out / "data"))
     return take_source_shape(cfg, set(file) | set(flags))
 

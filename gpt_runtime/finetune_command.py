@@ -13,9 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from .cmdline import Parser, subcommand
-from .config import load_toml, saved_config
+from .config import FINETUNE_DEFAULTS, load_toml, saved_config
 from .errors import QuillError, UsageError
-from .finetune import DEFAULTS
 from .train_command import add_settings, settings_given
 
 
@@ -39,7 +38,7 @@ def add_finetune_command(commands) -> Parser:
     p.add_argument("--resume", action="store_true", help="continue a fine-tune in --out that stopped")
     p.add_argument("--extend", action="store_true", help="text for a char model: add the characters it lacks (see quill prepare)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad JSON Lines lines or conversations instead of stopping")
-    add_settings(p, DEFAULTS, skip=("data", "out", "init_from"))
+    add_settings(p, FINETUNE_DEFAULTS, skip=("data", "out", "init_from"))
     p.set_defaults(run=cmd_finetune)
     return p
 

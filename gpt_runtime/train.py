@@ -266,7 +266,8 @@ def _train_loop(run: _Run, emit: Callable[[dict], None]) -> TrainResult:
         if _is_oom(exc):
             raise QuillError(
                 f"ran out of memory at batch size {cfg.batch_size}, block size {cfg.block_size}",
-                hint="lower --batch-size (raising --grad-accum keeps the same batch), lower --block-size, or add --gradient-checkpointing",
+                hint="lower --batch-size (raising --grad-accum keeps the same batch), "
+                     + ("" if cfg.init_from else "lower --block-size, ") + "or add --gradient-checkpointing",
             ) from None
         raise
     finally:

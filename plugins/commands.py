@@ -16,7 +16,7 @@ from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.plugins import get_registry
 from gpt_runtime.profiles import find_profiles
 
-FINETUNE_USAGE = "/finetune FILE|DIR... [--out RUN] [--max-steps N] [flags of `quill finetune`], or /finetune --out RUN --resume"
+FINETUNE_USAGE = "/finetune FILE|DIR... [FLAGS]"
 
 
 def _profile_names(session, partial: str) -> list[str]:
@@ -223,8 +223,8 @@ def quill_register_commands(register) -> None:
     register("/tokens", tokens, help="how the tokenizer splits some text", usage="/tokens TEXT")
     register("/train", train, help="train a model in the background (the flags of `quill train`)",
              usage="/train --data DIR --out RUN [FLAGS]")
-    register("/finetune", finetune, help="fine-tune this profile's model in the background on text or conversations; "
-             "the result becomes a profile", usage=FINETUNE_USAGE)
+    register("/finetune", finetune, help="fine-tune this profile's model on files in the background (flags of quill finetune)",
+             usage=FINETUNE_USAGE)
     register("/eval", eval_, help="evaluate this profile's model in the background", usage="/eval DATA [--split val]")
     register("/jobs", jobs, help="the background jobs and their progress", usage="/jobs")
     register("/cancel", cancel, help="stop a background job (training saves its last checkpoint)", usage="/cancel ID",
