@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,7 +29,8 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import QuillError
+from .data_writer import SplitWriter, write_data_dir
+from .errors import QuillError, QuillWarning
 from .fileio import read_user_file
 from .init_from import source_shape
 from .profiles import ChatTemplate, Profile, get_profile
@@ -221,12 +223,12 @@ def val_count(lengths: list[int], val_fraction: float, min_tokens: int = 0) -> i
     """How many of the last conversations (of these token `lengths`) are kept for validation:
     the asked-for share, at least one when asked for and there are two or more, and more while
     they hold no more than `min_tokens` (validation draws whole windows of the model's
-    context), but never more than half."""
+    context), but not beyond a quarter of them."""
     n = len(lengths)
     if not val_fraction or n < 2:
         return 0
     count = min(n - 1, max(1, round(n * val_fraction)))
-    while count < n // 2 and sum(lengths[n - count:]) <= min_tokens:
+    while count < n // 4 and sum(lengths[n - count:]) <= min_tokens:
         count += 1
     return count
 
@@ -236,13 +238,13 @@ def prepare_chat(inputs: list[str | os.PathLike], profile: Profile | str, out_di
                  progress: Callable[[int, int], None] | None = None) -> dict:
     """Lay out, encode and mask the conversations of `inputs` for `profile`'s model into
     `out_dir` (train/val .bin and .mask, meta.json, tokenizer.json). Returns the metadata."""
-    from .data import SplitWriter, write_data_dir  # imports torch
+    from .corpus_prepare import unknown_summary
 
     if not 0.0 <= val_fraction < 1.0:
         raise QuillError(f"--val-fraction must be in [0, 1), not {val_fraction}")
     profile, tok, block_size = chat_profile(profile)
     conversations, skipped = load_conversations(inputs, skip_bad)
-    documents, truncated = _encode_all(conversations, profile.template, tok, block_size + 1, skipped, progress)
+    documents, truncated, unknown = _encode_all(conversations, profile.template, tok, block_size + 1, skipped, progress)
     if not documents:
         raise QuillError(f"no conversation is left to train on ({_describe(skipped) or 'the files hold none'})",
                          hint="give conversations that fit the model's context of "
@@ -261,26 +263,32 @@ def prepare_chat(inputs: list[str | os.PathLike], profile: Profile | str, out_di
     return write_data_dir(out, splits, tok, {
         "inputs": [str(path) for path in inputs], "profile": profile.name, "chat_template": asdict(profile.template),
         "block_size": block_size, "val_fraction": val_fraction, "conversations": len(documents),
-        "val_conversations": n_val, "truncated": truncated, "skipped": dict(skipped),
+        "val_conversations": n_val, "truncated": truncated, "skipped": dict(skipped), "unknown_chars": unknown_summary(unknown),
         "loss_tokens": sum(sum(mask) for _, mask in documents)})
 
 
 def _encode_all(conversations: list[Conversation], template: ChatTemplate, tok: Tokenizer, limit: int,
-                skipped: Counter, progress: Callable[[int, int], None] | None) -> tuple[list, int]:
-    """Every conversation that fits as (ids, mask); counts the truncated ones, and adds the
-    ones too long to `skipped`. All are held (compactly) until the split is known."""
-    documents, truncated = [], 0
-    for number, conversation in enumerate(conversations, 1):
-        fitted = fit_conversation(template, conversation, tok, limit)
-        if fitted is None:
-            skipped["too long"] += 1
-        else:
-            ids, mask, dropped = fitted
-            truncated += dropped > 0
-            documents.append((array("I", ids), bytes(mask)))  # 4 bytes a token, not a list of ints
-        if progress:
-            progress(number, len(conversations))
-    return documents, truncated
+                skipped: Counter, progress: Callable[[int, int], None] | None) -> tuple[list, int, Counter]:
+    """Every conversation that fits as (ids, mask); counts the truncated ones and the characters
+    the tokenizer lacks, and adds the ones too long to `skipped`. All are held (compactly)
+    until the split is known."""
+    documents, truncated, unknown = [], 0, Counter()
+    # The tokenizer warns about <unk> once per character; here they are counted and summed up instead.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuillWarning)
+        for number, conversation in enumerate(conversations, 1):
+            for text in (conversation.system or "", *(part for turn in conversation.turns for part in turn)):
+                unknown.update(tok.missing(text))
+            fitted = fit_conversation(template, conversation, tok, limit)
+            if fitted is None:
+                skipped["too long"] += 1
+            else:
+                ids, mask, dropped = fitted
+                truncated += dropped > 0
+                documents.append((array("I", ids), bytes(mask)))  # 4 bytes a token, not a list of ints
+            if progress:
+                progress(number, len(conversations))
+    return documents, truncated, unknown
 
 
 def _describe(skipped: Counter) -> str:

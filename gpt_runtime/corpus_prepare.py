@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .corpus_files import CorpusFile, find_corpus_files
-from .data import SplitWriter, line_start_after, text_blocks, write_data_dir
+from .data_writer import SplitWriter, line_start_after, text_blocks, write_data_dir
 from .errors import QuillError, QuillWarning
 from .jsonl import read_records
 from .tokenizer import END_OF_TEXT, Tokenizer, eos_id, load_tokenizer
@@ -97,7 +97,7 @@ def prepare_corpus(
             "train_bytes": tally.bytes["train"], "val_bytes": tally.bytes["val"],
             "inputs": inputs, "files": len(files), "documents": tally.documents,
             "skipped": {**skipped, **({"bad lines": tally.bad_lines} if tally.bad_lines else {})},
-            "separator": label, "unknown_chars": _unknown_summary(tally.unknown)}
+            "separator": label, "unknown_chars": unknown_summary(tally.unknown)}
     if tok is not original:
         meta.update(extends=original.fingerprint, added_tokens=tok.vocab_size - original.vocab_size)
     return write_data_dir(out, splits, tok, meta)
@@ -161,7 +161,7 @@ def _check_splits(splits: list[SplitWriter], val_fraction: float, tally: _Tally,
         raise QuillError(f"{name} is too short for a validation split", hint="use a longer corpus or --val-fraction 0")
 
 
-def _unknown_summary(unknown: Counter) -> dict:
+def unknown_summary(unknown: Counter) -> dict:
     """Characters encoded as <unk>: how often, how many different, the first few seen."""
     return {"occurrences": sum(unknown.values()), "distinct": len(unknown), "first": list(unknown)[:SHOWN_UNKNOWN]}
 

@@ -141,12 +141,16 @@ def summary_lines(meta: dict) -> list[str]:
     if "extends" in meta:
         lines.append(f"extended tokenizer {meta['extends']} by {_count(meta['added_tokens'], 'character')} "
                      f"(new ids from {meta['vocab_size'] - meta['added_tokens']}): tokenizer.json is the extended one")
-    unknown = meta["unknown_chars"]
-    if unknown["occurrences"]:
-        shown = " ".join(repr(c) for c in unknown["first"]) + (" ..." if unknown["distinct"] > len(unknown["first"]) else "")
-        lines.append(f"{_count(unknown['occurrences'], 'unknown character')} ({unknown['distinct']:,} distinct) became <unk>: {shown}; "
-                     "--extend adds them to the tokenizer")
-    return lines
+    return lines + unknown_lines(meta, "--extend adds them to the tokenizer")
+
+
+def unknown_lines(meta: dict, remedy: str) -> list[str]:
+    """A line on the characters that became <unk>, if any did."""
+    unknown = meta.get("unknown_chars") or {"occurrences": 0}
+    if not unknown["occurrences"]:
+        return []
+    shown = " ".join(repr(c) for c in unknown["first"]) + (" ..." if unknown["distinct"] > len(unknown["first"]) else "")
+    return [f"{_count(unknown['occurrences'], 'unknown character')} ({unknown['distinct']:,} distinct) became <unk>: {shown}; {remedy}"]
 
 
 def _count(n: int, noun: str) -> str:
@@ -182,3 +186,5 @@ def cmd_prepare_chat(args: argparse.Namespace) -> None:
           f"in {time.perf_counter() - start:.1f} s")
     print(f"truncated: {meta['truncated']:,} (oldest turns dropped to fit {meta['block_size']} tokens); "
           f"skipped: {sum(meta['skipped'].values()):,}" + (f" ({skipped})" if skipped else ""))
+    for line in unknown_lines(meta, "the profile's tokenizer does not have them"):
+        print(line)

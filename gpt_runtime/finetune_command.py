@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .cmdline import Parser, subcommand
-from .config import FINETUNE_DEFAULTS, load_toml, saved_config
+from .config import FINETUNE_DEFAULTS, SHAPE, load_toml, saved_config
 from .errors import QuillError, UsageError
 from .train_command import add_settings, settings_given
 
@@ -38,7 +38,7 @@ def add_finetune_command(commands) -> Parser:
     p.add_argument("--resume", action="store_true", help="continue a fine-tune in --out that stopped")
     p.add_argument("--extend", action="store_true", help="text for a char model: add the characters it lacks (see quill prepare)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad JSON Lines lines or conversations instead of stopping")
-    add_settings(p, FINETUNE_DEFAULTS, skip=("data", "out", "init_from"))
+    add_settings(p, {**FINETUNE_DEFAULTS, **{name: "the model's" for name in SHAPE}}, skip=("data", "out", "init_from"))
     p.set_defaults(run=cmd_finetune)
     return p
 
@@ -82,7 +82,7 @@ def setup_finetune(args: argparse.Namespace, progress: Callable[[int, int], None
         return parent, replace(saved_config(out), **settings_given(args)), None
     if not args.inputs:
         raise UsageError("give the files or directories to fine-tune on", hint=f"quill finetune {args.profile} notes/ --out {args.out}")
-    if (out / "config.json").exists():  # prepared data alone, from a fine-tune that failed, is prepared again
+    if (out / "last.state.pt").exists():  # a run that failed before its first checkpoint is started again
         raise QuillError(f"{str(out)!r} already holds a run", hint="continue it with --resume, or choose another --out")
     source = f"config file {args.config!r}"
     cfg = finetune_config(parent, out, load_toml(args.config) if args.config else {}, settings_given(args), source)
@@ -92,14 +92,15 @@ def setup_finetune(args: argparse.Namespace, progress: Callable[[int, int], None
 
 def describe_data(meta: dict | None) -> list[str]:
     """What was prepared, in a line or a few (none when resuming)."""
-    from .data_command import summary_lines
+    from .data_command import summary_lines, unknown_lines
 
     if meta is None:
         return []
     if meta.get("mask"):
-        return [f"prepared {meta['conversations']:,} conversations: {meta['train_tokens']:,} train and "
-                f"{meta['val_tokens']:,} val tokens, the loss on the model's turns only ({meta['truncated']:,} cut to fit, "
-                f"{sum(meta['skipped'].values()):,} skipped)"]
+        return [f"prepared {meta['conversations']:,} conversations ({meta['val_conversations']:,} of them for validation): "
+                f"{meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, the loss on the model's turns only "
+                f"({meta['truncated']:,} cut to fit, {sum(meta['skipped'].values()):,} skipped)",
+                *unknown_lines(meta, "the model's tokenizer does not have them")]
     return [f"prepared {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens", *summary_lines(meta)]
 
 

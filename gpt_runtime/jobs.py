@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import QuillError, UsageError
+from .finetune_command import add_finetune_command
 from .progress import describe_step
 from .train_command import command_parser, train_config
 
@@ -78,7 +79,7 @@ def check_arguments(kind: str, argv: list[str]) -> argparse.Namespace:
     if any(flag == "-h" or (len(flag) >= 3 and "--help".startswith(flag)) for flag in argv):
         raise UsageError(f"/{kind} takes the flags of `quill {kind}`", hint=f"run `quill {kind} --help` to see them")
     try:
-        return command_parser().parse_args([kind, *argv])
+        return command_parser(add_finetune_command).parse_args([kind, *argv])
     except UsageError as exc:
         message = exc.message.removeprefix(f"quill {kind}: ").removeprefix("quill: ")
         raise UsageError(f"/{kind}: {message}", hint=f"run `quill {kind} --help` to see its flags") from None
@@ -197,7 +198,7 @@ def _worker(argv: list[str]) -> int:
     warnings.showwarning = lambda message, *_: _emit({"event": "note", "text": str(message)})
     kind, rest = argv[0], argv[1:]
     try:
-        args = command_parser().parse_args([kind, *rest])
+        args = command_parser(add_finetune_command).parse_args([kind, *rest])
         if kind in TRAINING:
             _train_job(kind, args)
         else:

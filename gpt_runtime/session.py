@@ -563,6 +563,9 @@ class ChatSession:
             kind = event.get("event")
             if kind == "note":
                 notices.append(Notice(f"job {job.id}: {event['text']}"))
+            elif kind == "finished" and job.kind == "finetune" and not job.result.get("profile"):
+                notices.append(Notice(f"job {job.id} stopped ({job.result.get('stopped')}) at step {job.result.get('steps')}; "
+                                      f"continue it with /finetune --out {job.result['out']} --resume"))
             elif kind == "finished" and job.kind in TRAINING:
                 # A fine-tune wrote its profile itself (its parent's settings); a training run gets the chat's.
                 name = job.profile = job.result["profile"] if job.kind == "finetune" else self._adopt(job.result["out"])

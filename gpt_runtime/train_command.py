@@ -17,8 +17,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .cmdline import PROG, Parser, subcommand
 from .config import TrainConfig, load_toml, saved_config
@@ -115,19 +116,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
           f"({result.tokens:,} {over}, {result.bytes:,} bytes)")
 
 
-def command_parser() -> Parser:
-    """`quill` with only its `train`, `finetune` and `eval` commands, for parsing their arguments.
+def command_parser(*more: Callable[[Any], Parser]) -> Parser:
+    """`quill` with only its `train` and `eval` commands, and those that `more` add (the
+    chat's jobs add `quill finetune`'s), for parsing their arguments.
 
     Parsing `[kind, *argv]` with it gives what the full CLI gives, its error
     messages included: an unknown flag is `quill: unrecognized arguments: ...`.
     """
     parser = Parser(prog=PROG)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    from .finetune_command import add_finetune_command  # which itself takes the settings flags from here
-
-    add_train_command(commands)
-    add_finetune_command(commands)
-    add_eval_command(commands)
+    for add in (add_train_command, *more, add_eval_command):
+        add(commands)
     return parser
 
 

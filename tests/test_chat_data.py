@@ -202,6 +202,17 @@ def test_the_mask_is_true_exactly_on_the_replies_their_suffixes_and_the_end(prof
     assert data.tokenizer.decode(ids[:-1]) == text
 
 
+def test_characters_the_tokenizer_lacks_are_counted_not_warned_about_one_by_one(profiles, tmp_path):
+    import warnings
+
+    lines = jsonl(tmp_path / "c.jsonl", chat("Grüß dich", "Ça va? ½"), chat("ü", "ß"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would fail the test
+        meta = prepare_chat([lines], "tiny", tmp_path / "out", val_fraction=0)
+    unknown = meta["unknown_chars"]
+    assert unknown["occurrences"] == 6 and sorted(unknown["first"]) == sorted("üßÇ½") and unknown["distinct"] == 4
+
+
 def test_user_text_that_spells_a_special_token_stays_text(profiles, tmp_path):
     prepare_chat([jsonl(tmp_path / "c.jsonl", chat("<eos>", "ok"))], "tiny", tmp_path / "out", val_fraction=0)
     ids = DataDir.open(tmp_path / "out").tokens("train").tolist()
@@ -287,16 +298,14 @@ def test_a_long_conversation_loses_its_oldest_turns_and_one_too_long_is_skipped(
 def test_the_last_conversations_are_kept_for_validation(profiles, tmp_path):
     assert [val_count([5] * n, 0.1) for n in (0, 1, 2, 10, 25)] == [0, 0, 1, 1, 2]
     assert val_count([5] * 10, 0.0) == 0 and val_count([5] * 3, 0.9) == 2
-    # Too few tokens for one window of the context: more conversations, up to half of them.
-    assert val_count([5] * 10, 0.1, min_tokens=12) == 3 and val_count([5] * 10, 0.1, min_tokens=100) == 5
+    # Too few tokens for one window of the context: more conversations, up to a quarter of them.
+    assert val_count([5] * 10, 0.1, min_tokens=12) == 2 and val_count([5] * 20, 0.1, min_tokens=100) == 5
     lines = jsonl(tmp_path / "c.jsonl", *(chat(f"q{i}", f"r{i}") for i in range(5)))
     meta = prepare_chat([lines], "tiny", tmp_path / "out")
     data = DataDir.open(tmp_path / "out")
-    # 10% of 5 is one conversation, far less than a window of the tiny model's context: so
-    # validation takes more, up to half of them (two).
-    assert meta["val_conversations"] == 2
-    assert train_text(data, "val") == ("A talk.\nU: q3\nM: r3\n<eos>A talk.\nU: q4\nM: r4\n<eos>", "r3\n<eos>r4\n<eos>")
-    assert train_text(data)[0].count("<eos>") == 3
+    assert meta["val_conversations"] == 1  # a quarter of 5 is no more than the one asked for
+    assert train_text(data, "val") == ("A talk.\nU: q4\nM: r4\n<eos>", "r4\n<eos>")
+    assert train_text(data)[0].count("<eos>") == 4
 
 
 # --- the command line ---------------------------------------------------------------------

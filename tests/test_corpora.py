@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import gpt_runtime.data as data_module
+import gpt_runtime.data_writer as data_module
 from gpt_runtime.corpus_prepare import Options, prepare_corpus
 from gpt_runtime.data import DataDir, prepare
 from gpt_runtime.errors import QuillError

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpt_runtime.data as data_module
+import gpt_runtime.data_writer as data_module
 from gpt_runtime.data import BatchSampler, DataDir, prepare, sequential_windows
 from gpt_runtime.errors import QuillError
 from helpers import SAMPLE_TEXT

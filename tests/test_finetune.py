@@ -39,7 +39,13 @@ def conversations(path: Path, n: int = 12) -> Path:
 
 def test_cli_fine_tunes_a_profile_on_a_folder_into_a_new_profile(chat_profiles, tmp_path):
     out = tmp_path / "runs" / "mine"
-    done = run_quill("finetune", "alpha", str(notes(tmp_path)), "--out", str(out), *TINY, env=env(chat_profiles))
+    # A run that diverges before its first checkpoint (its config.json written, no resume state) too.
+    folder = notes(tmp_path)
+    diverged = run_quill("finetune", "alpha", str(folder), "--out", str(out), *TINY, "--lr", "1e6", "--min-lr", "0",
+                         env=env(chat_profiles))
+    assert diverged.returncode == 1 and b"no checkpoint was saved yet" in diverged.stderr
+    assert (out / "config.json").is_file() and not (out / "last.state.pt").exists()
+    done = run_quill("finetune", "alpha", str(folder), "--out", str(out), *TINY, env=env(chat_profiles))
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert "profile 'mine' is ready: quill chat --profile mine" in done.stdout.decode()
     assert "prepared" in done.stderr.decode()
@@ -91,7 +97,7 @@ def test_bad_fine_tunes_are_refused_before_any_work(chat_profiles, tmp_path):
     message, hint = one_line_error(run_quill("finetune", "alpha", "--out", str(tmp_path / "e"), env=env(chat_profiles)), code=2)
     assert "give the files or directories" in message
     (tmp_path / "f").mkdir()
-    (tmp_path / "f" / "config.json").write_text("{}")
+    (tmp_path / "f" / "last.state.pt").write_text("a run's resume state")
     message, hint = one_line_error(run_quill("finetune", "alpha", str(folder), "--out", str(tmp_path / "f"), env=env(chat_profiles)))
     assert "already holds a run" in message and "--resume" in hint
 
@@ -104,7 +110,13 @@ def test_a_fine_tune_that_failed_before_training_can_be_prepared_again(chat_prof
     assert failed.returncode == 1
     error, hint = failed.stderr.decode().splitlines()[-2:]  # after what was prepared
     assert "not enough for one block of 64" in error and "keeps the model's block size" in hint
-    done = run_quill("finetune", "alpha", str(notes(tmp_path)), "--out", str(out), *TINY, env=env(chat_profiles))
+    # A run that diverges before its first checkpoint (its config.json written, no resume state) too.
+    folder = notes(tmp_path)
+    diverged = run_quill("finetune", "alpha", str(folder), "--out", str(out), *TINY, "--lr", "1e6", "--min-lr", "0",
+                         env=env(chat_profiles))
+    assert diverged.returncode == 1 and b"no checkpoint was saved yet" in diverged.stderr
+    assert (out / "config.json").is_file() and not (out / "last.state.pt").exists()
+    done = run_quill("finetune", "alpha", str(folder), "--out", str(out), *TINY, env=env(chat_profiles))
     assert done.returncode == 0, done.stderr.decode()[-2000:]
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt_runtime.data import BatchSampler, DataDir, SplitWriter, sequential_windows, write_data_dir
+from gpt_runtime.data import BatchSampler, DataDir, sequential_windows
+from gpt_runtime.data_writer import SplitWriter, write_data_dir
 from gpt_runtime.errors import QuillError
 from gpt_runtime.evaluate import evaluate_tokens
 from gpt_runtime.model import GPT, GPTConfig
