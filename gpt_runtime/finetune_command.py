@@ -1,7 +1,7 @@
 """`quill finetune PROFILE INPUT... --out RUN`: prepare, train from the profile's
 weights, and make the result a profile, in one command (see gpt_runtime/finetune.py).
 
-The chat's `/finetune` job runs `run_finetune` too. No torch at import.
+The chat's `/finetune` job runs `setup_finetune` and `adopt_finished` too. No torch at import.
 """
 
 from __future__ import annotations
