@@ -22,6 +22,7 @@ from .finetune_command import add_finetune_command
 from .generate_command import add_generate_command
 from .info_command import add_doctor_command, add_plugins_command, add_samplers_command
 from .profiles_command import add_profiles_command
+from .sessions_command import add_sessions_command
 from .tokenizer_command import add_tokenizer_command
 from .train_command import add_eval_command, add_train_command
 
@@ -56,6 +57,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> Parser:
     if extend is not None:
         extend(commands)
     add_profiles_command(commands)
+    add_sessions_command(commands)
     add_samplers_command(commands)
     add_plugins_command(commands)
     add_doctor_command(commands)

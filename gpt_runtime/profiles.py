@@ -390,14 +390,20 @@ def write_profile(name: str, checkpoint: Path, description: str, chain: str, opt
     atomic_write_bytes(directory / f"{name}.toml", ("\n".join(lines) + "\n").encode("utf-8"))
 
 
-def history_path() -> Path:
-    """The chat's input history file (XDG data directory on Linux), its folder created."""
+def data_dir() -> Path:
+    """The user's Quill data directory (not created): ``$XDG_DATA_HOME/quill`` on Linux,
+    else the platform's usual place. The chat's input history and saved sessions live here."""
     if sys.platform == "win32":
         base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
     elif sys.platform == "darwin":
         base = Path.home() / "Library" / "Application Support"
     else:
         base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    path = base / "quill" / "history"
+    return base / "quill"
+
+
+def history_path() -> Path:
+    """The chat's input history file (in `data_dir`), its folder created."""
+    path = data_dir() / "history"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
