@@ -58,8 +58,9 @@ def check_seed(seed: int, what: str = "the seed", error: type[QuillError] = Quil
     if not 0 <= seed < 2**64:
         raise error(f"{what} must be from 0 to 2**64 - 1, not {seed}")
 # Samplers that belong at the end of a chain, by how late: a filter placed after
-# temperature changes less than intended, and nothing after greedy has any effect.
-_LATE = {"temperature": 1, "greedy": 2, "beam": 2}
+# temperature changes less than intended, nothing after greedy has any effect, and
+# mirostat_v2 steers the draw that follows it.
+_LATE = {"temperature": 1, "mirostat_v2": 2, "greedy": 2, "beam": 2}
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 

@@ -284,10 +284,164 @@ class LogitBias(Sampler):
         return logits
 
 
+def parse_ids(text: str, where: str) -> frozenset[int]:
+    """Parse ``ID,ID,...`` into a set of token ids; a QuillError naming `where` for anything malformed."""
+    ids: set[int] = set()
+    for entry in (part.strip() for part in text.split(",") if part.strip()):
+        try:
+            token_id = int(entry)
+        except ValueError:
+            raise QuillError(f"{where}: {entry!r} in {text!r} is not a token id", hint="write ID,ID, e.g. 198,25") from None
+        if token_id < 0:
+            raise QuillError(f"{where}: token id {token_id} in {text!r} is negative", hint="write ID,ID, e.g. 198,25")
+        ids.add(token_id)
+    return frozenset(ids)
+
+
+def suffix_matches(tokens: list[int]) -> list[int]:
+    """For each position j, how many tokens just before j repeat the tokens at the end of `tokens`.
+
+    ``matches[j]`` is the largest k with ``tokens[j-k:j] == tokens[-k:]`` (k <= j),
+    so ``tokens[j]`` is the token that once followed a copy of the last k
+    tokens. This is the Z-algorithm on the reversed list: one linear pass
+    instead of comparing backwards from every position.
+    """
+    reverse = tokens[::-1]
+    n = len(reverse)
+    z = [0] * n  # z[i]: length of the common prefix of reverse and reverse[i:]
+    left = right = 0  # reverse[left:right] is the rightmost window known to match a prefix
+    for i in range(1, n):
+        if i < right:
+            z[i] = min(right - i, z[i - left])
+        while i + z[i] < n and reverse[z[i]] == reverse[i + z[i]]:
+            z[i] += 1
+        if i + z[i] > right:
+            left, right = i, i + z[i]
+    # tokens[j-k:j] reversed starts at index n - j of reverse.
+    return [z[n - j] if j else 0 for j in range(n)]
+
+
+class Dry(Sampler):
+    """DRY ("don't repeat yourself"): penalise tokens that would continue a sequence already in the context.
+
+    If the last n tokens also occur earlier, followed by token t, then t
+    would extend a repeat of length n; for n >= allowed_length its logit
+    drops by ``multiplier * base ** (n - allowed_length)`` (the longest such
+    repeat counts). A sequence breaker token ends a repeat: no repeat spans
+    one, and a breaker is never penalised. Breakers are token ids, because
+    samplers see ids, not text: find them with ``quill tokenizer encode``.
+    """
+
+    name = "dry"
+    options = {
+        "multiplier": Option(0.0, "the penalty for a repeat of allowed_length tokens; 0 is off", low=0),
+        "base": Option(1.75, "how fast the penalty grows with each further repeated token", low=1),
+        "allowed_length": Option(2, "repeats shorter than this are not penalised", low=1),
+        "breaker_ids": Option("", "token ids, as ID,ID,..., that end a repeated sequence (e.g. newline, ':')"),
+        "window": Option(1024, "how many recent tokens are searched (prompt included); 0 is the whole context", low=0),
+    }
+
+    def __init__(self, **values) -> None:
+        super().__init__(**values)
+        self.breakers = parse_ids(self.breaker_ids, "dry.breaker_ids")
+
+    def penalty(self, length: int) -> float:
+        """What a token that extends a repeat of `length` tokens loses from its logit (0 below allowed_length)."""
+        if length < self.allowed_length:
+            return 0.0
+        try:
+            value = self.multiplier * self.base ** (length - self.allowed_length)
+        except OverflowError:  # a huge base over a long repeat
+            value = MAX_BIAS
+        # Finite and bounded, so that a penalised token is unlikely but never removed.
+        return min(value, MAX_BIAS)
+
+    def apply(self, logits, state):
+        import torch
+
+        if self.multiplier == 0:
+            return logits
+        context = state.tokens if self.window == 0 else state.tokens[:, -self.window:]
+        # Specials (padding, <bos>) are structure, not text: they break repeats as breakers do.
+        breakers = self.breakers | frozenset(state.special_ids)
+        for row, tokens in enumerate(context.tolist()):
+            lengths = self.repeat_lengths(tokens, breakers)
+            if lengths:
+                ids = torch.tensor(list(lengths), dtype=torch.long, device=logits.device)
+                amounts = torch.tensor([self.penalty(n) for n in lengths.values()], dtype=logits.dtype, device=logits.device)
+                logits[row, ids] -= amounts  # -inf stays -inf; ids are unique
+        return logits
+
+    def repeat_lengths(self, tokens: list[int], breakers: frozenset[int]) -> dict[int, int]:
+        """{token id: the longest repeat it would extend}, for repeats of at least allowed_length."""
+        # Only the part after the last breaker can be repeated: a repeat never spans a breaker.
+        start = max((i + 1 for i, t in enumerate(tokens) if t in breakers), default=0)
+        tail = len(tokens) - start
+        lengths: dict[int, int] = {}
+        for j, matched in enumerate(suffix_matches(tokens)):
+            length = min(matched, tail)
+            follower = tokens[j]
+            if length >= self.allowed_length and follower not in breakers:
+                lengths[follower] = max(length, lengths.get(follower, 0))
+        return lengths
+
+
+class MirostatV2(Sampler):
+    """Mirostat 2.0 (Basu et al., 2021): keep the surprise of the text near a target, tau.
+
+    Each step removes the tokens whose surprise, ``-log2 p``, exceeds ``mu``;
+    the engine then draws from the rest. Once the drawn token is known (at the
+    next step), ``mu`` moves by ``eta * (tau - its surprise)``, the surprise
+    measured on the kept tokens' renormalised probabilities. ``mu`` starts at
+    ``2 * tau`` for every generation and is kept per row (under beam search,
+    per beam slot: it does not follow beams as they are reordered). Put it
+    last, after temperature: a sampler after it changes the draw it steers.
+    """
+
+    name = "mirostat_v2"
+    options = {
+        "tau": Option(5.0, "the target surprise, in bits per token; lower is more focused", low=0),
+        "eta": Option(0.1, "how fast mu follows the observed surprise", low=0, high=1),
+    }
+
+    def __init__(self, **values) -> None:
+        super().__init__(**values)
+        self.mu: torch.Tensor | None = None  # (batch, 1): the surprise ceiling of each row
+        # The log2 probabilities mirostat left at its last step, to score the token drawn from them.
+        self._kept: torch.Tensor | None = None
+        self._step: int | None = None
+
+    def apply(self, logits, state):
+        import torch
+
+        if self.mu is None:
+            self.mu = torch.full((logits.shape[0], 1), 2 * self.tau, dtype=torch.float32, device=logits.device)
+        # The draw happens after the chain, so the last step's token shows up only now.
+        # Updating once per step (not per call) keeps a repeated call repeatable.
+        if self._kept is not None and state.step != self._step:
+            self.observe(state.tokens[:, -1:].to(device=logits.device, dtype=torch.long))
+        surprise = -logits.log_softmax(dim=-1) / math.log(2)
+        remove = surprise > self.mu
+        remove.scatter_(1, logits.argmax(dim=-1, keepdim=True), False)  # the likeliest token always stays
+        out = logits.masked_fill_(remove, NEG_INF)
+        self._kept = out.log_softmax(dim=-1) / math.log(2)
+        self._step = state.step
+        return out
+
+    def observe(self, drawn: torch.Tensor) -> None:
+        """Move mu by the surprise of the (batch, 1) tokens drawn after the last step."""
+        import torch
+
+        observed = -self._kept.gather(1, drawn)
+        # A token mirostat removed (a forced token, say) tells nothing about its distribution.
+        seen = torch.isfinite(observed)
+        self.mu = torch.where(seen, self.mu - self.eta * (observed - self.tau), self.mu)
+
+
 SAMPLERS: tuple[type[Sampler], ...] = (
     Temperature, TopK, TopP, MinP, Typical,
-    RepetitionPenalty, FrequencyPenalty, PresencePenalty, LogitBias,
-    Greedy, BeamSearch,
+    RepetitionPenalty, FrequencyPenalty, PresencePenalty, LogitBias, Dry,
+    MirostatV2, Greedy, BeamSearch,
 )
 
 

@@ -31,10 +31,11 @@ from plugins.samplers import SAMPLERS
 
 BLOCK = 16
 SPACE_ID = 5  # the char tokenizer's ids: <pad> <unk> <bos> <eos>, then "\n", " ", ...
-LONG_CHAIN = "repetition_penalty,frequency_penalty,presence_penalty,logit_bias,top_k,top_p,min_p,typical,temperature"
+LONG_CHAIN = ("repetition_penalty,frequency_penalty,presence_penalty,logit_bias,dry,top_k,top_p,min_p,typical,"
+              "temperature,mirostat_v2")
 LONG_SETTINGS = ["repetition_penalty.penalty=1.3", "frequency_penalty.penalty=0.2", "presence_penalty.penalty=0.1",
                  f"logit_bias.bias={SPACE_ID}:-inf,6:1.5", "top_k=20", "top_p.p=0.9", "min_p=0.02", "typical=0.95",
-                 "temperature=0.9"]
+                 "temperature=0.9", "dry.multiplier=0.8", "dry.breaker_ids=4", "mirostat_v2.tau=4"]  # 4 is "\n"
 UNKNOWN_PROMPT = "All: Æq"  # "Æ" and "q" are not in the corpus
 LONG_PROMPT = SAMPLE_TEXT[:40]
 
@@ -212,7 +213,7 @@ def test_a_prompt_longer_than_the_context_is_cut_with_a_warning(out, loaded):
 def test_samplers_lists_every_builtin_with_its_options(out):
     rows = {row["name"]: row for row in json.loads(ok(out["samplers_json"].result()))}
     text = ok(out["samplers"].result())
-    assert {cls.name for cls in SAMPLERS} <= set(rows) and len(SAMPLERS) == 11
+    assert {cls.name for cls in SAMPLERS} <= set(rows) and len(SAMPLERS) == 13
     for cls in SAMPLERS:
         row = rows[cls.name]
         assert row["plugin"] == "samplers"

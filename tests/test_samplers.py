@@ -33,7 +33,7 @@ from gpt_runtime.testing import check_sampler, make_state
 
 NEG = float("-inf")
 BUILTIN_SAMPLERS = [
-    "beam", "frequency_penalty", "greedy", "logit_bias", "min_p", "presence_penalty",
+    "beam", "dry", "frequency_penalty", "greedy", "logit_bias", "min_p", "mirostat_v2", "presence_penalty",
     "repetition_penalty", "temperature", "top_k", "top_p", "typical",
 ]
 
@@ -323,6 +323,9 @@ def test_logit_bias_never_bans_every_token():
     ("repetition_penalty", "penalty", "0", 0.0, "0 < repetition_penalty.penalty"),
     ("presence_penalty", "window", "-1", -1, "0 <= presence_penalty.window"),
     ("beam", "num_beams", "65", 65, "1 <= beam.num_beams <= 64"),
+    ("dry", "base", "0.5", 0.5, "1 <= dry.base"),
+    ("dry", "allowed_length", "0", 0, "1 <= dry.allowed_length"),
+    ("mirostat_v2", "eta", "1.5", 1.5, "0 <= mirostat_v2.eta <= 1"),
 ])
 def test_options_out_of_range_are_rejected(name, option, value, parsed, needs):
     with pytest.raises(QuillError) as exc:
@@ -580,6 +583,8 @@ def test_check_sampler_passes_every_builtin_with_its_defaults(name):
     ("frequency_penalty", {"penalty": -2.0, "window": 3}),
     ("presence_penalty", {"penalty": 50.0}),
     ("logit_bias", {"bias": "0:-inf,1:+3,49:-2"}),
+    ("dry", {"multiplier": 2.0, "allowed_length": 1, "window": 0}),
+    ("mirostat_v2", {"tau": 1.0, "eta": 0.5}),
     ("beam", {"num_beams": 2}),
 ])
 def test_check_sampler_passes_builtins_with_strong_settings(name, options):
