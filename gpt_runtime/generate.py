@@ -241,7 +241,8 @@ class Decoder:
         logits = self.window.logits.masked_fill_(self.ban, float("-inf"))
         if self.plain_greedy:
             return logits, None
-        return logits, SamplerState(self.window.tokens, self.prompt_length, step, self.generator, self.banned)
+        return logits, SamplerState(self.window.tokens, self.prompt_length, step, self.generator, self.banned,
+                                    self.tokenizer.pieces)
 
     def feed(self, tokens: list[int]) -> list[str | None]:
         """Each row's text from its new token; None for a row that has ended (at <eos>, now or before)."""

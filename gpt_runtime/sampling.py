@@ -39,6 +39,7 @@ The plugin host checks a registered class with `check_sampler_class`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -145,7 +146,9 @@ class SamplerState:
     generated. `prompt_length` says where the prompt ends; `step` counts the
     tokens generated before this one. Draw any randomness from `generator`, so
     that a seeded run is reproducible. `special_ids` are token ids that never
-    appear as text (padding, <bos>, ...).
+    appear as text (padding, <bos>, ...). `pieces`, indexed by id, are the bytes
+    each token stands for (the tokenizer's), for samplers that look at text;
+    empty where the caller has no tokenizer (as in `check_sampler`).
     """
 
     tokens: torch.Tensor
@@ -153,6 +156,7 @@ class SamplerState:
     step: int
     generator: torch.Generator
     special_ids: tuple[int, ...] = ()
+    pieces: Sequence[bytes] = ()
 
     @property
     def generated(self) -> torch.Tensor:

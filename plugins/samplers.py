@@ -284,6 +284,22 @@ class LogitBias(Sampler):
         return logits
 
 
+DRY_BREAKERS = '["\\n", ":", "\\"", "*"]'  # llama.cpp's defaults: newline, colon, quote, asterisk
+
+
+def parse_texts(text: str, where: str) -> tuple[str, ...]:
+    """Parse a JSON list of non-empty strings; a QuillError naming `where` for anything else."""
+    import json
+
+    try:
+        texts = json.loads(text) if text.strip() else []
+    except ValueError:
+        texts = None
+    if not isinstance(texts, list) or not all(isinstance(t, str) and t for t in texts):
+        raise QuillError(f"{where}: {text!r} is not a JSON list of non-empty strings", hint='write e.g. ["\\n", ":"]')
+    return tuple(texts)
+
+
 def parse_ids(text: str, where: str) -> frozenset[int]:
     """Parse ``ID,ID,...`` into a set of token ids; a QuillError naming `where` for anything malformed."""
     ids: set[int] = set()
@@ -328,8 +344,9 @@ class Dry(Sampler):
     would extend a repeat of length n; for n >= allowed_length its logit
     drops by ``multiplier * base ** (n - allowed_length)`` (the longest such
     repeat counts). A sequence breaker token ends a repeat: no repeat spans
-    one, and a breaker is never penalised. Breakers are token ids, because
-    samplers see ids, not text: find them with ``quill tokenizer encode``.
+    one, and a breaker is never penalised. Breakers are given as text
+    (`breakers`, a JSON list: every token whose text contains one of them is a
+    breaker, llama.cpp's four by default) and as token ids (`breaker_ids`).
     """
 
     name = "dry"
@@ -337,13 +354,24 @@ class Dry(Sampler):
         "multiplier": Option(0.0, "the penalty for a repeat of allowed_length tokens; 0 is off", low=0),
         "base": Option(1.75, "how fast the penalty grows with each further repeated token", low=1),
         "allowed_length": Option(2, "repeats shorter than this are not penalised", low=1),
-        "breaker_ids": Option("", "token ids, as ID,ID,..., that end a repeated sequence (e.g. newline, ':')"),
+        "breakers": Option(DRY_BREAKERS, "texts that end a repeated sequence, as a JSON list: a token containing one is a breaker"),
+        "breaker_ids": Option("", "more breakers, as token ids ID,ID,..."),
         "window": Option(1024, "how many recent tokens are searched (prompt included); 0 is the whole context", low=0),
     }
 
     def __init__(self, **values) -> None:
         super().__init__(**values)
-        self.breakers = parse_ids(self.breaker_ids, "dry.breaker_ids")
+        self.breaker_texts = parse_texts(self.breakers, "dry.breakers")
+        self.breaker_set = parse_ids(self.breaker_ids, "dry.breaker_ids")
+        self._text_breakers: tuple[int, frozenset[int]] | None = None  # (id of the pieces, their breaker ids)
+
+    def text_breakers(self, pieces) -> frozenset[int]:
+        """The ids whose text contains a breaker text; worked out once per tokenizer."""
+        if self._text_breakers is None or self._text_breakers[0] != id(pieces):
+            texts = [piece.decode("utf-8", errors="ignore") for piece in pieces]
+            found = frozenset(i for i, text in enumerate(texts) if any(b in text for b in self.breaker_texts))
+            self._text_breakers = (id(pieces), found)
+        return self._text_breakers[1]
 
     def penalty(self, length: int) -> float:
         """What a token that extends a repeat of `length` tokens loses from its logit (0 below allowed_length)."""
@@ -363,7 +391,7 @@ class Dry(Sampler):
             return logits
         context = state.tokens if self.window == 0 else state.tokens[:, -self.window:]
         # Specials (padding, <bos>) are structure, not text: they break repeats as breakers do.
-        breakers = self.breakers | frozenset(state.special_ids)
+        breakers = self.breaker_set | self.text_breakers(state.pieces) | frozenset(state.special_ids)
         for row, tokens in enumerate(context.tolist()):
             lengths = self.repeat_lengths(tokens, breakers)
             if lengths:

@@ -119,6 +119,29 @@ def test_dry_rejects_malformed_breakers(text, message):
     assert exc.value.message == message
 
 
+def test_dry_breakers_given_as_text_are_the_tokens_whose_text_contains_them():
+    pieces = [b"a", b"b", b"\n", b"c", b"d:", b"e", b"f", b"g", b"h", b"i"]
+    context = [5, 0, 1, 3, 9, 0, 1, 3]  # 9 would extend "0 1 3" (length 3)
+    rows = torch.tensor([[0.0] * 10])
+
+    def with_pieces(context, **options):
+        tokens = torch.tensor([context])
+        state = SamplerState(tokens, tokens.shape[1], 0, torch.Generator().manual_seed(0), (), pieces)
+        return penalised(sampler("dry", multiplier=1.0, base=2.0, **options).apply(rows.clone(), state)[0].tolist())
+
+    assert with_pieces(context) == {9: 2.0}  # the defaults ("\n", ":", ...) are not in this context
+    # "d:" holds a colon, one of llama.cpp's default breakers: no repeat spans it.
+    assert with_pieces([5, 0, 4, 3, 9, 0, 4, 3]) == {}
+    assert with_pieces(context, breakers='["a"]') == {9: 1.0}  # "a" breaks "0 1 3" down to "1 3"
+    assert with_pieces(context, breakers="[]") == {9: 2.0}
+
+
+@pytest.mark.parametrize("text", ["nope", '["ok", ""]', '{"a": 1}', "[3]"])
+def test_dry_rejects_breakers_that_are_not_a_json_list_of_texts(text):
+    with pytest.raises(QuillError, match="dry.breakers: .* is not a JSON list of non-empty strings"):
+        sampler("dry", breakers=text)
+
+
 # --- Mirostat v2 ---------------------------------------------------------------------------
 
 def bits(*probs: float) -> list[float]:
