@@ -67,6 +67,20 @@ class TurnsChanged(Text):
         return result
 
 
+class Resumed(TurnsChanged):
+    """The conversation is now a saved session's (/resume): show its turns (kept is 0)."""
+
+    def __new__(cls, text: str) -> Resumed:
+        return super().__new__(cls, text, 0)
+
+    @classmethod
+    def saying(cls, session: Any, number: int, said: list[str]) -> Resumed:
+        """What /resume and `quill chat --resume` say: which session, its profile and turns, and `said`."""
+        turns = len(session.turns)
+        return cls(f"resumed session {number} with {session.profile.name}: {turns} turn{'s' if turns != 1 else ''}"
+                   + "".join(f"; {line}" for line in said))
+
+
 class JobsChanged(Text):
     """About the background jobs (started, listed, cancelled): the job panel shows them."""
 

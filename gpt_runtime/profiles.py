@@ -30,6 +30,9 @@ limits, and a chat template. Paths are relative to the profile file::
     model_suffix = "\\n\\n"
     stop = ["\\n\\n"]            # end of the model's turn
 
+    [session]
+    save = true           # save every chat with this profile as it happens (`quill sessions`)
+
 Profiles are found in the shipped `profiles/` directory and in the user's
 profile directory (`QUILL_PROFILES`, else ``$XDG_CONFIG_HOME/quill/profiles``
 or the platform's usual place); a user profile hides a shipped one of the same
@@ -136,6 +139,7 @@ class Profile:
     max_new_tokens: int = 200
     seed: int | None = None
     template: ChatTemplate = field(default_factory=ChatTemplate)
+    save: bool = True  # [session] save: chats are saved as they happen
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +150,7 @@ class Profile:
             "generation": {"max_new_tokens": self.max_new_tokens, "seed": self.seed},
             "template": {key: value for key, value in vars(self.template).items()
                          if key not in ("user_name", "model_name") or self.template.uses_names()},
+            "session": {"save": self.save},
         }
 
 
@@ -158,8 +163,9 @@ SCHEMA: dict[str, dict[str, tuple[type, str]]] = {
     "template": {"system": (str, "text"), "user_prefix": (str, "text"), "user_suffix": (str, "text"),
                  "model_prefix": (str, "text"), "model_suffix": (str, "text"), "stop": (list, "a list of strings"),
                  "user_name": (str, "text"), "model_name": (str, "text")},
+    "session": {"save": (bool, "true or false")},
 }
-TABLES = ("sampler", "backend", "generation", "template")
+TABLES = ("sampler", "backend", "generation", "template", "session")
 
 
 def load_profile(path: str | os.PathLike) -> Profile:
@@ -237,6 +243,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
         if key in template and not is_name(template[key]):
             raise QuillError(f"{where}: [template] {key} must be one line of text, not {template[key]!r}")
     profile.template = ChatTemplate(**template)
+    profile.save = data.get("session", {}).get("save", True)
     return profile
 
 

@@ -9,6 +9,17 @@ here prints or reads the keyboard: the plain REPL and the TUI both drive it.
 Every reply carries its `Provenance`: checkpoint (file hash and step),
 tokenizer fingerprint, sampler chain and options, seed and speed, enough to
 replay it exactly (`replay`).
+
+Every conversation is saved as it happens in the sessions database
+(`gpt_runtime.store`, ``sessions.db`` in the data directory), unless the chat
+was started with ``save=False`` or the profile says ``[session] save = false``.
+The saved session is created at the first completed exchange; each completed
+reply then adds the message and the reply in one transaction, so a process
+killed mid-reply loses at most that reply. /undo and /regen move the saved
+session's current message back (the old reply stays in its tree, a sibling);
+/clear and /load start a new saved session on the next exchange; `resume`
+carries on with a saved one. Saving never breaks the chat: should it fail, it
+stops for this chat, and `job_notices` says so once, and why.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -107,6 +119,7 @@ class Turn:
     user: str
     reply: str = ""
     provenance: Provenance | None = None
+    saved: tuple[int, int] | None = field(default=None, compare=False, repr=False)  # (message, reply) ids in the store
 
 
 def checkpoint_id(path: Path) -> str:
@@ -156,8 +169,16 @@ def _check_train_job(args) -> None:
 class ChatSession:
     """A conversation with the model of a profile; UI-agnostic and thread-safe to cancel."""
 
-    def __init__(self, profile: Profile | str) -> None:
+    def __init__(self, profile: Profile | str, save: bool | None = None, store: str | os.PathLike | None = None) -> None:
+        """`save`: whether to save the chat (None: as the profile says); `store`: the sessions
+        database (default: `store.default_path()`, looked up when first used)."""
         self.jobs = Jobs()
+        self.save_wanted = save
+        self.store_path = Path(store) if store is not None else None
+        self.saved_id: int | None = None  # the saved session this chat appends to, once there is one
+        self.save_error: str | None = None  # why saving stopped, if it did
+        self._pending_title: str | None = None  # /rename before anything was saved
+        self._notices: list[Notice] = []
         self._threads: int | None = None  # torch's thread count before any job ran
         self._dropped_told = 0  # turns left out of the prompt that the user has been told about
         self.turns: list[Turn] = []
@@ -373,6 +394,8 @@ class ChatSession:
                         self.loaded.fingerprint, chain, options, event.seed, limit, first,
                         event.reason, event.new_tokens, round(event.tokens_per_second, 1), asdict(template),
                         self.loaded.dtype, self.loaded.quantize, self.loaded.path)
+                    if provenance is None:  # a replay changes nothing
+                        self._save_turn(index)
                 yield event
         except Exception:
             if turn.provenance is None and turn is self.turns[-1]:
@@ -391,13 +414,18 @@ class ChatSession:
             raise QuillError("nothing to undo")
         self._idle()
         self._dropped_told = min(self._dropped_told, len(self.turns) - 1)
-        return self.turns.pop()
+        turn = self.turns.pop()
+        if turn.saved is not None:  # the saved session goes back too; the exchange stays in its tree
+            back = self.turns[-1].saved[1] if self.turns and self.turns[-1].saved else None
+            self._saving(lambda store: store.set_current(self.saved_id, back))
+        return turn
 
     def clear(self) -> None:
-        """Forget the whole conversation (the settings stay)."""
+        """Forget the whole conversation (the settings stay); the next message starts a new saved session."""
         self._idle()
         self.turns.clear()
         self._dropped_told = 0
+        self.saved_id, self._pending_title = None, None
 
     def replay(self, n: int) -> tuple[str, str]:
         """Redo reply `n` (1-based) from its provenance: (the reply then, the reply now).
@@ -516,7 +544,108 @@ class ChatSession:
             raise QuillError(f"{where} is not a Quill JSON transcript ({exc})", hint=hint) from None
         self.turns = turns
         self._dropped_told = 0
+        self.saved_id, self._pending_title = None, None  # saved, with the loaded turns, as a new session
         return len(turns)
+
+    # --- saved sessions -----------------------------------------------------------
+
+    @property
+    def saving(self) -> bool:
+        """Whether this chat is being saved: asked for (or the profile's [session] save), and not failed."""
+        wanted = self.profile.save if self.save_wanted is None else self.save_wanted
+        return wanted and self.save_error is None
+
+    def _open_store(self):
+        """The sessions database, opened for one operation (replies and commands run on other
+        threads than the one that made the session: a connection is not shared between them)."""
+        from .store import Store, default_path
+
+        return Store(self.store_path or default_path())
+
+    def _saving(self, write) -> None:
+        """Run `write(store)` if the chat is saved; a failure stops saving, with one notice."""
+        if not self.saving:
+            return
+        try:
+            with self._open_store() as store:
+                write(store)
+        except (QuillError, sqlite3.Error, OSError) as exc:
+            reason = exc.message if isinstance(exc, QuillError) else f"{type(exc).__name__}: {exc}"
+            self.save_error = reason
+            self._notices.append(Notice(f"this chat is no longer saved: {reason}"))
+
+    def _save_turn(self, index: int) -> None:
+        """Save turn `index`'s exchange (or, after /regen, its new reply), and any turn before it
+        not saved yet (the first exchange, or one after /load)."""
+        def write(store) -> None:
+            if self.saved_id is None:
+                self.saved_id = store.create_session(self.profile.name, self._pending_title)
+                self._pending_title = None
+            parent = None
+            for turn in self.turns[:index + 1]:
+                if turn.saved is None:
+                    turn.saved = store.add_exchange(self.saved_id, parent, turn.user, turn.reply, turn.provenance)
+                elif turn is self.turns[index]:  # a new reply to a saved message: a sibling of the old one
+                    turn.saved = (turn.saved[0], store.add_message(self.saved_id, turn.saved[0], "model",
+                                                                    turn.reply, turn.provenance))
+                parent = turn.saved[1]
+
+        self._saving(write)
+
+    def sessions(self, limit: int = 20):
+        """The saved sessions, the latest used first (`store.SessionInfo`s)."""
+        with self._open_store() as store:
+            return store.list_sessions(limit)
+
+    def rename(self, title: str) -> str:
+        """Title this chat's saved session (before the first exchange: the session it will start)."""
+        from .store import _check_title
+
+        title = _check_title(title)
+        if self.saved_id is None:
+            if not self.saving:
+                raise QuillError("this chat is not being saved, so it has no title",
+                                 hint=self.save_error or "it was started with --no-save, or its profile says "
+                                                         "[session] save = false")
+            self._pending_title = title
+            return f"the saved session will be titled {title!r} from the first reply"
+        with self._open_store() as store:
+            store.rename(self.saved_id, title)
+        return f"session {self.saved_id} is now titled {title!r}"
+
+    def resume(self, ref: str | int, switch_profile: bool = True) -> tuple[int, list[str]]:
+        """Carry on with saved session `ref` (its id, or "last"): its turns, the path from its
+        first message to its current one, replace the conversation, and new exchanges are added
+        to it. Switches to its profile, if there is one by that name (and `switch_profile`).
+        Returns the session's id and what the user should know."""
+        self._idle()
+        with self._open_store() as store:
+            info = _find_session(store, ref)
+            path = store.path(info.id)
+        turns: list[Turn] = []
+        asked = None
+        for message in path:
+            if message.role == "user":
+                asked = message
+            elif message.role == "model" and asked is not None:
+                turns.append(Turn(asked.text, message.text, _provenance(message.provenance), (asked.id, message.id)))
+                asked = None
+        said = []
+        if switch_profile and info.profile != self.profile.name:
+            try:
+                get_profile(info.profile)
+            except QuillError:
+                said.append(f"its profile {info.profile!r} is not there any more: chatting with {self.profile.name}")
+            else:
+                self.use_profile(info.profile)
+        self._idle()
+        self.turns, self.saved_id, self._pending_title = turns, info.id, None
+        self._dropped_told = 0
+        if asked is not None:  # a message whose reply was never saved: the next exchange goes on from the last reply
+            said.append("its last message had no reply and is left out")
+        if not self.saving:
+            said.append("this chat is not saved, so the session is not added to")
+        return info.id, said
 
 
     # --- jobs ---------------------------------------------------------------------
@@ -551,13 +680,14 @@ class ChatSession:
         return self.jobs.start(kind, argv)
 
     def job_notices(self) -> list[Notice]:
-        """What the jobs reported since the last call, as one-line notices.
+        """What the jobs reported since the last call, as one-line notices (and that saving
+        the chat stopped, should it have).
 
         A training job that finishes becomes a profile (in the user's profile
         directory, with this profile's sampler and template) that `/profile` can switch to;
         a fine-tuning job wrote its own (with its parent profile's).
         """
-        notices = []
+        notices, self._notices = self._notices, []
         while not self.jobs.events.empty():
             job, event = self.jobs.events.get_nowait()
             kind = event.get("event")
@@ -587,6 +717,41 @@ class ChatSession:
         settings = replace(self.profile, chain=self.chain, options=self.options, max_new_tokens=self.max_new_tokens,
                            template=self.template)
         return adopt(run_dir, self.profile, settings=settings, description=f"trained in the chat from profile {self.profile.name}")
+
+
+def _find_session(store, ref: str | int):
+    """The saved session `ref` names: an id, or "last" (the one used last)."""
+    if str(ref).strip().lower() == "last":
+        recent = store.list_sessions(1)
+        if not recent:
+            raise QuillError("there are no saved sessions yet", hint="chats are saved as they happen: start one")
+        return recent[0]
+    try:
+        number = int(ref)
+    except ValueError:
+        raise QuillError(f"a saved session is a number or `last`, not {str(ref)!r}",
+                         hint="`quill sessions list` (or /sessions) shows them") from None
+    return store.get(number)
+
+
+def saved_profile(ref: str | int, store: str | os.PathLike | None = None) -> str | None:
+    """The profile saved session `ref` was held with, if there is a profile by that name now."""
+    from .store import Store, default_path
+
+    with Store(store or default_path()) as opened:
+        name = _find_session(opened, ref).profile
+    try:
+        get_profile(name)
+    except QuillError:
+        return None
+    return name
+
+
+def _provenance(data: dict[str, Any] | None) -> Provenance | None:
+    try:
+        return Provenance(**data) if data else None
+    except TypeError:  # saved by a Quill whose provenance had other fields
+        return None
 
 
 def _whole(name: str, value: str) -> int:

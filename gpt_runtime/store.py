@@ -309,11 +309,31 @@ class Store:
                        (message, now, short_title(text) if role == "user" and text.strip() else None, session))
             return message
 
-    def set_current(self, session: int, message: int) -> None:
-        """Make `message` the current leaf: switch to its branch."""
+    def add_exchange(self, session: int, parent: int | None, user: str, reply: str,
+                     provenance: Any = None) -> tuple[int, int]:
+        """A user message under `parent` and the model's reply to it, in one transaction
+        (a process killed meanwhile saves neither); returns their ids. The reply becomes current."""
+        if is_dataclass(provenance):
+            provenance = asdict(provenance)
+        now = time.time()
         with self._write() as db:
             self._check_session(session)
-            self._get_message(message, session)
+            if parent is not None:
+                self._get_message(parent, session)
+            insert = ("INSERT INTO messages(session, parent, role, text, provenance, created) VALUES (?, ?, ?, ?, ?, ?)")
+            asked = db.execute(insert, (session, parent, "user", user, None, now)).lastrowid
+            answer = db.execute(insert, (session, asked, "model", reply,
+                                         json.dumps(provenance) if provenance else None, now)).lastrowid
+            db.execute("UPDATE sessions SET current = ?, updated = ?, title = coalesce(title, ?) WHERE id = ?",
+                       (answer, now, short_title(user) if user.strip() else None, session))
+            return asked, answer
+
+    def set_current(self, session: int, message: int | None) -> None:
+        """Make `message` the current leaf: switch to its branch (None: back before the first message)."""
+        with self._write() as db:
+            self._check_session(session)
+            if message is not None:
+                self._get_message(message, session)
             db.execute("UPDATE sessions SET current = ?, updated = ? WHERE id = ?", (message, time.time(), session))
 
     def path(self, session: int, leaf: int | None = None) -> list[Message]:

@@ -10,7 +10,8 @@ import shlex
 import time
 from pathlib import Path
 
-from gpt_runtime.commands import QUIT, CommandHelp, Comparison, JobsChanged, Reply, TokenView, TurnsChanged, commands, find
+from gpt_runtime.commands import (QUIT, CommandHelp, Comparison, JobsChanged, Reply, Resumed, TokenView, TurnsChanged,
+                                  commands, find)
 from gpt_runtime.errors import UsageError
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.plugins import get_registry
@@ -120,6 +121,35 @@ def load(session, args: str) -> TurnsChanged:
     return TurnsChanged(f"loaded {session.load(args)} turns from {args}", kept=0)
 
 
+def sessions(session, args: str) -> str:
+    from gpt_runtime.store import when
+
+    if args:
+        raise UsageError("/sessions takes no arguments")
+    rows = session.sessions()
+    if not rows:
+        return "no saved sessions yet" + ("" if session.saving else " (this chat is not saved)")
+    lines = [f"{'id':>5}  {'last used':16}  {'messages':>8}  {'profile':16}  title"]
+    for info in rows:
+        mark = "*" if info.id == session.saved_id else " "
+        lines.append(f"{info.id:>4}{mark}  {when(info.updated):16}  {info.messages:>8}  {info.profile:16}  "
+                     f"{info.title or '(untitled)'}")
+    return "\n".join(lines + ["/resume ID carries on with one"])
+
+
+def resume(session, args: str) -> Resumed:
+    if not args.strip():
+        raise UsageError("/resume needs a saved session's id, or last", hint="/sessions lists them")
+    number, said = session.resume(args.strip())
+    return Resumed.saying(session, number, said)
+
+
+def rename(session, args: str) -> str:
+    if not args.strip():
+        raise UsageError("/rename needs the new title")
+    return session.rename(args)
+
+
 def replay(session, args: str) -> str:
     try:
         n = int(args) if args else len(session.turns)
@@ -216,6 +246,10 @@ def quill_register_commands(register) -> None:
     register("/save", save, help="save the transcript: Markdown with provenance, or JSON for FILE.json",
              usage="/save [FILE]")
     register("/load", load, help="load a transcript saved as JSON", usage="/load FILE")
+    register("/sessions", sessions, help="the saved sessions, the latest used first", usage="/sessions")
+    register("/resume", resume, help="carry on with a saved session (its turns replace the conversation)",
+             usage="/resume ID|last")
+    register("/rename", rename, help="title the saved session of this chat", usage="/rename TITLE")
     register("/replay", replay, help="redo reply N from its provenance and check it is the same",
              usage="/replay [N]")
     register("/compare", compare, help="the last message through two sampler chains or profiles, with the same seed",

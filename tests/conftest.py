@@ -42,10 +42,15 @@ def pytest_configure(config):
     # across processes must come from the same path. test_calibrate.py unpins it.
     os.environ["QUILL_GENERATION_PATH"] = "float32"
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="quill-test-cache-")  # measurements stay out of ~/.cache
+    # saved chats and input history stay out of ~/.local/share (helpers.quill_env passes it on)
+    os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="quill-test-data-")
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(os.environ.get("XDG_CACHE_HOME", ""), ignore_errors=True)
+    for var in ("XDG_CACHE_HOME", "XDG_DATA_HOME"):
+        path = os.environ.get(var, "")
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_runtest_setup(item):

@@ -198,6 +198,7 @@ def test_a_good_profile_with_relative_paths_and_every_table(disk, tmp_path, monk
         "backend": {"device": "cpu", "dtype": "float32", "quantize": "none"},
         "generation": {"max_new_tokens": MAX_NEW, "seed": SEED},
         "template": TEMPLATE,
+        "session": {"save": True},
     }
     # a relative path to the profile itself is from the working directory
     monkeypatch.chdir(disk["root"])
@@ -237,7 +238,9 @@ ERRORS = [
     ("unknown_top_key", CKPT_LINE + 'chekpoint = "x"\n', ": unknown key chekpoint", "did you mean 'checkpoint'?"),
     ("unknown_table", CKPT_LINE + '[backnd]\ndevice = "cpu"\n', ": unknown key backnd", "did you mean 'backend'?"),
     ("unknown_far_key", CKPT_LINE + 'colour = "red"\n', ": unknown key colour",
-     "known keys here: description, checkpoint, tokenizer, sampler, backend, generation, template"),
+     "known keys here: description, checkpoint, tokenizer, sampler, backend, generation, template, session"),
+    ("session_save_not_bool", CKPT_LINE + '[session]\nsave = "no"\n', ": [session] save must be true or false, not 'no'", None),
+    ("unknown_session_key", CKPT_LINE + '[session]\nsav = false\n', ": unknown key [session] sav", "did you mean 'save'?"),
     ("unknown_backend_key", CKPT_LINE + '[backend]\ndevise = "cpu"\n', ": unknown key [backend] devise",
      "did you mean 'device'?"),
     ("unknown_generation_key", CKPT_LINE + '[generation]\nmax_tokens = 5\n', ": unknown key [generation] max_tokens",

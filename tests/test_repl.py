@@ -35,8 +35,8 @@ from helpers import ALPHA_TOML, add_builtin_plugin, quill_env, run_quill, write_
 from tui import repl
 
 REPO = Path(__file__).resolve().parent.parent
-BUILTIN_COMMANDS = ["/clear", "/compare", "/help", "/load", "/profile", "/profiles", "/quit", "/regen", "/replay",
-                    "/sampler", "/save", "/set", "/show", "/tokens", "/undo"]
+BUILTIN_COMMANDS = ["/clear", "/compare", "/help", "/load", "/profile", "/profiles", "/quit", "/regen", "/rename",
+                    "/replay", "/resume", "/sampler", "/save", "/sessions", "/set", "/show", "/tokens", "/undo"]
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,8 @@ def test_completion_of_commands_and_their_arguments(s):
     assert commands.complete(s, "/pro") == ["/profile", "/profiles"]
     assert commands.complete(s, "/q") == ["/quit"]
     assert commands.complete(s, "/zz") == []
-    assert commands.complete(s, "/help se") == ["/set"]
+    assert commands.complete(s, "/help se") == ["/sessions", "/set"]
+    assert commands.complete(s, "/help set") == ["/set"]
     assert commands.complete(s, "/help sh") == ["/show"]
     assert commands.complete(s, "/profile ") == ["alpha", "beta"]
     assert commands.complete(s, "/profile b") == ["beta"]
@@ -599,4 +600,19 @@ def test_ctrl_d_leaves(terminal):
     t.expect("Chatting with beta.")
     t.at_prompt()
     t.keys(b"\x04")
+    assert t.exit_code() == 0
+
+
+def test_the_interactive_chat_resumes_the_last_saved_session(terminal, m, tmp_path):
+    first = run_quill("chat", "--profile", "alpha", input=b"/set seed 5\nSpeak\n",
+                      env={"QUILL_PROFILES": str(m["two"]), "XDG_DATA_HOME": str(tmp_path / "data"),
+                           "OMP_NUM_THREADS": "1"})
+    assert first.returncode == 0, first.stderr
+    reply = first.stdout.decode().split("> Speak\n")[1].splitlines()[0]
+    t = terminal("chat", "--plain", "--resume", "last")
+    t.expect(f"resumed session 1 with alpha: 1 turn\n> Speak\n{reply}\n")
+    t.expect("Chatting with alpha.")
+    t.type("/sessions")
+    t.expect("Speak\n")
+    t.type("/quit")
     assert t.exit_code() == 0

@@ -92,9 +92,13 @@ class QuillApp(App):
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
-    def __init__(self, profile: str | None = None) -> None:
+    def __init__(self, profile: str | None = None, resume: str | None = None, save: bool | None = None) -> None:
+        """`resume`: a saved session to carry on with (an id or "last"); `save`: whether to
+        save the chat (None: as the profile says)."""
         super().__init__()
         self.profile_arg = profile
+        self.resume_arg = resume
+        self.save = save
         self.session: Any = None
         self.profile_name: str | None = None
         self.streaming: list[MessageView] = []  # the reply being streamed, if any
@@ -139,21 +143,29 @@ class QuillApp(App):
 
     def new_session(self, name: str) -> ChatSession:
         """A chat session on profile `name` that keeps token probabilities for the views."""
-        session = ChatSession(name)
+        session = ChatSession(name, save=self.save)
         session.probs = PROBS
         return session
 
     @work(thread=True, exclusive=True, group="load")
     def load(self, name: str | None) -> None:
         """Import torch and load the first model off the event loop."""
+        from gpt_runtime.session import saved_profile
+
+        resumed = None
         try:
+            if self.resume_arg and not name:
+                name = saved_profile(self.resume_arg)
             name = name or default_profile()
             self.call_from_thread(self.status, f"loading {name}…")
-            self.session = self.new_session(name)
+            session = self.new_session(name)
+            if self.resume_arg:
+                resumed = commands.Resumed.saying(session, *session.resume(self.resume_arg, switch_profile=False))
+            self.session = session
         except Exception as exc:  # noqa: BLE001 - shown in the app, which goes on
             self.call_from_thread(self.load_failed, exc)
             return
-        self.call_from_thread(self.loaded)
+        self.call_from_thread(self.loaded, resumed)
 
     def load_failed(self, exc: BaseException) -> None:
         self.loading_model = False
@@ -161,7 +173,7 @@ class QuillApp(App):
             self.loading.finish("No model is loaded.")
         self.show_error(exc)
 
-    def loaded(self) -> None:
+    def loaded(self, resumed: str | None = None) -> None:
         # torch and the app leave many long-lived objects; a full garbage collection
         # walking them all stalled the screen for 100-200 ms mid-reply. Freeze them out of it.
         gc.freeze()
@@ -170,6 +182,12 @@ class QuillApp(App):
         self.profile_name = p.name
         self.loading.finish(f"Profile {p.name}: {p.description or p.checkpoint}. /help lists the commands; F1 the keys; "
                             "F2 the sampler panel.")
+        if resumed:
+            names = self.session.template
+            for n, turn in enumerate(self.session.turns):
+                self.add_message("user", turn.user, title=names.user_name)
+                self.add_message("model", turn.reply, turn=n, title=names.model_name)
+            self.add_message("output", resumed)
         self.refresh_panels()
 
     def profiles(self) -> list[str]:
@@ -538,6 +556,7 @@ class QuillApp(App):
         yield SystemCommand("Copy the last reply", "to the clipboard (Ctrl+Y)", self.action_copy_last)
         for line, what in (("/regen", "a new reply to the last message"), ("/undo", "forget the last exchange"),
                            ("/clear", "forget the conversation"), ("/save", "write the transcript"),
+                           ("/sessions", "the saved sessions"),
                            ("/jobs", "list the jobs"), ("/show", "profile, sampler, device")):
             yield SystemCommand(line, what, lambda line=line: self.run_line(line))
         for line, what in (("/finetune ", "fine-tune this model on your files or conversations: name them"),
@@ -568,6 +587,6 @@ class QuillApp(App):
             self.session.jobs.stop_all()
 
 
-def run_app(profile: str | None = None) -> None:
+def run_app(profile: str | None = None, resume: str | None = None, save: bool | None = None) -> None:
     """Run the full-screen chat."""
-    QuillApp(profile).run()
+    QuillApp(profile, resume=resume, save=save).run()

@@ -20,6 +20,8 @@ def add_chat(commands) -> None:
         "quill chat",
         "quill chat --profile shakespeare-bpe",
         "quill chat --plain",
+        "quill chat --resume",
+        "quill chat --resume 12 --no-save",
         "printf 'Good morrow\\n/set temperature 0.5\\nAnd then?\\n' | quill chat",
     ), description="Chat with a profile's model. Anything you type is sent to the model; lines starting "
                    "with / are commands (/help lists them; F1 in the full-screen chat lists the keys). "
@@ -28,23 +30,32 @@ def add_chat(commands) -> None:
     p.add_argument("--profile", help="profile to chat with (default: one named `default`, else shakespeare-char)")
     p.add_argument("--plain", action="store_true", help="the plain line-based REPL, for dumb terminals, "
                                                         "screen readers and scripts")
+    p.add_argument("--resume", nargs="?", const="last", metavar="ID|last",
+                   help="carry on with a saved session (`quill sessions list` shows them; alone: the last one used), "
+                        "with its profile unless --profile names another")
+    p.add_argument("--no-save", dest="save", action="store_false", default=None,
+                   help="do not save this chat (it is saved as it happens unless the profile says "
+                        "[session] save = false)")
     p.set_defaults(run=cmd_chat)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     # The chat's modules load when it runs: `quill --help` passes through here.
     from gpt_runtime.profiles import default_profile, history_path
-    from gpt_runtime.session import ChatSession
+    from gpt_runtime.session import ChatSession, saved_profile
 
-    from .repl import run_interactive, run_script
+    from .repl import resume, run_interactive, run_script
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive and not args.plain:
         from .app import run_app
 
-        run_app(args.profile)  # loads the model itself, showing the screen meanwhile
+        run_app(args.profile, resume=args.resume, save=args.save)  # loads the model itself, showing the screen meanwhile
         return 0
-    session = ChatSession(args.profile or default_profile())
+    profile = args.profile or (saved_profile(args.resume) if args.resume else None) or default_profile()
+    session = ChatSession(profile, save=args.save)
+    if args.resume:
+        resume(session, args.resume, sys.stdout, switch_profile=False)
     if interactive:
         run_interactive(session, str(history_path()))
         return 0

@@ -74,6 +74,19 @@ def show_job_notices(session: ChatSession, out: TextIO) -> None:
     out.flush()
 
 
+def show_turns(session: ChatSession, out: TextIO) -> None:
+    """The conversation so far, as the transcript shows it (after resuming a saved session)."""
+    for turn in session.turns:
+        out.write(f"> {turn.user}\n{turn.reply}\n")
+    out.flush()
+
+
+def resume(session: ChatSession, ref: str, out: TextIO, switch_profile: bool = True) -> None:
+    """`quill chat --resume`: carry on with a saved session, its turns shown."""
+    out.write(commands.Resumed.saying(session, *session.resume(ref, switch_profile)) + "\n")
+    show_turns(session, out)
+
+
 def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> str:
     """Act on one input line (a message or a command): "ok", "failed" (the error
     was shown) or "quit"."""
@@ -86,6 +99,8 @@ def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> str:
                 return "quit"
             if isinstance(result, str):
                 out.write(result + "\n")
+                if isinstance(result, commands.Resumed):
+                    show_turns(session, out)
             elif result is not None:
                 _stream(session, result, out)
         elif line.strip():
