@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import quill_env, run_quill
-from pilot import run, until, views
 
 from gpt_runtime import commands
 from gpt_runtime.errors import QuillError
 from gpt_runtime.session import ChatSession
 from gpt_runtime.store import Store, default_path
+from helpers import quill_env, run_quill
+from pilot import run, until, views
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parent.parent
