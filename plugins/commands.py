@@ -10,18 +10,8 @@ import shlex
 import time
 from pathlib import Path
 
-from gpt_runtime.commands import (
-    QUIT,
-    CommandHelp,
-    Comparison,
-    JobsChanged,
-    Reply,
-    Resumed,
-    TokenView,
-    TurnsChanged,
-    commands,
-    find,
-)
+from gpt_runtime.commands import (QUIT, CommandHelp, Comparison, JobsChanged, Reply, Resumed, TokenView, TurnsChanged,
+                                  commands, find)
 from gpt_runtime.errors import UsageError
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.plugins import get_registry
