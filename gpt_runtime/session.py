@@ -43,6 +43,7 @@ from .jobs import TRAINING, Jobs, check_arguments
 from .plugins import get_registry
 from .profiles import ChatTemplate, Profile, get_profile, is_name
 from .sampling import build_chain, check_seed, settings_from_strings
+from .store import StoreLocked
 
 
 @dataclass
@@ -179,6 +180,7 @@ class ChatSession:
         self.save_error: str | None = None  # why saving stopped, if it did
         self._pending_title: str | None = None  # /rename before anything was saved
         self._notices: list[Notice] = []
+        self._notices_lock = threading.Lock()
         self._threads: int | None = None  # torch's thread count before any job ran
         self._dropped_told = 0  # turns left out of the prompt that the user has been told about
         self.turns: list[Turn] = []
@@ -569,23 +571,30 @@ class ChatSession:
         try:
             with self._open_store() as store:
                 write(store)
+        except StoreLocked as exc:  # another chat is writing: this exchange is saved with the next one
+            with self._notices_lock:
+                self._notices.append(Notice(f"not saved this time: {exc.message}; saving tries again at the next reply"))
         except (QuillError, sqlite3.Error, OSError) as exc:
             reason = exc.message if isinstance(exc, QuillError) else f"{type(exc).__name__}: {exc}"
             self.save_error = reason
-            self._notices.append(Notice(f"this chat is no longer saved: {reason}"))
+            with self._notices_lock:
+                self._notices.append(Notice(f"this chat is no longer saved: {reason}"))
 
     def _save_turn(self, index: int) -> None:
         """Save turn `index`'s exchange (or, after /regen, its new reply), and any turn before it
         not saved yet (the first exchange, or one after /load)."""
         def write(store) -> None:
-            if self.saved_id is None:
-                self.saved_id = store.create_session(self.profile.name, self._pending_title)
+            started = None
+            if self.saved_id is None:  # the session and its first exchange in one transaction
+                started = self.turns[0]
+                self.saved_id, started.saved = store.start_session(self.profile.name, self._pending_title, started.user,
+                                                                   started.reply, started.provenance)
                 self._pending_title = None
             parent = None
             for turn in self.turns[:index + 1]:
                 if turn.saved is None:
                     turn.saved = store.add_exchange(self.saved_id, parent, turn.user, turn.reply, turn.provenance)
-                elif turn is self.turns[index]:  # a new reply to a saved message: a sibling of the old one
+                elif turn is self.turns[index] and turn is not started:  # a new reply to a saved message: a sibling
                     turn.saved = (turn.saved[0], store.add_message(self.saved_id, turn.saved[0], "model",
                                                                     turn.reply, turn.provenance))
                 parent = turn.saved[1]
@@ -593,7 +602,12 @@ class ChatSession:
         self._saving(write)
 
     def sessions(self, limit: int = 20):
-        """The saved sessions, the latest used first (`store.SessionInfo`s)."""
+        """The saved sessions, the latest used first (`store.SessionInfo`s); none, and no
+        database made, when nothing was ever saved."""
+        from .store import default_path
+
+        if not (self.store_path or default_path()).exists():
+            return []
         with self._open_store() as store:
             return store.list_sessions(limit)
 
@@ -687,7 +701,8 @@ class ChatSession:
         directory, with this profile's sampler and template) that `/profile` can switch to;
         a fine-tuning job wrote its own (with its parent profile's).
         """
-        notices, self._notices = self._notices, []
+        with self._notices_lock:  # the reply's thread adds to them
+            notices, self._notices = self._notices, []
         while not self.jobs.events.empty():
             job, event = self.jobs.events.get_nowait()
             kind = event.get("event")

@@ -124,6 +124,10 @@ def when(seconds: float) -> str:
     return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")
 
 
+class StoreLocked(QuillError):
+    """Another process holds the database's write lock (for longer than the busy timeout)."""
+
+
 class Store:
     """The sessions in one SQLite file; opened (and created, 0600) on construction.
 
@@ -171,7 +175,7 @@ class Store:
         except self._sqlite.DatabaseError as exc:
             text = str(exc)
             if "locked" in text or "busy" in text:
-                raise QuillError(f"the sessions database {str(self.file)!r} is locked by another process ({text})",
+                raise StoreLocked(f"the sessions database {str(self.file)!r} is locked by another process ({text})",
                                  hint="try again in a moment, when the other chat has finished writing") from None
             if "not a database" in text or "malformed" in text:
                 raise QuillError(f"{str(self.file)!r} is not a usable sessions database ({text})",
@@ -313,20 +317,33 @@ class Store:
                      provenance: Any = None) -> tuple[int, int]:
         """A user message under `parent` and the model's reply to it, in one transaction
         (a process killed meanwhile saves neither); returns their ids. The reply becomes current."""
-        if is_dataclass(provenance):
-            provenance = asdict(provenance)
-        now = time.time()
         with self._write() as db:
             self._check_session(session)
             if parent is not None:
                 self._get_message(parent, session)
-            insert = ("INSERT INTO messages(session, parent, role, text, provenance, created) VALUES (?, ?, ?, ?, ?, ?)")
-            asked = db.execute(insert, (session, parent, "user", user, None, now)).lastrowid
-            answer = db.execute(insert, (session, asked, "model", reply,
-                                         json.dumps(provenance) if provenance else None, now)).lastrowid
-            db.execute("UPDATE sessions SET current = ?, updated = ?, title = coalesce(title, ?) WHERE id = ?",
-                       (answer, now, short_title(user) if user.strip() else None, session))
-            return asked, answer
+            return self._insert_exchange(db, session, parent, user, reply, provenance)
+
+    def start_session(self, profile: str, title: str | None, user: str, reply: str,
+                      provenance: Any = None) -> tuple[int, tuple[int, int]]:
+        """A new session with its first exchange, in one transaction (so no empty session is
+        ever left behind); returns its id and the exchange's ids."""
+        now = time.time()
+        with self._write() as db:
+            session = db.execute("INSERT INTO sessions(title, profile, created, updated) VALUES (?, ?, ?, ?)",
+                                 (_check_title(title) if title is not None else None, profile, now, now)).lastrowid
+            return session, self._insert_exchange(db, session, None, user, reply, provenance)
+
+    @staticmethod
+    def _insert_exchange(db: Any, session: int, parent: int | None, user: str, reply: str, provenance: Any) -> tuple[int, int]:
+        if is_dataclass(provenance):
+            provenance = asdict(provenance)
+        now = time.time()
+        insert = "INSERT INTO messages(session, parent, role, text, provenance, created) VALUES (?, ?, ?, ?, ?, ?)"
+        asked = db.execute(insert, (session, parent, "user", user, None, now)).lastrowid
+        answer = db.execute(insert, (session, asked, "model", reply, json.dumps(provenance) if provenance else None, now)).lastrowid
+        db.execute("UPDATE sessions SET current = ?, updated = ?, title = coalesce(title, ?) WHERE id = ?",
+                   (answer, now, short_title(user) if user.strip() else None, session))
+        return asked, answer
 
     def set_current(self, session: int, message: int | None) -> None:
         """Make `message` the current leaf: switch to its branch (None: back before the first message)."""
@@ -444,7 +461,7 @@ class Store:
                 db.execute("UPDATE sessions SET current = ? WHERE id = ?",
                            (None if current is None else ids[current], session))
                 return session
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, self._sqlite.IntegrityError) as exc:
             raise QuillError(f"not a Quill session export ({type(exc).__name__}: {exc})") from None
 
 

@@ -159,6 +159,29 @@ def test_a_corrupt_database_stops_saving_with_one_notice_and_the_chat_goes_on(ch
         commands.run(s, "/sessions")
 
 
+def test_a_lock_held_by_another_chat_skips_one_save_and_the_next_reply_saves_both(chat_profiles, monkeypatch):
+    s = ChatSession("alpha")
+    say(s, "Speak")
+    monkeypatch.setattr(ChatSession, "_open_store", lambda self: Store(default_path(), timeout=0.1))
+    other = Store(default_path(), timeout=0.1)
+    try:
+        other._db.execute("BEGIN IMMEDIATE")  # another chat in the middle of a write
+        say(s, "hear me")
+        (notice,) = s.job_notices()
+        assert "not saved this time" in notice.text and "locked" in notice.text and s.saving
+        other._db.execute("ROLLBACK")
+        say(s, "and again")
+    finally:
+        other.close()
+    assert saved(s.saved_id) == conversation(s)  # the skipped exchange was saved with the next one
+
+
+def test_sessions_lists_nothing_and_makes_no_database_when_nothing_was_saved(chat_profiles):
+    s = ChatSession("alpha", save=False)
+    say(s, "Speak")
+    assert s.sessions() == [] and not default_path().exists()
+
+
 def test_the_sessions_resume_and_rename_commands(chat_profiles):
     s = ChatSession("alpha")
     assert commands.run(s, "/sessions") == "no saved sessions yet"
