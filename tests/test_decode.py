@@ -215,4 +215,6 @@ def test_calibration_compares_each_replayed_step_not_the_last_one(replayed, monk
     model = replayed(block_size=64)
     trials = calibrate.measure(model, backends.CpuBackend(), [GenerationPath("float32"), GenerationPath("float32", graph=True)])
     graph = trials[1]
-    assert graph.path == "float32 graph" and graph.kl < 1e-6 and graph.agreement == 1.0 and not graph.refused
+    assert graph.path == "float32 graph" and graph.kl < 1e-6 and graph.agreement == 1.0
+    # Refused, if at all, for time (a busy machine can slow one prompt twofold), never for what it computed.
+    assert not graph.refused or graph.refused.startswith("prefill")
