@@ -39,13 +39,7 @@ def conversations(path: Path, n: int = 12) -> Path:
 
 def test_cli_fine_tunes_a_profile_on_a_folder_into_a_new_profile(chat_profiles, tmp_path):
     out = tmp_path / "runs" / "mine"
-    # A run that diverges before its first checkpoint (its config.json written, no resume state) too.
-    folder = notes(tmp_path)
-    diverged = run_quill("finetune", "alpha", str(folder), "--out", str(out), *TINY, "--lr", "1e6", "--min-lr", "0",
-                         env=env(chat_profiles))
-    assert diverged.returncode == 1 and b"no checkpoint was saved yet" in diverged.stderr
-    assert (out / "config.json").is_file() and not (out / "last.state.pt").exists()
-    done = run_quill("finetune", "alpha", str(folder), "--out", str(out), *TINY, env=env(chat_profiles))
+    done = run_quill("finetune", "alpha", str(notes(tmp_path)), "--out", str(out), *TINY, env=env(chat_profiles))
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert "profile 'mine' is ready: quill chat --profile mine" in done.stdout.decode()
     assert "prepared" in done.stderr.decode()
