@@ -613,9 +613,9 @@ class ChatSession:
 
     def rename(self, title: str) -> str:
         """Title this chat's saved session (before the first exchange: the session it will start)."""
-        from .store import _check_title
+        from .store import check_title
 
-        title = _check_title(title)
+        title = check_title(title)
         if self.saved_id is None:
             if not self.saving:
                 raise QuillError("this chat is not being saved, so it has no title",

@@ -255,10 +255,14 @@ class Store:
 
     def create_session(self, profile: str, title: str | None = None) -> int:
         """A new, empty session with `profile`; without a title, its first user message names it."""
-        now = time.time()
         with self._write() as db:
-            return db.execute("INSERT INTO sessions(title, profile, created, updated) VALUES (?, ?, ?, ?)",
-                              (_check_title(title) if title is not None else None, profile, now, now)).lastrowid
+            return self._insert_session(db, profile, title)
+
+    @staticmethod
+    def _insert_session(db: Any, profile: str, title: str | None) -> int:
+        now = time.time()
+        return db.execute("INSERT INTO sessions(title, profile, created, updated) VALUES (?, ?, ?, ?)",
+                          (check_title(title) if title is not None else None, profile, now, now)).lastrowid
 
     def get(self, session: int) -> SessionInfo:
         """The session `session`; a QuillError listing the recent ids if there is none."""
@@ -277,7 +281,7 @@ class Store:
             return [SessionInfo(**dict(row)) for row in rows]
 
     def rename(self, session: int, title: str) -> None:
-        title = _check_title(title)
+        title = check_title(title)
         with self._write() as db:
             if db.execute("UPDATE sessions SET title = ? WHERE id = ?", (title, session)).rowcount == 0:
                 raise self._missing(session)
@@ -327,10 +331,8 @@ class Store:
                       provenance: Any = None) -> tuple[int, tuple[int, int]]:
         """A new session with its first exchange, in one transaction (so no empty session is
         ever left behind); returns its id and the exchange's ids."""
-        now = time.time()
         with self._write() as db:
-            session = db.execute("INSERT INTO sessions(title, profile, created, updated) VALUES (?, ?, ?, ?)",
-                                 (_check_title(title) if title is not None else None, profile, now, now)).lastrowid
+            session = self._insert_session(db, profile, title)
             return session, self._insert_exchange(db, session, None, user, reply, provenance)
 
     @staticmethod
@@ -465,7 +467,7 @@ class Store:
             raise QuillError(f"not a Quill session export ({type(exc).__name__}: {exc})") from None
 
 
-def _check_title(title: str) -> str:
+def check_title(title: str) -> str:
     title = " ".join(title.split())
     if not title:
         raise QuillError("a session's title cannot be empty")
