@@ -81,6 +81,17 @@ class Resumed(TurnsChanged):
                    + "".join(f"; {line}" for line in said))
 
 
+class Found(Text):
+    """Saved messages that matched a search (/find): `hits`, each a `store.Hit` with its session's title."""
+
+    hits: list[Any]
+
+    def __new__(cls, text: str, hits: list[Any]) -> Found:
+        result = super().__new__(cls, text)
+        result.hits = hits
+        return result
+
+
 class JobsChanged(Text):
     """About the background jobs (started, listed, cancelled): the job panel shows them."""
 
@@ -115,10 +126,13 @@ class Comparison(Text):
 
 
 class Reply:
-    """A reply to stream in place of the last one (/regen): iterate it for its events."""
+    """A reply to stream in place of the last one (/regen): iterate it for its events.
 
-    def __init__(self, events: Iterable[Any]) -> None:
-        self.events = events
+    With `kept` (/edit), the conversation changed from turn `kept` on: redraw those turns
+    (the last one's reply is the one streaming)."""
+
+    def __init__(self, events: Iterable[Any], kept: int | None = None) -> None:
+        self.events, self.kept = events, kept
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.events)

@@ -24,6 +24,7 @@ stops for this chat, and `job_notices` says so once, and why.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -113,14 +114,36 @@ class _Reply:
     __del__ = close
 
 
+_ASKED = itertools.count(1)  # tells user messages apart: the turns of one message's replies share its number
+
+
 @dataclass
 class Turn:
-    """One exchange: what the user said and what the model replied."""
+    """One exchange: what the user said and what the model replied.
+
+    The conversation is a tree of turns: each follows its `parent` (None for a
+    first one). An edited message is a new turn beside the old one, under the same
+    parent; a regenerated reply is a new turn with the same `asked` (the same
+    message). `ChatSession.turns` is the path from the first turn to the current one.
+    """
 
     user: str
     reply: str = ""
     provenance: Provenance | None = None
     saved: tuple[int, int] | None = field(default=None, compare=False, repr=False)  # (message, reply) ids in the store
+    parent: Turn | None = field(default=None, compare=False, repr=False)
+    asked: int = field(default_factory=lambda: next(_ASKED), compare=False, repr=False)
+    seen: int = field(default=0, compare=False, repr=False)  # when it was last on the path: a switch back goes there
+
+
+@dataclass
+class Fork:
+    """A message of the conversation that has other versions: `ChatSession.forks`."""
+
+    index: int  # the turn (0-based)
+    role: str  # "user": edits of the message; "model": replies to it
+    versions: list[Turn]  # oldest first
+    current: int  # which of them is on the path
 
 
 def checkpoint_id(path: Path) -> str:
@@ -183,7 +206,11 @@ class ChatSession:
         self._notices_lock = threading.Lock()
         self._threads: int | None = None  # torch's thread count before any job ran
         self._dropped_told = 0  # turns left out of the prompt that the user has been told about
-        self.turns: list[Turn] = []
+        self.turns: list[Turn] = []  # the current branch: the path from the first turn to the current one
+        self.tree: list[Turn] = []  # every turn of every branch, oldest first
+        self._clock = itertools.count(1)  # marks when a turn was last on the path
+        self._before: list[Turn] = []  # the path before the reply in flight: where a failed message goes back to
+        self.system: str | None = None  # the system text /system set for this conversation (None: the profile's)
         self.probs = 0  # with N > 0, reply tokens carry their probability and the N likeliest (the TUI's view)
         self._cancel = threading.Event()
         self._busy = threading.Lock()
@@ -203,6 +230,8 @@ class ChatSession:
             self.max_new_tokens = profile.max_new_tokens
             self.seed = profile.seed
             self.template = profile.template  # `/set user_name` changes a copy
+            if self.system is not None:
+                self.template = replace(self.template, system=self.system)
             self._dropped_told = 0
         finally:
             self._busy.release()
@@ -304,12 +333,14 @@ class ChatSession:
             raise self._refusal()
         self._busy_with = what
 
-    def _stream(self, index: int) -> Iterator[Any]:
-        """Claim the session now and stream reply `index`; released when the stream
-        ends or is closed, so nothing can change the conversation in between."""
+    def _stream(self, index: int, turn: Turn | None = None) -> Iterator[Any]:
+        """Claim the session now and stream the reply of turn `index` (into `turn`, a new
+        version of it, if given); released when the stream ends or is closed, so nothing
+        can change the conversation in between."""
         self._claim()
         self._cancel.clear()  # now, not when the reply starts: a cancel in between is kept
-        return _Reply(self._reply(index), self._busy)
+        self._before = self.turns
+        return _Reply(self._reply(index, turn=turn), self._busy)
 
     def send(self, message: str) -> Iterator[Any]:
         """Add `message` and stream the reply: `Notice`, `Token` and finally `Done` events.
@@ -318,8 +349,39 @@ class ChatSession:
         until then, and a second `send` meanwhile is refused, never interleaved.
         """
         stream = self._stream(len(self.turns))  # claims the session before the turn is added
-        self.turns.append(Turn(message))
+        self._grow(Turn(message, parent=self.turns[-1] if self.turns else None))
         return stream
+
+    def edit(self, n: int, text: str) -> Iterator[Any]:
+        """Ask message `n` (1-based) again as `text` and stream the reply: the conversation
+        forks there, and the old branch is kept (`versions`, `switch`)."""
+        if not text.strip():
+            raise UsageError("/edit needs the message's new text", hint="/edit N TEXT")
+        self._check_message(n, "edit")
+        stream = self._stream(n - 1)
+        self.turns = self.turns[:n - 1]
+        self._dropped_told = min(self._dropped_told, n - 1)
+        self._grow(Turn(text, parent=self.turns[-1] if self.turns else None))
+        return stream
+
+    def _check_message(self, n: int, what: str) -> None:
+        if not self.turns:
+            raise QuillError(f"there are no messages to {what} yet")
+        if not 1 <= n <= len(self.turns):
+            raise QuillError(f"there is no message {n} to {what}",
+                             hint=f"your messages are numbered 1 to {len(self.turns)}" if len(self.turns) > 1
+                             else "your only message is number 1")
+
+    def _grow(self, turn: Turn) -> None:
+        """Put a new turn at the end of the conversation, and in its tree."""
+        self.turns = [*self.turns, turn]
+        self.tree.append(turn)
+        self._mark()
+
+    def _mark(self) -> None:
+        stamp = next(self._clock)
+        for turn in self.turns:
+            turn.seen = stamp
 
     def context_used(self) -> tuple[int, int]:
         """(tokens, block size): how much of the context window the conversation fills,
@@ -361,11 +423,11 @@ class ChatSession:
             start, text, used = start - 1, longer, tokens
         return text, start, used
 
-    def _reply(self, index: int, provenance: Provenance | None = None) -> Iterator[Any]:
+    def _reply(self, index: int, provenance: Provenance | None = None, turn: Turn | None = None) -> Iterator[Any]:
         from .generate import Done, generate  # imports torch: loaded when first used
 
         self._share_cores()
-        turn = self.turns[index]
+        turn = turn or self.turns[index]
         template = self.template
         if provenance is None:
             text, first = self._prompt(index)
@@ -396,19 +458,89 @@ class ChatSession:
                         self.loaded.fingerprint, chain, options, event.seed, limit, first,
                         event.reason, event.new_tokens, round(event.tokens_per_second, 1), asdict(template),
                         self.loaded.dtype, self.loaded.quantize, self.loaded.path)
+                    if turn is not self.turns[index]:  # a new reply (/regen): the old one stays in the tree
+                        self.turns = [*self.turns[:index], turn]
+                        self.tree.append(turn)
+                        self._mark()
                     if provenance is None:  # a replay changes nothing
-                        self._save_turn(index)
+                        self._save()
                 yield event
         except Exception:
-            if turn.provenance is None and turn is self.turns[-1]:
-                self.turns.pop()  # a message whose first reply failed: as if it was never sent
+            if turn.provenance is None and turn is self.turns[-1]:  # a message whose first reply failed:
+                self.turns = self._before  # as if it was never sent
+                self.tree = [t for t in self.tree if t is not turn]
             raise
 
     def regenerate(self) -> Iterator[Any]:
-        """A new reply to the last message (a new seed unless the seed is fixed)."""
+        """A new reply to the last message (a new seed unless the seed is fixed); the
+        previous reply is kept as another version of it."""
         if not self.turns:
             raise QuillError("nothing to regenerate yet")
-        return self._stream(len(self.turns) - 1)  # the old reply stays until the new one is done
+        last = self.turns[-1]  # the old reply stays until the new one is done
+        return self._stream(len(self.turns) - 1, Turn(last.user, parent=last.parent, asked=last.asked))
+
+    # --- branches -----------------------------------------------------------------
+
+    def _by_parent(self) -> dict[int, list[Turn]]:
+        groups: dict[int, list[Turn]] = {}
+        for turn in self.tree:
+            groups.setdefault(id(turn.parent), []).append(turn)
+        return groups
+
+    def versions(self, index: int, role: str = "user", groups: dict | None = None) -> tuple[list[Turn], int]:
+        """The versions of message `index` (0-based) of the conversation, oldest first, and
+        which one is current. For "user": its edits, each as the turn last seen on its
+        branch; for "model": the replies to it."""
+        turn = self.turns[index]
+        near = (groups if groups is not None else self._by_parent()).get(id(turn.parent), [])
+        if role == "model":
+            found = [t for t in near if t.asked == turn.asked]
+        else:
+            latest: dict[int, Turn] = {}
+            for t in near:
+                if t.asked not in latest or t.seen > latest[t.asked].seen:
+                    latest[t.asked] = t
+            latest[turn.asked] = turn
+            found = list(latest.values())
+        if not any(t is turn for t in found):
+            found.append(turn)
+        return found, next(k for k, t in enumerate(found) if t is turn)
+
+    def forks(self) -> list[Fork]:
+        """The messages of the current branch that have other versions, first to last."""
+        groups, found = self._by_parent(), []
+        for index in range(len(self.turns)):
+            for role in ("user", "model"):
+                versions, current = self.versions(index, role, groups)
+                if len(versions) > 1:
+                    found.append(Fork(index, role, versions, current))
+        return found
+
+    def switch(self, index: int, role: str, version: int) -> None:
+        """Go to version `version` (0-based) of message `index`: the conversation becomes
+        that branch, down to where it was when last seen."""
+        self._idle()
+        if not 0 <= index < len(self.turns):
+            raise QuillError(f"there is no message {index + 1}")
+        versions, _ = self.versions(index, role)
+        if not 0 <= version < len(versions):
+            what = "reply" if role == "model" else "message"
+            raise QuillError(f"{what} {index + 1} has {len(versions)} version{'s' if len(versions) > 1 else ''}, "
+                             f"not a version {version + 1}")
+        self._go(versions[version])
+
+    def _go(self, turn: Turn) -> None:
+        """Make the conversation the branch through `turn`, and below it the turns last seen."""
+        path = _path_to(turn)
+        groups = self._by_parent()
+        while groups.get(id(path[-1])):
+            path.append(max(groups[id(path[-1])], key=lambda t: t.seen))
+        self.turns = path
+        self._mark()
+        self._dropped_told = 0
+        leaf = path[-1].saved
+        if self.saved_id is not None and leaf is not None:
+            self._saving(lambda store: store.set_current(self.saved_id, leaf[1]))
 
     def undo(self) -> Turn:
         """Forget the last exchange; returns it."""
@@ -416,7 +548,7 @@ class ChatSession:
             raise QuillError("nothing to undo")
         self._idle()
         self._dropped_told = min(self._dropped_told, len(self.turns) - 1)
-        turn = self.turns.pop()
+        turn, self.turns = self.turns[-1], self.turns[:-1]  # it stays in the tree, as in the saved session
         if turn.saved is not None:  # the saved session goes back too; the exchange stays in its tree
             back = self.turns[-1].saved[1] if self.turns and self.turns[-1].saved else None
             self._saving(lambda store: store.set_current(self.saved_id, back))
@@ -425,7 +557,7 @@ class ChatSession:
     def clear(self) -> None:
         """Forget the whole conversation (the settings stay); the next message starts a new saved session."""
         self._idle()
-        self.turns.clear()
+        self.turns, self.tree = [], []
         self._dropped_told = 0
         self.saved_id, self._pending_title = None, None
 
@@ -500,11 +632,22 @@ class ChatSession:
             self._busy.release()
 
     def to_dict(self) -> dict[str, Any]:
-        """The conversation with its provenance, as saved by ``/save FILE.json``."""
-        return {"format": "quill-transcript", "version": 1, "profile": self.profile.name,
-                "turns": [{"user": t.user, "reply": t.reply, "provenance": asdict(t.provenance) if t.provenance else None}
-                          for t in self.turns]}
+        """The conversation with its provenance, as saved by ``/save FILE.json``: `turns` is the
+        current branch, `tree` every turn of every branch (each names its parent's index, and
+        the first turn of the message it answers), `current` the index of the current turn."""
+        tree = self.tree + [t for t in self.turns if not any(t is known for known in self.tree)]
+        index = {id(t): i for i, t in enumerate(tree)}
+        first: dict[int, int] = {}
+        for i, t in enumerate(tree):
+            first.setdefault(t.asked, i)
 
+        def entry(t: Turn) -> dict[str, Any]:
+            return {"user": t.user, "reply": t.reply, "provenance": asdict(t.provenance) if t.provenance else None}
+
+        return {"format": "quill-transcript", "version": 2, "profile": self.profile.name, "system": self.system,
+                "turns": [entry(t) for t in self.turns],
+                "tree": [{**entry(t), "parent": index.get(id(t.parent)), "asks": first[t.asked]} for t in tree],
+                "current": index[id(self.turns[-1])] if self.turns else None}
 
     def to_markdown(self) -> str:
         """The conversation as Markdown, each reply followed by its provenance."""
@@ -532,22 +675,49 @@ class ChatSession:
         return path
 
     def load(self, path: str | Path) -> int:
-        """Replace the conversation with a transcript saved as JSON; returns its number of turns."""
+        """Replace the conversation with a transcript saved as JSON by ``/save`` (or a session
+        exported by ``quill sessions export --format json``), every branch of it; returns the
+        number of turns of its current branch."""
         self._idle()
         where = f"transcript {str(path)!r}"
         try:
             data = json.loads(read_user_file(path, "transcript").decode("utf-8"))
-            if data.get("format") != "quill-transcript":
+            if not isinstance(data, dict) or data.get("format") not in ("quill-transcript", "quill-session"):
                 raise ValueError("not a Quill transcript")
-            turns = [Turn(t["user"], t["reply"], Provenance(**t["provenance"]) if t.get("provenance") else None)
-                     for t in data["turns"]]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if data["format"] == "quill-session":
+                from .store import Message
+
+                tree, leaf, _ = _tree_from([Message(session=0, **m) for m in data["messages"]], data.get("current"))
+            else:
+                tree, leaf = _tree_from_transcript(data)
+            system = data.get("system")
+            if system is not None and not isinstance(system, str):
+                raise ValueError(f"its system text is {system!r}")
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             hint = "load a .json transcript written by /save FILE.json" if Path(path).suffix != ".json" else None
             raise QuillError(f"{where} is not a Quill JSON transcript ({exc})", hint=hint) from None
-        self.turns = turns
+        self.tree, self.turns = tree, _path_to(leaf) if leaf else []
+        self._clock = itertools.count(len(tree) + 1)
+        self._mark()
+        self.set_system(system, save=False)
         self._dropped_told = 0
-        self.saved_id, self._pending_title = None, None  # saved, with the loaded turns, as a new session
-        return len(turns)
+        self.saved_id, self._pending_title = None, None  # saved, every branch, as a new session
+        return len(self.turns)
+
+    def set_system(self, text: str | None, save: bool = True) -> str:
+        """Use `text` as the template's system text for this conversation (None: the profile's
+        own); saved with the session. A line end is added to a text that has none, so that the
+        first message starts on a line of its own. Returns what was set, for display."""
+        if text is not None and text.strip() and not text.endswith("\n"):
+            text += "\n"
+        self._not_loading()
+        self.system = text if text is None or text.strip() else ""
+        self.template = replace(self.template, system=self.profile.template.system if text is None else self.system)
+        if save and self.saved_id is not None:
+            self._saving(lambda store: store.set_system(self.saved_id, self.system))
+        if text is None:
+            return "the system text is the profile's again"
+        return f"system text: {self.system.strip()!r}" if self.system else "no system text"
 
     # --- saved sessions -----------------------------------------------------------
 
@@ -580,24 +750,26 @@ class ChatSession:
             with self._notices_lock:
                 self._notices.append(Notice(f"this chat is no longer saved: {reason}"))
 
-    def _save_turn(self, index: int) -> None:
-        """Save turn `index`'s exchange (or, after /regen, its new reply), and any turn before it
-        not saved yet (the first exchange, or one after /load)."""
+    def _save(self) -> None:
+        """Save every turn not saved yet (the new exchange or reply; after /load, every branch),
+        each under its parent, and leave the saved session at this chat's current turn."""
         def write(store) -> None:
-            started = None
-            if self.saved_id is None:  # the session and its first exchange in one transaction
-                started = self.turns[0]
-                self.saved_id, started.saved = store.start_session(self.profile.name, self._pending_title, started.user,
-                                                                   started.reply, started.provenance)
-                self._pending_title = None
-            parent = None
-            for turn in self.turns[:index + 1]:
-                if turn.saved is None:
+            last = None
+            for turn in [t for t in self.tree if t.saved is None]:
+                asked = next((t.saved[0] for t in self.tree if t.asked == turn.asked and t.saved), None)
+                if self.saved_id is None:  # the session and its first exchange in one transaction
+                    self.saved_id, turn.saved = store.start_session(self.profile.name, self._pending_title, turn.user,
+                                                                    turn.reply, turn.provenance, system=self.system)
+                    self._pending_title = None
+                elif asked is not None:  # another reply to a saved message
+                    turn.saved = (asked, store.add_message(self.saved_id, asked, "model", turn.reply, turn.provenance))
+                else:
+                    parent = turn.parent.saved[1] if turn.parent is not None else None
                     turn.saved = store.add_exchange(self.saved_id, parent, turn.user, turn.reply, turn.provenance)
-                elif turn is self.turns[index] and turn is not started:  # a new reply to a saved message: a sibling
-                    turn.saved = (turn.saved[0], store.add_message(self.saved_id, turn.saved[0], "model",
-                                                                    turn.reply, turn.provenance))
-                parent = turn.saved[1]
+                last = turn.saved[1]
+            leaf = self.turns[-1].saved if self.turns else None
+            if last is not None and leaf is not None and leaf[1] != last:
+                store.set_current(self.saved_id, leaf[1])
 
         self._saving(write)
 
@@ -627,23 +799,22 @@ class ChatSession:
             store.rename(self.saved_id, title)
         return f"session {self.saved_id} is now titled {title!r}"
 
-    def resume(self, ref: str | int, switch_profile: bool = True) -> tuple[int, list[str]]:
-        """Carry on with saved session `ref` (its id, or "last"): its turns, the path from its
-        first message to its current one, replace the conversation, and new exchanges are added
-        to it. Switches to its profile, if there is one by that name (and `switch_profile`).
+    def resume(self, ref: str | int, switch_profile: bool = True, message: int | None = None) -> tuple[int, list[str]]:
+        """Carry on with saved session `ref` (its id, or "last"): its tree replaces the
+        conversation, at its current message, or at `message` (a search hit; or ref
+        "SESSION:MESSAGE") and below it the branch last used, and new exchanges are added to
+        it. Switches to its profile, if there is one by that name (and `switch_profile`).
         Returns the session's id and what the user should know."""
         self._idle()
+        ref, at = _split_ref(ref)
+        message = at if message is None else message
         with self._open_store() as store:
             info = _find_session(store, ref)
-            path = store.path(info.id)
-        turns: list[Turn] = []
-        asked = None
-        for message in path:
-            if message.role == "user":
-                asked = message
-            elif message.role == "model" and asked is not None:
-                turns.append(Turn(asked.text, message.text, _provenance(message.provenance), (asked.id, message.id)))
-                asked = None
+            messages = store.messages(info.id)
+        if message is not None and not any(m.id == message for m in messages):
+            raise QuillError(f"there is no message {message} in session {info.id}",
+                             hint=f"`quill sessions show {info.id}` shows its messages")
+        tree, leaf, unanswered = _tree_from(messages, info.current if message is None else message)
         said = []
         if switch_profile and info.profile != self.profile.name:
             try:
@@ -653,14 +824,20 @@ class ChatSession:
             else:
                 self.use_profile(info.profile)
         self._idle()
-        self.turns, self.saved_id, self._pending_title = turns, info.id, None
+        self.tree, self.turns = tree, _path_to(leaf) if leaf else []
+        self._clock = itertools.count(max((t.seen for t in tree), default=0) + 1)
+        self.saved_id, self._pending_title = info.id, None
+        if message is not None and leaf is not None:
+            self._go(leaf)
+        else:
+            self._mark()
+        self.set_system(info.system, save=False)
         self._dropped_told = 0
-        if asked is not None:  # a message whose reply was never saved: the next exchange goes on from the last reply
+        if unanswered and message is None:  # the next exchange goes on from the last reply
             said.append("its last message had no reply and is left out")
         if not self.saving:
             said.append("this chat is not saved, so the session is not added to")
         return info.id, said
-
 
     # --- jobs ---------------------------------------------------------------------
 
@@ -734,8 +911,21 @@ class ChatSession:
         return adopt(run_dir, self.profile, settings=settings, description=f"trained in the chat from profile {self.profile.name}")
 
 
+def _split_ref(ref: str | int) -> tuple[str, int | None]:
+    """A saved session's reference, and the message it names: "12:345" is message 345 of session 12."""
+    session, colon, message = str(ref).strip().partition(":")
+    if not colon:
+        return session, None
+    try:
+        return session, int(message)
+    except ValueError:
+        raise QuillError(f"a message of a saved session is SESSION:MESSAGE, two numbers, not {str(ref)!r}",
+                         hint="`quill sessions search WORDS` shows where each message is") from None
+
+
 def _find_session(store, ref: str | int):
-    """The saved session `ref` names: an id, or "last" (the one used last)."""
+    """The saved session `ref` names: an id, or "last" (the one used last); ":MESSAGE" after it is ignored."""
+    ref, _ = _split_ref(ref)
     if str(ref).strip().lower() == "last":
         recent = store.list_sessions(1)
         if not recent:
@@ -760,6 +950,65 @@ def saved_profile(ref: str | int, store: str | os.PathLike | None = None) -> str
     except QuillError:
         return None
     return name
+
+
+def _path_to(turn: Turn) -> list[Turn]:
+    """The turns from the first to `turn`."""
+    path = []
+    while turn is not None:
+        path.append(turn)
+        turn = turn.parent
+    return path[::-1]
+
+
+def _tree_from(messages: list[Any], at: int | None) -> tuple[list[Turn], Turn | None, bool]:
+    """The turns of a saved session's messages (`store.Message`s), the turn message `at` is
+    in (a user message: its last reply), and whether `at` is a message with no reply. A user
+    message whose reply was never saved is left out, with what follows it."""
+    users, replies, asked, tree = {}, {}, {}, []
+    for m in sorted(messages, key=lambda m: m.id):
+        if m.role == "user":
+            users[m.id] = m
+        elif m.role == "model" and m.parent in users:
+            question = users[m.parent]
+            parent = replies.get(question.parent)
+            if question.parent is not None and parent is None:
+                continue  # it follows an exchange that was not kept
+            key = asked.setdefault(question.id, next(_ASKED))
+            replies[m.id] = Turn(question.text, m.text, _provenance(m.provenance), (question.id, m.id), parent, key, m.id)
+            tree.append(replies[m.id])
+    if at in replies:
+        return tree, replies[at], False
+    answers = [t for t in tree if t.saved[0] == at]
+    if answers:
+        return tree, max(answers, key=lambda t: t.seen), False
+    return tree, replies.get(users[at].parent) if at in users else None, at in users
+
+
+def _tree_from_transcript(data: dict[str, Any]) -> tuple[list[Turn], Turn | None]:
+    """The turns of a /save JSON transcript and its current one (one branch before version 2)."""
+    def turn(t: dict[str, Any], parent: Turn | None) -> Turn:
+        if not isinstance(t["user"], str) or not isinstance(t["reply"], str):
+            raise ValueError("a turn's user and reply are text")
+        return Turn(t["user"], t["reply"], Provenance(**t["provenance"]) if t.get("provenance") else None, parent=parent)
+
+    if "tree" not in data:
+        tree: list[Turn] = []
+        for t in data["turns"]:
+            tree.append(turn(t, tree[-1] if tree else None))
+        return tree, tree[-1] if tree else None
+    tree = []
+    for i, t in enumerate(data["tree"]):
+        parent = t["parent"]
+        if parent is not None and not 0 <= parent < i or not 0 <= t["asks"] <= i:
+            raise ValueError(f"turn {i} of its tree names a turn after it")
+        tree.append(turn(t, None if parent is None else tree[parent]))
+        tree[-1].asked = tree[t["asks"]].asked if t["asks"] < i else tree[-1].asked
+        tree[-1].seen = i + 1  # below a switch, the newest turn (as a saved session resumes)
+    current = data["current"]
+    if current is not None and not 0 <= current < len(tree):
+        raise ValueError(f"its current turn {current} is not in its tree")
+    return tree, None if current is None else tree[current]
 
 
 def _provenance(data: dict[str, Any] | None) -> Provenance | None:

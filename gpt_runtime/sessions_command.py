@@ -49,8 +49,10 @@ def add_sessions_command(commands) -> None:
     p.add_argument("--format", choices=("md", "json"), default="md", help="md (default) or json")
     p.set_defaults(run=cmd_sessions_export)
 
-    p = subcommand(actions, "search", "find messages holding every word given (words match as prefixes too)", (
-        "quill sessions search romeo", "quill sessions search 'wherefore art' --json"))
+    p = subcommand(actions, "search", "find messages holding every word given (words match as prefixes too); "
+                   "each is shown as SESSION:MESSAGE, which `quill chat --resume` opens there", (
+        "quill sessions search romeo", "quill sessions search 'wherefore art' --json",
+        "quill chat --resume 12:345"))
     p.add_argument("text", help="the words to look for")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N messages (default 20)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -124,5 +126,8 @@ def cmd_sessions_search(args: argparse.Namespace) -> None:
             return
     if not hits:
         print(f"no message holds {args.text!r}")
+        return
     for hit in hits:
-        print(f"session {hit.session}, message {hit.message}: {_line(hit.snippet)}")
+        print(f"{hit.session}:{hit.message}  {hit.title or '(untitled)'}  ({'you' if hit.role == 'user' else hit.role})\n"
+              f"    {_line(hit.snippet)}")
+    print(f"\ncarry on at one: quill chat --resume {hits[0].session}:{hits[0].message}")

@@ -47,7 +47,8 @@ _TABLES = (
         profile TEXT NOT NULL,
         created REAL NOT NULL,
         updated REAL NOT NULL,
-        current INTEGER)""",
+        current INTEGER,
+        system TEXT)""",
     """CREATE TABLE messages(
         id INTEGER PRIMARY KEY,
         session INTEGER NOT NULL REFERENCES sessions ON DELETE CASCADE,
@@ -94,15 +95,19 @@ class SessionInfo:
     created: float
     updated: float  # last used: the last message added, or the last branch switch
     current: int | None  # the leaf the conversation is at
+    system: str | None  # the system text the chat set (/system); None: the profile's
     messages: int
 
 
 class Hit(NamedTuple):
-    """A search result: the session, the message, and the words found, [marked]."""
+    """A search result: the session, the message, the words found [marked], who said it, and
+    the session's title."""
 
     session: int
     message: int
     snippet: str
+    role: str
+    title: str | None
 
 
 def default_path() -> Path:
@@ -253,16 +258,17 @@ class Store:
 
     # --- sessions -------------------------------------------------------------------
 
-    def create_session(self, profile: str, title: str | None = None) -> int:
-        """A new, empty session with `profile`; without a title, its first user message names it."""
+    def create_session(self, profile: str, title: str | None = None, system: str | None = None) -> int:
+        """A new, empty session with `profile`; without a title, its first user message names it.
+        `system`: the system text the chat uses in place of the profile's."""
         with self._write() as db:
-            return self._insert_session(db, profile, title)
+            return self._insert_session(db, profile, title, system)
 
     @staticmethod
-    def _insert_session(db: Any, profile: str, title: str | None) -> int:
+    def _insert_session(db: Any, profile: str, title: str | None, system: str | None) -> int:
         now = time.time()
-        return db.execute("INSERT INTO sessions(title, profile, created, updated) VALUES (?, ?, ?, ?)",
-                          (check_title(title) if title is not None else None, profile, now, now)).lastrowid
+        return db.execute("INSERT INTO sessions(title, profile, created, updated, system) VALUES (?, ?, ?, ?, ?)",
+                          (check_title(title) if title is not None else None, profile, now, now, system)).lastrowid
 
     def get(self, session: int) -> SessionInfo:
         """The session `session`; a QuillError listing the recent ids if there is none."""
@@ -284,6 +290,12 @@ class Store:
         title = check_title(title)
         with self._write() as db:
             if db.execute("UPDATE sessions SET title = ? WHERE id = ?", (title, session)).rowcount == 0:
+                raise self._missing(session)
+
+    def set_system(self, session: int, system: str | None) -> None:
+        """Save the system text the chat uses (None: the profile's)."""
+        with self._write() as db:
+            if db.execute("UPDATE sessions SET system = ? WHERE id = ?", (system, session)).rowcount == 0:
                 raise self._missing(session)
 
     def delete(self, session: int) -> None:
@@ -328,11 +340,11 @@ class Store:
             return self._insert_exchange(db, session, parent, user, reply, provenance)
 
     def start_session(self, profile: str, title: str | None, user: str, reply: str,
-                      provenance: Any = None) -> tuple[int, tuple[int, int]]:
+                      provenance: Any = None, system: str | None = None) -> tuple[int, tuple[int, int]]:
         """A new session with its first exchange, in one transaction (so no empty session is
         ever left behind); returns its id and the exchange's ids."""
         with self._write() as db:
-            session = self._insert_session(db, profile, title)
+            session = self._insert_session(db, profile, title, system)
             return session, self._insert_exchange(db, session, None, user, reply, provenance)
 
     @staticmethod
@@ -404,15 +416,16 @@ class Store:
             if self.fts:
                 query = " ".join('"' + word.replace('"', '""') + '"*' for word in words)
                 rows = self._db.execute(
-                    "SELECT m.session, m.id, snippet(messages_fts, 0, '[', ']', '…', 12) FROM messages_fts "
-                    "JOIN messages m ON m.id = messages_fts.rowid WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
-                    (query, limit))
+                    "SELECT m.session, m.id, snippet(messages_fts, 0, '[', ']', '…', 12), m.role, s.title "
+                    "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid JOIN sessions s ON s.id = m.session "
+                    "WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?", (query, limit))
                 return [Hit(*row) for row in rows]
-            like = " AND ".join(["text LIKE ? ESCAPE '\\'"] * len(words))
+            like = " AND ".join(["m.text LIKE ? ESCAPE '\\'"] * len(words))
             patterns = ["%" + word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%" for word in words]
-            rows = self._db.execute(f"SELECT session, id, text FROM messages WHERE {like} ORDER BY id DESC LIMIT ?",
+            rows = self._db.execute(f"SELECT m.session, m.id, m.text, m.role, s.title FROM messages m "
+                                    f"JOIN sessions s ON s.id = m.session WHERE {like} ORDER BY m.id DESC LIMIT ?",
                                     (*patterns, limit))
-            return [Hit(session, message, _snippet(body, words[0])) for session, message, body in rows]
+            return [Hit(session, message, _snippet(body, words[0]), role, title) for session, message, body, role, title in rows]
 
     def export(self, session: int, format: str = "json") -> str:
         """The session as text: "json" keeps the whole tree (`import_session` reads it back),
@@ -428,6 +441,8 @@ class Store:
         lines = [f"# {info.title or 'Untitled session'}", "",
                  f"<sub>Quill session {info.id} with {info.profile}, started {when(info.created)}</sub>", ""]
         names = {"user": "You", "model": info.profile, "system": "System"}
+        if info.system is not None:
+            lines += [f"**System:** {info.system.strip()}", ""]
         for m in path:
             lines += [f"**{names[m.role]}:** {m.text}", ""]
             if m.provenance:
@@ -448,8 +463,9 @@ class Store:
                 raise ValueError("not a Quill session export")
             messages = sorted(data["messages"], key=lambda m: m["id"])
             with self._write() as db:
-                session = db.execute("INSERT INTO sessions(title, profile, created, updated) VALUES (?, ?, ?, ?)",
-                                     (data["title"], data["profile"], data["created"], data["updated"])).lastrowid
+                session = db.execute("INSERT INTO sessions(title, profile, created, updated, system) VALUES (?, ?, ?, ?, ?)",
+                                     (data["title"], data["profile"], data["created"], data["updated"],
+                                      data.get("system"))).lastrowid
                 ids: dict[int, int] = {}
                 for m in messages:
                     if m["role"] not in ROLES:

@@ -10,8 +10,8 @@ import shlex
 import time
 from pathlib import Path
 
-from gpt_runtime.commands import (QUIT, CommandHelp, Comparison, JobsChanged, Reply, Resumed, TokenView, TurnsChanged,
-                                  commands, find)
+from gpt_runtime.commands import (QUIT, CommandHelp, Comparison, Found, JobsChanged, Reply, Resumed, TokenView,
+                                  TurnsChanged, commands, find)
 from gpt_runtime.errors import UsageError
 from gpt_runtime.hookspecs import hookimpl
 from gpt_runtime.plugins import get_registry
@@ -100,6 +100,78 @@ def regen(session, args: str) -> Reply:
     return Reply(session.regenerate())
 
 
+def edit(session, args: str) -> Reply:
+    number, _, text = args.strip().partition(" ")
+    if not number:
+        raise UsageError("/edit needs a message number and its new text")
+    try:
+        n = int(number)
+    except ValueError:
+        raise UsageError(f"/edit takes a message number first, not {number!r}") from None
+    return Reply(session.edit(n, text), kept=n - 1)
+
+
+def _preview(text: str, width: int = 60) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def branch(session, args: str) -> str:
+    forks = session.forks()
+    choices = [(fork, k) for fork in forks for k in range(len(fork.versions))]
+    if not args.strip():
+        if not forks:
+            return "no message has other versions yet (/edit N TEXT and /regen make them)"
+        lines, n = [], 0
+        for fork in forks:
+            what = "message" if fork.role == "user" else "reply"
+            lines.append(f"{what} {fork.index + 1}: {len(fork.versions)} versions")
+            for k, turn in enumerate(fork.versions):
+                n += 1
+                text = turn.user if fork.role == "user" else turn.reply
+                lines.append(f"  {n}. {_preview(text)}" + ("  (current)" if k == fork.current else ""))
+        return "\n".join(lines + ["/branch N switches to version N"])
+    try:
+        n = int(args)
+    except ValueError:
+        raise UsageError(f"/branch takes a version number, not {args.strip()!r}") from None
+    if not 1 <= n <= len(choices):
+        raise UsageError(f"there is no version {n}" + (f": /branch lists 1 to {len(choices)}" if choices else
+                                                       ": no message has other versions yet"))
+    fork, k = choices[n - 1]
+    session.switch(fork.index, fork.role, k)
+    return TurnsChanged(f"switched to version {k + 1} of {len(fork.versions)} of "
+                        f"{'message' if fork.role == 'user' else 'reply'} {fork.index + 1}", kept=fork.index)
+
+
+def system(session, args: str) -> str:
+    if not args.strip():
+        text = session.template.system.strip()
+        whose = "this chat's" if session.system is not None else "the profile's"
+        return f"system text: {text!r} ({whose})" if text else f"system text: none ({whose})"
+    if args.strip() == "--reset":
+        return session.set_system(None)
+    return session.set_system(args.strip())
+
+
+def find_(session, args: str) -> Found:
+    from gpt_runtime.store import Store, default_path
+
+    if not args.strip():
+        raise UsageError("/find needs the words to look for")
+    path = session.store_path or default_path()
+    if not path.exists():
+        return Found("no chat has been saved yet", [])
+    with Store(path) as store:
+        hits = store.search(args)
+    if not hits:
+        return Found(f"no saved message holds {args.strip()!r}", [])
+    lines = [f"{hit.session}:{hit.message}  {hit.title or '(untitled)'}  ({'you' if hit.role == 'user' else 'model'})  "
+             f"{_preview(hit.snippet, 70)}" for hit in hits]
+    return Found("\n".join(lines + [f"/resume SESSION:MESSAGE carries on there, e.g. /resume {hits[0].session}:{hits[0].message}"]),
+                 hits)
+
+
 def undo(session, args: str) -> TurnsChanged:
     turn = session.undo()
     return TurnsChanged(f"forgot: {turn.user[:60]!r}", kept=len(session.turns))
@@ -139,7 +211,7 @@ def sessions(session, args: str) -> str:
 
 def resume(session, args: str) -> Resumed:
     if not args.strip():
-        raise UsageError("/resume needs a saved session's id, or last", hint="/sessions lists them")
+        raise UsageError("/resume needs a saved session's id, last, or SESSION:MESSAGE", hint="/sessions lists them")
     number, said = session.resume(args.strip())
     return Resumed.saying(session, number, said)
 
@@ -240,7 +312,13 @@ def quill_register_commands(register) -> None:
              complete=_sampler_names)
     register("/set", set_, help=SET_HELP, usage="/set NAME VALUE", complete=_option_names)
     register("/show", show, help="show the profile, chain, options, device and dtype", usage="/show")
-    register("/regen", regen, help="a new reply to the last message", usage="/regen")
+    register("/regen", regen, help="a new reply to the last message (the old one stays: /branch)", usage="/regen")
+    register("/edit", edit, help="ask message N again, changed: the conversation forks there (the old branch stays)",
+             usage="/edit N TEXT")
+    register("/branch", branch, help="list the messages with other versions, or switch to version N", usage="/branch [N]")
+    register("/system", system, help="show or set the system text for this chat (--reset: the profile's)",
+             usage="/system [TEXT|--reset]")
+    register("/find", find_, help="search every saved chat for messages holding these words", usage="/find WORDS")
     register("/undo", undo, help="forget the last exchange", usage="/undo")
     register("/clear", clear, help="forget the conversation", usage="/clear")
     register("/save", save, help="save the transcript: Markdown with provenance, or JSON for FILE.json",
@@ -248,7 +326,7 @@ def quill_register_commands(register) -> None:
     register("/load", load, help="load a transcript saved as JSON", usage="/load FILE")
     register("/sessions", sessions, help="the saved sessions, the latest used first", usage="/sessions")
     register("/resume", resume, help="carry on with a saved session (its turns replace the conversation)",
-             usage="/resume ID|last")
+             usage="/resume ID|last|SESSION:MESSAGE")
     register("/rename", rename, help="title the saved session of this chat", usage="/rename TITLE")
     register("/replay", replay, help="redo reply N from its provenance and check it is the same",
              usage="/replay [N]")

@@ -502,7 +502,7 @@ def test_save_json_and_load_round_trip_keeps_provenance(s, m, tmp_path, monkeypa
     path = s.save(tmp_path / "chat.json")
     assert path == tmp_path / "chat.json"
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert (data["format"], data["version"], data["profile"]) == ("quill-transcript", 1, "alpha")
+    assert (data["format"], data["version"], data["profile"]) == ("quill-transcript", 2, "alpha")
     assert [t["user"] for t in data["turns"]] == MESSAGES[:3]
     assert data["turns"][0]["provenance"]["checkpoint_sha256"] == m["sha_a"]
     other = ChatSession("beta")
@@ -540,7 +540,7 @@ def test_loading_something_that_is_not_a_json_transcript_is_a_clear_error(s, tmp
     assert exc.value.hint == "load a .json transcript written by /save FILE.json"
     for name, content, why in [
         ("other.json", '{"format": "something-else", "turns": []}', "not a Quill transcript"),
-        ("list.json", "[1, 2]", "'list' object has no attribute 'get'"),
+        ("list.json", "[1, 2]", "not a Quill transcript"),
         ("short.json", '{"format": "quill-transcript", "turns": [{"user": "x"}]}', "'reply'"),
         ("odd.json", '{"format": "quill-transcript", "turns": [{"user": "x", "reply": "y", "provenance": {"a": 1}}]}',
          "unexpected keyword argument 'a'"),

@@ -277,9 +277,11 @@ def test_cli_list_show_export_search_rm(data_home):
     assert md.startswith("# Who art thou, stranger?")
 
     found = run_quill("sessions", "search", "romeo", env=env).stdout.decode()
-    assert f"session {ids['chat']}, message {ids['a']}" in found and "[Romeo]" in found
+    assert found.startswith(f"{ids['chat']}:{ids['a']}  Who art thou, stranger?  (model)\n    A friend of [Romeo].")
+    assert found.endswith(f"quill chat --resume {ids['chat']}:{ids['a']}\n")
     hits = json.loads(run_quill("sessions", "search", "romeo", "--json", env=env).stdout)
-    assert hits == [{"session": ids["chat"], "message": ids["a"], "snippet": "A friend of [Romeo]."}]
+    assert hits == [{"session": ids["chat"], "message": ids["a"], "snippet": "A friend of [Romeo].", "role": "model",
+                     "title": "Who art thou, stranger?"}]
 
     assert run_quill("sessions", "rm", str(ids["chat"]), env=env).returncode == 0
     message, hint = one_line_error(run_quill("sessions", "show", str(ids["chat"]), env=env))

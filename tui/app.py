@@ -279,8 +279,9 @@ class QuillApp(App):
             if notices:
                 self.refresh_panels()
             jobs = self.session.jobs.all()
-            if jobs and self.query_one("#jobs").display:
-                self.query_one(JobsPanel).show(jobs)
+            panel = self.query(JobsPanel)  # empty while the app is closing and its widgets go
+            if jobs and panel and panel.first().display:
+                panel.first().show(jobs)
 
     def show_error(self, exc: BaseException) -> None:
         kind, message, hint = explain(exc)

@@ -22,6 +22,7 @@ def add_chat(commands) -> None:
         "quill chat --plain",
         "quill chat --resume",
         "quill chat --resume 12 --no-save",
+        "quill chat --resume 12:345   # at message 345, a hit of `quill sessions search`",
         "printf 'Good morrow\\n/set temperature 0.5\\nAnd then?\\n' | quill chat",
     ), description="Chat with a profile's model. Anything you type is sent to the model; lines starting "
                    "with / are commands (/help lists them; F1 in the full-screen chat lists the keys). "
@@ -30,9 +31,9 @@ def add_chat(commands) -> None:
     p.add_argument("--profile", help="profile to chat with (default: one named `default`, else shakespeare-char)")
     p.add_argument("--plain", action="store_true", help="the plain line-based REPL, for dumb terminals, "
                                                         "screen readers and scripts")
-    p.add_argument("--resume", nargs="?", const="last", metavar="ID|last",
-                   help="carry on with a saved session (`quill sessions list` shows them; alone: the last one used), "
-                        "with its profile unless --profile names another")
+    p.add_argument("--resume", nargs="?", const="last", metavar="ID|last|ID:MESSAGE",
+                   help="carry on with a saved session (`quill sessions list` shows them; alone: the last one used; "
+                        "ID:MESSAGE: at that message), with its profile unless --profile names another")
     p.add_argument("--no-save", dest="save", action="store_false", default=None,
                    help="do not save this chat (it is saved as it happens unless the profile says "
                         "[session] save = false)")

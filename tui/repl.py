@@ -74,9 +74,10 @@ def show_job_notices(session: ChatSession, out: TextIO) -> None:
     out.flush()
 
 
-def show_turns(session: ChatSession, out: TextIO) -> None:
-    """The conversation so far, as the transcript shows it (after resuming a saved session)."""
-    for turn in session.turns:
+def show_turns(session: ChatSession, out: TextIO, start: int = 0) -> None:
+    """The conversation from turn `start` on, as the transcript shows it (after resuming a
+    saved session, or switching to another branch)."""
+    for turn in session.turns[start:]:
         out.write(f"> {turn.user}\n{turn.reply}\n")
     out.flush()
 
@@ -99,8 +100,8 @@ def handle(session: ChatSession, line: str, out: TextIO, err: TextIO) -> str:
                 return "quit"
             if isinstance(result, str):
                 out.write(result + "\n")
-                if isinstance(result, commands.Resumed):
-                    show_turns(session, out)
+                if isinstance(result, commands.TurnsChanged):
+                    show_turns(session, out, result.kept)
             elif result is not None:
                 _stream(session, result, out)
         elif line.strip():
