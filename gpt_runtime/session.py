@@ -540,7 +540,7 @@ class ChatSession:
         self._dropped_told = 0
         leaf = path[-1].saved
         if self.saved_id is not None and leaf is not None:
-            self._saving(lambda store: store.set_current(self.saved_id, leaf[1]))
+            self._update_saved(lambda store: store.set_current(self.saved_id, leaf[1]))
 
     def undo(self) -> Turn:
         """Forget the last exchange; returns it."""
@@ -551,7 +551,7 @@ class ChatSession:
         turn, self.turns = self.turns[-1], self.turns[:-1]  # it stays in the tree, as in the saved session
         if turn.saved is not None:  # the saved session goes back too; the exchange stays in its tree
             back = self.turns[-1].saved[1] if self.turns and self.turns[-1].saved else None
-            self._saving(lambda store: store.set_current(self.saved_id, back))
+            self._update_saved(lambda store: store.set_current(self.saved_id, back))
         return turn
 
     def clear(self) -> None:
@@ -714,7 +714,7 @@ class ChatSession:
         self.system = text if text is None or text.strip() else ""
         self.template = replace(self.template, system=self.profile.template.system if text is None else self.system)
         if save and self.saved_id is not None:
-            self._saving(lambda store: store.set_system(self.saved_id, self.system))
+            self._update_saved(lambda store: store.set_system(self.saved_id, self.system))
         if text is None:
             return "the system text is the profile's again"
         return f"system text: {self.system.strip()!r}" if self.system else "no system text"
@@ -742,18 +742,31 @@ class ChatSession:
             with self._open_store() as store:
                 write(store)
         except StoreLocked as exc:  # another chat is writing: this exchange is saved with the next one
-            with self._notices_lock:
-                self._notices.append(Notice(f"not saved this time: {exc.message}; saving tries again at the next reply"))
+            self._tell(f"not saved this time: {exc.message}; saving tries again at the next reply")
         except (QuillError, sqlite3.Error, OSError) as exc:
             reason = exc.message if isinstance(exc, QuillError) else f"{type(exc).__name__}: {exc}"
             self.save_error = reason
-            with self._notices_lock:
-                self._notices.append(Notice(f"this chat is no longer saved: {reason}"))
+            self._tell(f"this chat is no longer saved: {reason}")
+
+    def _update_saved(self, change) -> None:
+        """`change(store)` the chat's saved session, unless it was deleted meanwhile (the
+        next reply saves the chat again, as a new session)."""
+        self._saving(lambda store: change(store) if store.exists(self.saved_id) else None)
+
+    def _tell(self, text: str) -> None:
+        """A notice for `job_notices` (replies run on another thread than the interface's)."""
+        with self._notices_lock:
+            self._notices.append(Notice(text))
 
     def _save(self) -> None:
         """Save every turn not saved yet (the new exchange or reply; after /load, every branch),
         each under its parent, and leave the saved session at this chat's current turn."""
         def write(store) -> None:
+            if self.saved_id is not None and not store.exists(self.saved_id):  # `quill sessions rm` meanwhile
+                self.saved_id = None
+                for turn in self.tree:
+                    turn.saved = None
+                self._tell("the saved session of this chat was deleted; the chat is saved again, as a new session")
             last = None
             for turn in [t for t in self.tree if t.saved is None]:
                 asked = next((t.saved[0] for t in self.tree if t.asked == turn.asked and t.saved), None)
@@ -770,6 +783,8 @@ class ChatSession:
             leaf = self.turns[-1].saved if self.turns else None
             if last is not None and leaf is not None and leaf[1] != last:
                 store.set_current(self.saved_id, leaf[1])
+            if store.get(self.saved_id).profile != self.profile.name:  # /profile switched: resume with this one
+                store.set_profile(self.saved_id, self.profile.name)
 
         self._saving(write)
 
@@ -816,13 +831,16 @@ class ChatSession:
                              hint=f"`quill sessions show {info.id}` shows its messages")
         tree, leaf, unanswered = _tree_from(messages, info.current if message is None else message)
         said = []
-        if switch_profile and info.profile != self.profile.name:
+        if info.profile != self.profile.name:
             try:
                 get_profile(info.profile)
             except QuillError:
                 said.append(f"its profile {info.profile!r} is not there any more: chatting with {self.profile.name}")
             else:
-                self.use_profile(info.profile)
+                if switch_profile:
+                    self.use_profile(info.profile)
+                else:
+                    said.append(f"it was held with profile {info.profile}; chatting with {self.profile.name} as asked")
         self._idle()
         self.tree, self.turns = tree, _path_to(leaf) if leaf else []
         self._clock = itertools.count(max((t.seen for t in tree), default=0) + 1)

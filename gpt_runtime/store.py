@@ -42,7 +42,7 @@ TITLE_LENGTH = 60
 
 _TABLES = (
     """CREATE TABLE sessions(
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: an id someone wrote down stays unambiguous
         title TEXT,
         profile TEXT NOT NULL,
         created REAL NOT NULL,
@@ -50,7 +50,7 @@ _TABLES = (
         current INTEGER,
         system TEXT)""",
     """CREATE TABLE messages(
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         session INTEGER NOT NULL REFERENCES sessions ON DELETE CASCADE,
         parent INTEGER NULL REFERENCES messages,
         role TEXT NOT NULL CHECK(role IN ('system', 'user', 'model')),
@@ -290,6 +290,17 @@ class Store:
         title = check_title(title)
         with self._write() as db:
             if db.execute("UPDATE sessions SET title = ? WHERE id = ?", (title, session)).rowcount == 0:
+                raise self._missing(session)
+
+    def exists(self, session: int) -> bool:
+        """Whether there is a session `session` (it may have been deleted by another process)."""
+        with self._errors():
+            return self._db.execute("SELECT 1 FROM sessions WHERE id = ?", (session,)).fetchone() is not None
+
+    def set_profile(self, session: int, profile: str) -> None:
+        """Record the profile the chat now uses (the one a resume switches to)."""
+        with self._write() as db:
+            if db.execute("UPDATE sessions SET profile = ? WHERE id = ?", (profile, session)).rowcount == 0:
                 raise self._missing(session)
 
     def set_system(self, session: int, system: str | None) -> None:

@@ -363,14 +363,15 @@ class Dry(Sampler):
         super().__init__(**values)
         self.breaker_texts = parse_texts(self.breakers, "dry.breakers")
         self.breaker_set = parse_ids(self.breaker_ids, "dry.breaker_ids")
-        self._text_breakers: tuple[int, frozenset[int]] | None = None  # (id of the pieces, their breaker ids)
+        self._text_breakers: tuple[object, frozenset[int]] | None = None  # (the pieces, their breaker ids)
 
     def text_breakers(self, pieces) -> frozenset[int]:
-        """The ids whose text contains a breaker text; worked out once per tokenizer."""
-        if self._text_breakers is None or self._text_breakers[0] != id(pieces):
+        """The ids whose text contains a breaker text; worked out once per tokenizer (the
+        pieces are held, not their id: another tokenizer's could reuse a freed one's id)."""
+        if self._text_breakers is None or self._text_breakers[0] is not pieces:
             texts = [piece.decode("utf-8", errors="ignore") for piece in pieces]
             found = frozenset(i for i, text in enumerate(texts) if any(b in text for b in self.breaker_texts))
-            self._text_breakers = (id(pieces), found)
+            self._text_breakers = (pieces, found)
         return self._text_breakers[1]
 
     def penalty(self, length: int) -> float:

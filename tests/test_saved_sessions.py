@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -268,3 +269,63 @@ def test_the_full_screen_chat_resumes_a_session_with_its_messages(chat_profiles)
         assert app.session.profile.name == "beta" and app.session.saved_id == first.saved_id
 
     run(app, steps)
+
+
+def test_a_full_disk_stops_saving_and_the_chat_goes_on(chat_profiles):
+    """The sessions database cannot grow (a file-size limit, as a full disk): the chat says so once, and goes on."""
+    import resource
+
+    Store(default_path()).close()  # an existing database, as after earlier chats
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+
+    env = quill_env({"OMP_NUM_THREADS": "1", "QUILL_PROFILES": str(chat_profiles)})
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "chat", "--profile", "beta"], input=b"/set max_new_tokens 4\n"
+                         b"Speak\nhear me speak\n", capture_output=True, env=env, cwd=REPO, preexec_fn=small_files)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.decode()
+    assert text.count("[this chat is no longer saved: cannot use the sessions database") == 1
+    assert "disk" in text and text.index("> hear me speak\n") > text.index("no longer saved")
+    assert len(text.split("> hear me speak\n")[1].strip()) > 0  # the second reply came
+    with Store(default_path()) as store:
+        assert store.list_sessions() == []
+
+
+def test_the_saved_session_follows_the_profile_and_is_saved_again_if_deleted(chat_profiles):
+    s = ChatSession("alpha")
+    s.set("max_new_tokens", "4")
+    say(s, "Speak")
+    s.use_profile("beta")
+    say(s, "hear me")
+    with Store(default_path()) as store:
+        assert store.get(s.saved_id).profile == "beta"  # a resume goes on with the profile used last
+        store.delete(s.saved_id)
+    first = s.saved_id
+    say(s, "First")
+    (notice,) = s.job_notices()
+    assert "was deleted" in notice.text and s.saving and s.saved_id != first
+    assert saved(s.saved_id) == conversation(s)
+    other = ChatSession("alpha")
+    _, said = other.resume("last", switch_profile=False)  # `quill chat --profile alpha --resume`
+    assert said == ["it was held with profile beta; chatting with alpha as asked"]
+
+
+def test_branching_in_the_plain_chat_and_resuming_at_a_search_hit(chat_profiles):
+    script = ("/set max_new_tokens 4\nSpeak\nhear me\n/edit 2 Citizen speak\n/branch\n/branch 1\n"
+              "/system Be brief\n/find Citizen\n")
+    out = chat("--profile", "beta", input=script)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.decode()
+    assert "message 2: 2 versions\n  1. hear me\n  2. Citizen speak  (current)\n" in text
+    assert "switched to version 1 of 2 of message 2\n> hear me\n" in text
+    assert "system text: 'Be brief'" in text
+    hits = json.loads(run_quill("sessions", "search", "Citizen", "--json").stdout)
+    (hit,) = [h for h in hits if h["role"] == "user"]
+    assert f"{hit['session']}:{hit['message']}  " in text.split("> /find Citizen\n")[1]
+    again = chat("--resume", f"{hit['session']}:{hit['message']}", input="")
+    assert again.returncode == 0, again.stderr
+    lines = again.stdout.decode().splitlines()
+    assert lines[0] == f"resumed session {hit['session']} with beta: 2 turns"
+    assert [line for line in lines if line.startswith("> ")] == ["> Speak", "> Citizen speak"]
