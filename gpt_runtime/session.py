@@ -635,7 +635,8 @@ class ChatSession:
         """The conversation with its provenance, as saved by ``/save FILE.json``: `turns` is the
         current branch, `tree` every turn of every branch (each names its parent's index, and
         the first turn of the message it answers), `current` the index of the current turn."""
-        tree = self.tree + [t for t in self.turns if not any(t is known for known in self.tree)]
+        known = {id(t) for t in self.tree}
+        tree = self.tree + [t for t in self.turns if id(t) not in known]  # turns set by hand are kept too
         index = {id(t): i for i, t in enumerate(tree)}
         first: dict[int, int] = {}
         for i, t in enumerate(tree):

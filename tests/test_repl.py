@@ -614,5 +614,8 @@ def test_the_interactive_chat_resumes_the_last_saved_session(terminal, m, tmp_pa
     t.expect("Chatting with alpha.")
     t.type("/sessions")
     t.expect("Speak\n")
+    t.type("/edit 1 First")  # edited on the terminal: the old branch stays, /branch goes back to it
+    t.type("/branch 1")
+    t.expect(f"switched to version 1 of 2 of message 1\n> Speak\n{reply}\n")
     t.type("/quit")
     assert t.exit_code() == 0
