@@ -46,6 +46,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/interop_bench.py
 	$(PY) benchmarks/chat_bench.py --profile shakespeare-char
 	$(PY) benchmarks/tui_bench.py
+	$(PY) benchmarks/sessions_bench.py
 	$(PY) benchmarks/finetune_bench.py
 
 clean:
