@@ -598,8 +598,8 @@ class QuillApp(App):
             return
         if view.role != "user" or view.turn is None:
             count = len(self.session.turns) if self.session is not None else 0
-            self.notify(f"Only your messages can be edited: messages 1 to {count}." if count > 1 else
-                        "Only your messages can be edited." + (" Your only message is 1." if count else ""))
+            yours = f"messages 1 to {count}" if count > 1 else "message 1" if count else "none yet"
+            self.notify(f"Only your messages can be edited: {yours}.")
             return
         if self._refuse_while_busy():
             return

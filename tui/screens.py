@@ -215,7 +215,7 @@ class EditScreen(ModalScreen[str | None]):
     EditScreen > Vertical { width: 90%; max-width: 100; height: auto; border: round $accent; background: $surface;
                             padding: 0 1; }
     EditScreen EditBox { height: auto; min-height: 3; max-height: 16; }
-    EditScreen Label { color: $text-muted; }
+    EditScreen Label { color: $text-muted; width: 1fr; }
     """
 
     def __init__(self, number: int, text: str) -> None:
@@ -226,8 +226,8 @@ class EditScreen(ModalScreen[str | None]):
         with Vertical() as box:
             box.border_title = f"Edit message {self.number}"
             yield EditBox(self.text, id="edit", soft_wrap=True, show_line_numbers=False)
-            yield Label("Enter sends it (a new reply; the old branch stays: ← → on the message), "
-                        "Alt+Enter new line, Escape cancels", markup=False)
+            yield Label("Enter sends it for a new reply (the old version stays: ← → on the message switch), "
+                        "Alt+Enter adds a line, Escape cancels", markup=False)
 
     def on_mount(self) -> None:
         box = self.query_one(EditBox)

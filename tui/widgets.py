@@ -52,6 +52,9 @@ class ChatInput(TextArea):
         self.post_message(self.Complete())
 
 
+VERSIONS = Binding.Group("Versions", compact=True)  # ←→ in the footer, once
+
+
 class MessageView(Static, can_focus=True):
     """One message of the conversation.
 
@@ -67,8 +70,8 @@ class MessageView(Static, can_focus=True):
         Binding("i", "app.provenance", "Provenance"),
         Binding("t", "app.inspect_tokens", "Tokens"),
         Binding("e", "app.edit_message", "Edit"),
-        Binding("left", "app.version(-1)", "Version", key_display="←"),
-        Binding("right", "app.version(1)", "Version", key_display="→"),
+        Binding("left", "app.version(-1)", "Previous version", key_display="←", group=VERSIONS),
+        Binding("right", "app.version(1)", "Next version", key_display="→", group=VERSIONS),
     ]
 
     def __init__(self, role: str, text: str = "", turn: int | None = None, title: str = "") -> None:
