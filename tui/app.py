@@ -648,7 +648,9 @@ class QuillApp(App):
                             self.action_probabilities)
         yield SystemCommand("Provenance of the last reply", "checkpoint, sampler, seed", self.action_provenance)
         yield SystemCommand("Copy the last reply", "to the clipboard (Ctrl+Y)", self.action_copy_last)
-        for line, what in (("/regen", "a new reply to the last message"), ("/undo", "forget the last exchange"),
+        for line, what in (("/regen", "a new reply to the last message (the old one stays: ← → on it)"),
+                           ("/branch", "the messages with other versions (e on a message edits it)"),
+                           ("/undo", "forget the last exchange"),
                            ("/clear", "forget the conversation"), ("/save", "write the transcript"),
                            ("/sessions", "the saved sessions"),
                            ("/jobs", "list the jobs"), ("/show", "profile, sampler, device")):
@@ -656,7 +658,9 @@ class QuillApp(App):
         for line, what in (("/finetune ", "fine-tune this model on your files or conversations: name them"),
                            ("/train --data  --out ", "start training in the background: fill in the paths"),
                            ("/eval  --data ", "evaluate a checkpoint in the background"),
-                           ("/compare greedy | ", "the last message through two sampler chains")):
+                           ("/compare greedy | ", "the last message through two sampler chains"),
+                           ("/find ", "search every saved chat: pick a hit to carry on there"),
+                           ("/system ", "the system text for this chat (also in the side panel, F2)")):
             yield SystemCommand(line.strip(), what, lambda line=line: self.prefill(line))
         for name in self.profiles():
             yield SystemCommand(f"Profile {name}", "switch the model, keeping the conversation",
