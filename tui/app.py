@@ -30,7 +30,16 @@ from gpt_runtime.profiles import default_profile, find_profiles
 from gpt_runtime.session import ChatSession, Notice
 
 from .panels import JobsPanel, RunCommand, SidePanel
-from .screens import CompareScreen, ConfirmScreen, HelpScreen, ProbabilityScreen, ProvenanceScreen, TokensScreen
+from .screens import (
+    CompareScreen,
+    ConfirmScreen,
+    EditScreen,
+    FindScreen,
+    HelpScreen,
+    ProbabilityScreen,
+    ProvenanceScreen,
+    TokensScreen,
+)
 from .widgets import ChatInput, MessageView
 
 MIN_WIDTH, MIN_HEIGHT = 60, 16
@@ -183,10 +192,7 @@ class QuillApp(App):
         self.loading.finish(f"Profile {p.name}: {p.description or p.checkpoint}. /help lists the commands; F1 the keys; "
                             "F2 the sampler panel.")
         if resumed:
-            names = self.session.template
-            for n, turn in enumerate(self.session.turns):
-                self.add_message("user", turn.user, title=names.user_name)
-                self.add_message("model", turn.reply, turn=n, title=names.model_name)
+            self.add_turns(0)
             self.add_message("output", resumed)
         self.refresh_panels()
 
@@ -224,30 +230,47 @@ class QuillApp(App):
 
         self.call_after_refresh(scroll)
 
-    def rebuild_conversation(self) -> None:
-        """Show the session's turns afresh (after /clear, /load, a failed reply)."""
-        conversation = self.query_one("#conversation", VerticalScroll)
-        conversation.remove_children()
-        names = self.session.template
-        for n, turn in enumerate(self.session.turns):
-            self.add_message("user", turn.user, title=names.user_name)
-            self.add_message("model", turn.reply, turn=n, title=names.model_name)
+    def add_turns(self, start: int) -> list[MessageView]:
+        """Show the session's turns from `start` on, at the end; returns their views."""
+        names, added = self.session.template, []
+        for n, turn in enumerate(self.session.turns[start:], start=start):
+            added.append(self.add_message("user", turn.user, turn=n, title=names.user_name))
+            added.append(self.add_message("model", turn.reply, turn=n, title=names.model_name))
+        self.label_versions(added)
+        return added
 
-    def redraw_turns(self, kept: int) -> None:
-        """After a command changed the turns from `kept` on (/undo, /clear, /load): show
-        them afresh. The replies before `kept` keep their token probabilities."""
+    def rebuild_conversation(self) -> list[MessageView]:
+        """Show the session's turns afresh (after /clear, /load, a failed reply)."""
+        self.query_one("#conversation", VerticalScroll).remove_children()
+        return self.add_turns(0)
+
+    def redraw_turns(self, kept: int) -> list[MessageView]:
+        """After a command changed the turns from `kept` on (/undo, /clear, /load, /edit, a
+        version switched): show them afresh; returns their views. The replies before `kept`
+        keep their token probabilities."""
         views = list(self.query(MessageView))
-        first = next((i for i, v in enumerate(views) if v.role == "model" and v.turn is not None and v.turn >= kept), None)
+        # the first message of turn `kept`: what the command said about earlier turns stays above it
+        first = next((i for i, v in enumerate(views) if v.role in ("user", "model") and v.turn is not None
+                      and v.turn >= kept), None)
         if kept == 0 or first is None:
-            self.rebuild_conversation()
-            return
-        start = max((i for i in range(first) if views[i].role == "user"), default=first)
-        for view in views[start:]:
+            return self.rebuild_conversation()
+        for view in views[first:]:
             view.remove()
-        names = self.session.template
-        for n, turn in enumerate(self.session.turns[kept:], start=kept):
-            self.add_message("user", turn.user, title=names.user_name)
-            self.add_message("model", turn.reply, turn=n, title=names.model_name)
+        return self.add_turns(kept)
+
+    def label_versions(self, views: list[MessageView] | None = None) -> None:
+        """Mark each message that has other versions with which one it is ("2/3"). The
+        forks are found once for all the messages: a long conversation redraws quickly."""
+        if self.session is None:
+            return
+        try:
+            shown = {(f.index, f.role): f"{f.current + 1}/{len(f.versions)}" for f in self.session.forks()}
+        except Exception:  # noqa: BLE001 - the conversation changed under us (a reply ending): the next redraw labels
+            return
+        streaming = self.streaming[0] if self.streaming else None
+        for view in self.query(MessageView) if views is None else views:
+            if view.role in ("user", "model") and view.turn is not None and view is not streaming:
+                view.set_version(shown.get((view.turn, view.role), ""))
 
     def status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
@@ -348,9 +371,9 @@ class QuillApp(App):
         except Exception as exc:  # noqa: BLE001
             self.show_error(exc)
             return True
-        names = self.session.template
-        self.add_message("user", line, title=names.user_name)
-        self.start_stream(events, self.add_message("model", "", turn=len(self.session.turns) - 1, title=names.model_name))
+        names, turn = self.session.template, len(self.session.turns) - 1
+        self.add_message("user", line, turn=turn, title=names.user_name)
+        self.start_stream(events, self.add_message("model", "", turn=turn, title=names.model_name))
         return True
 
     @work(thread=True, group="command")
@@ -385,7 +408,11 @@ class QuillApp(App):
             self.push_screen(TokensScreen(result))
         elif isinstance(result, commands.Comparison):
             self.push_screen(CompareScreen(result.sides))
-        elif isinstance(result, commands.Reply):  # replaces the last reply
+        elif isinstance(result, commands.Found) and result.hits:
+            self.push_screen(FindScreen(result.hits), self.resume_hit)
+        elif isinstance(result, commands.Reply) and result.kept is not None:  # /edit: the turns from `kept` changed
+            self.start_stream(result, self.redraw_turns(result.kept)[-1])  # the last turn's reply is the new one
+        elif isinstance(result, commands.Reply):  # replaces the last reply (/regen)
             models = [v for v in self.query(MessageView) if v.role == "model"]
             if models:
                 models[-1].remove()
@@ -437,6 +464,7 @@ class QuillApp(App):
             self.last_speed = f"{speed:.0f} tok/s"
             stopped = " · stopped" if done.reason == "cancelled" else ""
             view.finish(turn.reply if turn else view.text.strip(), f"{done.new_tokens} tokens · {speed:.0f} tok/s{stopped}")
+            self.label_versions()  # a new reply (/regen) is another version; an edit made its message one
         self.update_status()
 
     # --- actions --------------------------------------------------------------------
@@ -523,6 +551,71 @@ class QuillApp(App):
         if self.session is not None and view is not None and view.text:
             self.push_screen(TokensScreen(self.session.loaded.tokenizer, view.text))
 
+    def _message_at(self, turn: int, role: str, views: list[MessageView]) -> MessageView | None:
+        return next((v for v in views if v.turn == turn and v.role == role), None)
+
+    def _refuse_while_busy(self) -> bool:
+        """Whether a reply or command is running, said as a notice: versions and edits wait for it."""
+        if self.session is None or self.streaming or self.session.busy:
+            self.notify("A reply is still streaming (or a model loading): wait, or press Escape to stop it.")
+            return True
+        return False
+
+    def action_version(self, step: int) -> None:
+        """← →: show the previous or next version of the focused message, and the
+        conversation that follows it."""
+        view = self.focused
+        if not isinstance(view, MessageView) or view.role not in ("user", "model") or view.turn is None:
+            return
+        if self._refuse_while_busy():
+            return
+        index, role = view.turn, view.role
+        try:
+            versions, current = self.session.versions(index, role)
+        except IndexError:  # a message of a conversation that is being redrawn
+            return
+        if len(versions) < 2:
+            what = "message has no other versions: e edits it" if role == "user" else "reply has no other versions"
+            self.notify(f"This {what}" + ("" if role == "user" else ": /regen makes one") + ".")
+            return
+        if not 0 <= current + step < len(versions):  # at either end: say where, quietly
+            self.notify(f"This is the {'first' if step < 0 else 'last'} version ({current + 1}/{len(versions)}).")
+            return
+        try:
+            self.session.switch(index, role, current + step)
+        except QuillError as exc:
+            self.notify(exc.message, severity="warning")
+            return
+        moved = self._message_at(index, role, self.redraw_turns(index))
+        if moved is not None:  # keep going through the versions from the same place
+            self.call_after_refresh(moved.focus)
+        self.update_status()
+
+    def action_edit_message(self) -> None:
+        """e: edit the focused message of yours in a window; sending it runs /edit N TEXT."""
+        view = self.focused
+        if not isinstance(view, MessageView):
+            return
+        if view.role != "user" or view.turn is None:
+            count = len(self.session.turns) if self.session is not None else 0
+            yours = f"messages 1 to {count}" if count > 1 else "message 1" if count else "none yet"
+            self.notify(f"Only your messages can be edited: {yours}.")
+            return
+        if self._refuse_while_busy():
+            return
+        n = view.turn + 1
+
+        def send(text: str | None) -> None:
+            if text and text.strip():
+                self.run_line(f"/edit {n} {text.strip()}")
+
+        self.push_screen(EditScreen(n, view.text), send)
+
+    def resume_hit(self, line: str | None) -> None:
+        """A search hit chosen in the /find window: resume there, as /resume SESSION:MESSAGE."""
+        if line:
+            self.run_line(line)
+
     def action_quit(self) -> None:
         if self.session is not None and any(j.status == "running" for j in self.session.jobs.all()):
             def answer(yes: bool | None) -> None:
@@ -555,7 +648,9 @@ class QuillApp(App):
                             self.action_probabilities)
         yield SystemCommand("Provenance of the last reply", "checkpoint, sampler, seed", self.action_provenance)
         yield SystemCommand("Copy the last reply", "to the clipboard (Ctrl+Y)", self.action_copy_last)
-        for line, what in (("/regen", "a new reply to the last message"), ("/undo", "forget the last exchange"),
+        for line, what in (("/regen", "a new reply to the last message (the old one stays: ← → on it)"),
+                           ("/branch", "the messages with other versions (e on a message edits it)"),
+                           ("/undo", "forget the last exchange"),
                            ("/clear", "forget the conversation"), ("/save", "write the transcript"),
                            ("/sessions", "the saved sessions"),
                            ("/jobs", "list the jobs"), ("/show", "profile, sampler, device")):
@@ -563,7 +658,9 @@ class QuillApp(App):
         for line, what in (("/finetune ", "fine-tune this model on your files or conversations: name them"),
                            ("/train --data  --out ", "start training in the background: fill in the paths"),
                            ("/eval  --data ", "evaluate a checkpoint in the background"),
-                           ("/compare greedy | ", "the last message through two sampler chains")):
+                           ("/compare greedy | ", "the last message through two sampler chains"),
+                           ("/find ", "search every saved chat: pick a hit to carry on there"),
+                           ("/system ", "the system text for this chat (also in the side panel, F2)")):
             yield SystemCommand(line.strip(), what, lambda line=line: self.prefill(line))
         for name in self.profiles():
             yield SystemCommand(f"Profile {name}", "switch the model, keeping the conversation",

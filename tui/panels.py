@@ -29,13 +29,15 @@ class RunCommand(Message):
 
 
 class SidePanel(VerticalScroll):
-    """The active profile and sampler chain, every option an input: Enter applies it."""
+    """The active profile and sampler chain, every option an input, and the chat's system
+text: Enter applies each."""
 
     def show(self, session: Any, profiles: list[str], redraw: bool = False) -> None:
         """Rebuild for the session's current profile, chain and options, if they changed
         (or with `redraw`: after a failed change, the widgets show what was asked, not what is)."""
         state = (session.profile.name, tuple(profiles), session.chain, repr(session.options), session.max_new_tokens,
-                 session.seed, session.template.user_name, session.template.model_name)
+                 session.seed, session.template.user_name, session.template.model_name, session.template.system,
+                 session.system is None)
         if state == getattr(self, "_state", None) and not redraw:
             return
         self._state = state
@@ -65,6 +67,13 @@ class SidePanel(VerticalScroll):
                             ("user_name", session.template.user_name), ("model_name", session.template.model_name)):
             widgets.append(Label(name, classes="option-help"))
             widgets.append(Input(str(value), id=f"set-{name}", classes="option", name=name, compact=True))
+        widgets.append(Label("System text", classes="heading"))
+        whose = "this chat's" if session.system is not None else "the profile's"
+        widgets.append(Label(f"before the conversation ({whose}); Enter applies, empty: the profile's",
+                             classes="option-help"))
+        # one line: a system text of several is shown with its line ends as spaces
+        widgets.append(Input(" ".join(session.template.system.split()), id="system", placeholder="none",
+                             compact=True))
         self.app.call_later(self._replace, widgets)
 
     async def _replace(self, widgets: list) -> None:
@@ -78,6 +87,8 @@ class SidePanel(VerticalScroll):
         event.stop()
         if event.input.id == "chain":
             self.post_message(RunCommand(f"/sampler {event.value}"))
+        elif event.input.id == "system":
+            self.post_message(RunCommand(f"/system {event.value.strip() or '--reset'}"))
         else:
             self.post_message(RunCommand(f"/set {event.input.name} {event.value}"))
 

@@ -1,5 +1,6 @@
 """Modal screens: help, the tokenizer inspector, the probability view, /compare,
-a reply's provenance, and a yes/no question. Escape closes each."""
+a reply's provenance, editing a message, /find's hits, and a yes/no question.
+Escape closes each."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widget import Widget
-from textual.widgets import Button, Label, Static
+from textual.widgets import Button, Label, OptionList, Static, TextArea
+from textual.widgets.option_list import Option
 
 from gpt_runtime import commands
 
-from .widgets import probability_style, token_text
+from .widgets import ChatInput, probability_style, token_text
 
 KEYS = [
     ("Enter", "send the message (or run the /command)"),
@@ -32,7 +34,9 @@ KEYS = [
     ("Ctrl+Y", "copy the last reply"),
     ("Ctrl+T", "light or dark theme"),
     ("Shift+Tab", "from the message box up to the messages (Tab goes down); on a message: c copy, p token "
-                  "probabilities, i provenance, t tokens"),
+                  "probabilities, i provenance, t tokens, e edit it (your messages: the conversation forks there)"),
+    ("← →", "on a message marked 2/3: its previous or next version (an edit, or a reply from /regen), and the "
+            "conversation that followed it"),
     ("Ctrl+Q", "quit (asks first while a job runs)"),
 ]
 
@@ -195,6 +199,89 @@ class ProvenanceScreen(Closable):
         with Vertical(classes="box") as box:
             box.border_title = f"Reply {self.number}: where it came from (/replay {self.number} redoes it)"
             yield Static(table)
+
+
+class EditBox(ChatInput):
+    """The edit window's text: Enter sends, Alt+Enter or Ctrl+J adds a line, as in the message box."""
+
+
+class EditScreen(ModalScreen[str | None]):
+    """e on a message of yours: change it; Enter (or Ctrl+S) sends it as /edit N TEXT, Escape cancels.
+    Dismisses with the new text, or None."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel"), Binding("ctrl+s", "send", "Send", priority=True)]
+    DEFAULT_CSS = """
+    EditScreen { align: center middle; }
+    EditScreen > Vertical { width: 90%; max-width: 100; height: auto; border: round $accent; background: $surface;
+                            padding: 0 1; }
+    EditScreen EditBox { height: auto; min-height: 3; max-height: 16; }
+    EditScreen Label { color: $text-muted; width: 1fr; }
+    """
+
+    def __init__(self, number: int, text: str) -> None:
+        super().__init__()
+        self.number, self.text = number, text
+
+    def compose(self) -> ComposeResult:
+        with Vertical() as box:
+            box.border_title = f"Edit message {self.number}"
+            yield EditBox(self.text, id="edit", soft_wrap=True, show_line_numbers=False)
+            yield Label("Enter sends it for a new reply (the old version stays: ← → on the message switch), "
+                        "Alt+Enter adds a line, Escape cancels", markup=False)
+
+    def on_mount(self) -> None:
+        box = self.query_one(EditBox)
+        box.focus()
+        box.move_cursor(box.document.end)
+
+    def action_send(self) -> None:
+        self.query_one(EditBox).action_submit()
+
+    def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
+        event.stop()
+        self.dismiss(event.text)
+
+    # The app completes /commands and suggests them for its own message box: not here.
+    def on_chat_input_complete(self, event: ChatInput.Complete) -> None:
+        event.stop()
+
+    def on_text_area_changed(self, event: TextArea.Changed) -> None:
+        event.stop()
+
+
+class FindScreen(ModalScreen[str | None]):
+    """/find's hits, one a line: Enter resumes the chat at that message (dismisses with
+    the /resume SESSION:MESSAGE line), Escape closes."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
+    DEFAULT_CSS = """
+    FindScreen { align: center middle; }
+    FindScreen > OptionList { width: 90%; max-width: 120; height: auto; max-height: 90%; border: round $accent;
+                              background: $surface; }
+    """
+
+    def __init__(self, hits: list[Any]) -> None:
+        super().__init__()
+        self.hits = hits
+
+    def compose(self) -> ComposeResult:
+        options = []
+        for hit in self.hits:
+            line = Text.assemble((f"{hit.session}:{hit.message}", "bold"), f"  {hit.title or '(untitled)'}  ",
+                                 ("you" if hit.role == "user" else "model", "italic"), "  ",
+                                 " ".join(hit.snippet.split()))
+            options.append(Option(line, id=f"{hit.session}:{hit.message}"))
+        found = OptionList(*options, id="hits")
+        found.border_title = f"{len(self.hits)} saved message{'s' if len(self.hits) != 1 else ''} found: " \
+                             "Enter resumes that chat there, Escape closes"
+        yield found
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        self.dismiss(f"/resume {event.option.id}")
 
 
 class ConfirmScreen(ModalScreen[bool]):

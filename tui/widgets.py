@@ -52,12 +52,16 @@ class ChatInput(TextArea):
         self.post_message(self.Complete())
 
 
+VERSIONS = Binding.Group("Versions", compact=True)  # ←→ in the footer, once
+
+
 class MessageView(Static, can_focus=True):
     """One message of the conversation.
 
     `role` is "user", "model", "notice", "error" or "output" (a command's text).
-    A model message keeps its `Token` events, for the probability view, and the
-    index of its turn, for provenance.
+    A user or model message knows the index of its turn (which message it is, for
+    editing, versions and provenance); a model message keeps its `Token` events, for
+    the probability view. A message with other versions shows which it is ("2/3").
     """
 
     BINDINGS = [
@@ -65,14 +69,28 @@ class MessageView(Static, can_focus=True):
         Binding("p", "app.probabilities", "Probabilities"),
         Binding("i", "app.provenance", "Provenance"),
         Binding("t", "app.inspect_tokens", "Tokens"),
+        Binding("e", "app.edit_message", "Edit"),
+        Binding("left", "app.version(-1)", "Previous version", key_display="←", group=VERSIONS),
+        Binding("right", "app.version(1)", "Next version", key_display="→", group=VERSIONS),
     ]
 
     def __init__(self, role: str, text: str = "", turn: int | None = None, title: str = "") -> None:
         super().__init__(classes=role, markup=False)
         self.role, self.text, self.turn, self.tokens = role, text, turn, []
         self.pending: deque[str] = deque()  # text streamed in (by a worker thread) but not drawn yet
-        self.border_title = Content(title) if title else None  # a name like "[/]" is text, not markup
+        self.name_title, self.version = title, ""
+        self.show_title()
         self.update(text or ("…" if role == "model" else ""))
+
+    def set_version(self, version: str) -> None:
+        """Show which version of the message this is ("2/3"), or none ("")."""
+        if version != self.version:
+            self.version = version
+            self.show_title()
+
+    def show_title(self) -> None:
+        title = " · ".join(part for part in (self.name_title, self.version) if part)
+        self.border_title = Content(title) if title else None  # a name like "[/]" is text, not markup
 
     def flush(self) -> None:
         """Draw what streamed in since the last call."""
