@@ -68,17 +68,22 @@ class TurnsChanged(Text):
 
 
 class Resumed(TurnsChanged):
-    """The conversation is now a saved session's (/resume): show its turns (kept is 0)."""
+    """The conversation is now a saved session's (/resume): show its turns (kept is 0), and
+    turn `at`, when it was resumed at a message (a search hit)."""
 
-    def __new__(cls, text: str) -> Resumed:
-        return super().__new__(cls, text, 0)
+    at: int | None
+
+    def __new__(cls, text: str, at: int | None = None) -> Resumed:
+        result = super().__new__(cls, text, 0)
+        result.at = at
+        return result
 
     @classmethod
     def saying(cls, session: Any, number: int, said: list[str]) -> Resumed:
         """What /resume and `quill chat --resume` say: which session, its profile and turns, and `said`."""
         turns = len(session.turns)
         return cls(f"resumed session {number} with {session.profile.name}: {turns} turn{'s' if turns != 1 else ''}"
-                   + "".join(f"; {line}" for line in said))
+                   + "".join(f"; {line}" for line in said), getattr(session, "resumed_at", None))
 
 
 class Found(Text):

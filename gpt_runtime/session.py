@@ -211,6 +211,7 @@ class ChatSession:
         self._clock = itertools.count(1)  # marks when a turn was last on the path
         self._before: list[Turn] = []  # the path before the reply in flight: where a failed message goes back to
         self.system: str | None = None  # the system text /system set for this conversation (None: the profile's)
+        self.resumed_at: int | None = None  # after a resume at a message: the turn that holds it
         self.probs = 0  # with N > 0, reply tokens carry their probability and the N likeliest (the TUI's view)
         self._cancel = threading.Event()
         self._busy = threading.Lock()
@@ -848,8 +849,10 @@ class ChatSession:
         self.saved_id, self._pending_title = info.id, None
         if message is not None and leaf is not None:
             self._go(leaf)
+            self.resumed_at = len(_path_to(leaf)) - 1
         else:
             self._mark()
+            self.resumed_at = None
         self.set_system(info.system, save=False)
         self._dropped_told = 0
         if unanswered and message is None:  # the next exchange goes on from the last reply

@@ -55,6 +55,21 @@ class ChatInput(TextArea):
 VERSIONS = Binding.Group("Versions", compact=True)  # ←→ in the footer, once
 
 
+class More(Static):
+    """Above or below the messages shown, how many turns are not (a long conversation shows
+    a window of it); a click, or scrolling to it, shows them."""
+
+    def show(self, count: int) -> None:
+        self.display = count > 0
+        if count:
+            up = self.id == "earlier"
+            self.update(f"{'↑' if up else '↓'} {count} {'earlier' if up else 'later'} turn{'s' if count != 1 else ''}: "
+                        f"scroll {'up' if up else 'down'} or click here to show them")
+
+    def on_click(self) -> None:
+        self.app.show_more(self.id)
+
+
 class MessageView(Static, can_focus=True):
     """One message of the conversation.
 
