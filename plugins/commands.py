@@ -321,9 +321,10 @@ def quill_register_commands(register) -> None:
     register("/find", find_, help="search every saved chat for messages holding these words", usage="/find WORDS")
     register("/undo", undo, help="forget the last exchange", usage="/undo")
     register("/clear", clear, help="forget the conversation", usage="/clear")
-    register("/save", save, help="save the transcript: Markdown with provenance, or JSON for FILE.json",
-             usage="/save [FILE]")
-    register("/load", load, help="load a transcript saved as JSON", usage="/load FILE")
+    register("/save", save, help="save the transcript: Markdown of this branch with provenance, or JSON of every "
+                                 "branch for FILE.json", usage="/save [FILE]")
+    register("/load", load, help="load a transcript saved as JSON (or a session exported as JSON), every branch",
+             usage="/load FILE")
     register("/sessions", sessions, help="the saved sessions, the latest used first", usage="/sessions")
     register("/resume", resume, help="carry on with a saved session (its turns replace the conversation)",
              usage="/resume ID|last|SESSION:MESSAGE")

@@ -106,6 +106,13 @@ def chat_profiles(chat_models, monkeypatch, tmp_path) -> Path:
     return folder
 
 
+@pytest.fixture
+def data_home(tmp_path, monkeypatch) -> Path:
+    """A data directory of this test's own: its sessions database is `store.default_path()`."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest (and steadiest on a busy 2-core machine) on one thread."""

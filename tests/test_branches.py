@@ -5,7 +5,6 @@ switched; the prompt is the current path; /save and /load, export and resume kee
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,13 +13,7 @@ from gpt_runtime.errors import QuillError
 from gpt_runtime.session import ChatSession
 from gpt_runtime.store import Store, default_path
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def data_home(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    return tmp_path / "data"
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "data_home")  # saved chats of each test its own
 
 
 def say(session: ChatSession, text: str) -> str:

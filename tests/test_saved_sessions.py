@@ -20,15 +20,8 @@ from gpt_runtime.store import Store, default_path
 from helpers import quill_env, run_quill
 from pilot import run, until, views
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "data_home")  # saved chats of each test its own
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def data_home(tmp_path, monkeypatch) -> Path:
-    """A data directory of this test's own: its sessions database is `default_path()`."""
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    return tmp_path / "data"
 
 
 def say(session: ChatSession, text: str) -> str:

@@ -8,23 +8,14 @@ Driven through Textual's Pilot (tests/pilot.py) on the chat's small models (alph
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from pilot import run, say, type_command, until, views
 
+from pilot import run, say, type_command, until, views
 from tui.app import QuillApp
 from tui.panels import SidePanel
 from tui.screens import EditScreen, FindScreen
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def data_home(tmp_path, monkeypatch) -> Path:
-    """Saved chats of this test only (/find searches them)."""
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    return tmp_path / "data"
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "data_home")  # saved chats of each test its own
 
 
 def noted(app: QuillApp) -> list[str]:

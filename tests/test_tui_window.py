@@ -8,21 +8,18 @@ Laying out every message of a 1,000-message chat on each streamed line stalled t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from pilot import run, type_command, until, views
 
 import tui.app
 from gpt_runtime.store import Store, default_path
+from pilot import run, type_command, until, views
 from tui.app import QuillApp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
-def small_window(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+def small_window(data_home, monkeypatch) -> None:
     monkeypatch.setattr(tui.app, "SHOWN_TURNS", 3)
 
 
