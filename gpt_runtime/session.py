@@ -531,11 +531,15 @@ class ChatSession:
         self._go(versions[version])
 
     def _go(self, turn: Turn) -> None:
-        """Make the conversation the branch through `turn`, and below it the turns last seen."""
+        """Make the conversation the branch through `turn`, and below it the turns that were
+        on the path with it when it was last there (none were, if an /undo had left it last)."""
         path = _path_to(turn)
         groups = self._by_parent()
         while groups.get(id(path[-1])):
-            path.append(max(groups[id(path[-1])], key=lambda t: t.seen))
+            newest = max(groups[id(path[-1])], key=lambda t: t.seen)
+            if newest.seen < path[-1].seen:
+                break
+            path.append(newest)
         self.turns = path
         self._mark()
         self._dropped_told = 0
@@ -550,6 +554,7 @@ class ChatSession:
         self._idle()
         self._dropped_told = min(self._dropped_told, len(self.turns) - 1)
         turn, self.turns = self.turns[-1], self.turns[:-1]  # it stays in the tree, as in the saved session
+        self._mark()  # a switch back here does not bring it back
         if turn.saved is not None:  # the saved session goes back too; the exchange stays in its tree
             back = self.turns[-1].saved[1] if self.turns and self.turns[-1].saved else None
             self._update_saved(lambda store: store.set_current(self.saved_id, back))
@@ -699,7 +704,7 @@ class ChatSession:
             hint = "load a .json transcript written by /save FILE.json" if Path(path).suffix != ".json" else None
             raise QuillError(f"{where} is not a Quill JSON transcript ({exc})", hint=hint) from None
         self.tree, self.turns = tree, _path_to(leaf) if leaf else []
-        self._clock = itertools.count(len(tree) + 1)
+        self._clock = itertools.count(max((t.seen for t in tree), default=0) + 1)  # after the saved ids of an export
         self._mark()
         self.set_system(system, save=False)
         self._dropped_told = 0

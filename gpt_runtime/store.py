@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 
 from .errors import QuillError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sessions.system
 ROLES = ("system", "user", "model")
 TITLE_LENGTH = 60
 
@@ -211,6 +211,9 @@ class Store:
                              f"(schema {version}; this Quill reads schema {SCHEMA_VERSION})",
                              hint="upgrade Quill, or move the file aside")
         with self._write() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] == 1:
+                db.execute("ALTER TABLE sessions ADD COLUMN system TEXT")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             if db.execute("PRAGMA user_version").fetchone()[0] == 0:  # another process may have just made it
                 for statement in _TABLES:
                     db.execute(statement)

@@ -225,3 +225,40 @@ def test_a_transcript_whose_tree_is_bad_is_a_clear_error(chat_profiles, tmp_path
         with pytest.raises(QuillError, match="is not a Quill JSON transcript"):
             s.load(path)
     assert s.turns == [] and s.tree == []
+
+
+def test_an_undone_exchange_does_not_come_back_when_switching_back(chat_profiles):
+    s = ChatSession("alpha")
+    s.set("max_new_tokens", "4")
+    say(s, "Speak")
+    say(s, "hear me")
+    list(s.edit(1, "First"))
+    s.switch(0, "user", 0)
+    assert users(s) == ["Speak", "hear me"]
+    s.undo()
+    s.switch(0, "user", 1)
+    s.switch(0, "user", 0)
+    assert users(s) == ["Speak"]  # as it was left, not with the exchange /undo took away
+    assert saved_path(s) == conversation(s)
+
+
+def test_a_loaded_export_switches_back_to_the_branch_it_was_on(chat_profiles, tmp_path):
+    s = ChatSession("alpha")
+    s.set("max_new_tokens", "4")
+    for text in ("one", "two", "three"):  # message ids in the database above the new session's turn count
+        say(s, text)
+    s.clear()
+    say(s, "Speak")
+    say(s, "hear me")
+    list(s.edit(2, "Citizen"))
+    list(s.edit(1, "First"))
+    s.switch(0, "user", 0)
+    assert users(s) == ["Speak", "Citizen"]
+    with Store(default_path()) as store:
+        (tmp_path / "export.json").write_text(store.export(s.saved_id, "json"), encoding="utf-8")
+    other = ChatSession("alpha", save=False)
+    other.load(tmp_path / "export.json")
+    assert users(other) == ["Speak", "Citizen"]
+    other.switch(0, "user", 1)
+    other.switch(0, "user", 0)
+    assert users(other) == ["Speak", "Citizen"]

@@ -174,6 +174,22 @@ def test_newer_schema_is_refused(tmp_path):
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
+def test_a_schema_1_file_gains_the_system_column_and_keeps_its_sessions(tmp_path):
+    path = tmp_path / "sessions.db"
+    with Store(path) as store:  # made now, then taken back to schema 1 (sessions without `system`)
+        session, _ = store.start_session("alpha", None, "Who art thou?", "A friend.")
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE sessions DROP COLUMN system")
+        db.execute("PRAGMA user_version = 1")
+    with Store(path) as store:
+        info = store.get(session)
+        assert (info.title, info.system, info.messages) == ("Who art thou?", None, 2)
+        store.set_system(session, "Be brief.\n")
+        assert store.get(session).system == "Be brief.\n"
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
 def test_corrupt_file_is_refused_in_one_line(tmp_path):
     path = tmp_path / "sessions.db"
     path.write_bytes(b"this is no database, just some bytes\n" * 200)
