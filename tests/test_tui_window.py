@@ -77,7 +77,19 @@ def test_a_search_hit_deep_in_a_long_chat_opens_at_its_message(chat_profiles):
         await pilot.click("#later")  # at the bottom already: a click on it
         await until(pilot, lambda: turns_shown(app) == [2, 3, 4, 5, 6, 7])
         app.query_one("#conversation").scroll_end(animate=False)  # scrolled down to the bottom: the turns after come
-        await until(pilot, lambda: turns_shown(app) == [2, 3, 4, 5, 6, 7, 8, 9])
-        assert more(app, "later") == ""
+        await until(pilot, lambda: turns_shown(app) == [4, 5, 6, 7, 8, 9])  # the window slides down too
+        assert more(app, "later") == "" and more(app, "earlier").startswith("↑ 4 earlier")
+        app.query_one("#input").focus()  # back to the message box from the click
+        await type_command(pilot, "/set max_new_tokens 4")
+        await type_command(pilot, "/undo")
+        await until(pilot, lambda: turns_shown(app) == [4, 5, 6, 7, 8])
+        app.query_one("#conversation").scroll_home(animate=False)
+        await until(pilot, lambda: turns_shown(app) == [1, 2, 3, 4, 5, 6])
+        assert more(app, "later").startswith("↓ 2 later")
+        await type_command(pilot, "/edit 9 changed")  # below the window, not next to it: the window from there
+        await until(pilot, lambda: not app.streaming and app.session.turns[-1].provenance is not None
+                    and app.session.turns[-1].user == "changed")
+        assert turns_shown(app) == [6, 7, 8] and more(app, "later") == ""
+        assert [v.text for v in views(app, "user") if not v._pruning][-1] == "changed"
 
     run(app, steps)

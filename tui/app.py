@@ -119,7 +119,7 @@ class QuillApp(App):
         self.suggestions: list[str] = []
         self.last_speed = ""
         self.shown = (0, 0)  # the turns on screen: first, and one past the last
-        self.settling = False  # while the window is anchored after showing earlier turns
+        self.settling = 0  # while above 0, the app moves the scroll position itself: show no more turns for it
 
     # --- layout ---------------------------------------------------------------------
 
@@ -266,7 +266,10 @@ class QuillApp(App):
         if clear:
             self.query_one("#conversation", VerticalScroll).query(MessageView).remove()
         self.shown = (start, start)
-        return self.add_turns(start)
+        views = self.add_turns(start)
+        self.settling += 1  # the scroll position moves as the old window goes: that is no user scrolling
+        self.call_after_refresh(self.settled)
+        return views
 
     def rebuild_conversation(self, clear: bool = True) -> list[MessageView]:
         """Show the session's last turns afresh (after /clear, /load, a failed reply)."""
@@ -290,7 +293,9 @@ class QuillApp(App):
         is shown, unless `show_kept`."""
         if kept == 0 and not show_kept:
             return self.rebuild_conversation()
-        if kept == 0 or kept < self.shown[0]:  # above the window: the window from there
+        first, last = self.shown
+        if kept == 0 or not first <= kept <= last or last - first > 2 * SHOWN_TURNS:
+            # not next to the window (or it grew wide, which slows a reply): the window from there
             return self.show_window(max(0, min(kept, len(self.session.turns) - SHOWN_TURNS)))
         views = list(self.query(MessageView))
         # the first message of turn `kept`: what the command said about earlier turns stays above it
@@ -341,7 +346,7 @@ class QuillApp(App):
         first, last = self.shown
         if which == "later":
             if last < len(self.session.turns):
-                self.add_turns(last)
+                self.show_later()
             return
         if first == 0:
             return
@@ -361,15 +366,36 @@ class QuillApp(App):
         if anchor is not None:  # what was at the top stays where it was on screen
             self.scroll_to_top(anchor)
 
+    def show_later(self) -> None:
+        """SHOWN_TURNS more turns below; the window slides down: what is far above goes."""
+        conversation = self.query_one("#conversation", VerticalScroll)
+        before = [v for v in conversation.query(MessageView) if v.turn is not None]
+        self.add_turns(self.shown[1])
+        first, last = self.shown
+        if last - first <= 2 * SHOWN_TURNS or self.streaming:
+            return
+        first = last - 2 * SHOWN_TURNS
+        for view in list(conversation.query(MessageView)):
+            if view.role == "user" and view.turn is not None and view.turn >= first:
+                break
+            view.remove()
+        self.shown = (first, last)
+        self.update_more()
+        if before:  # the message that was last stays on screen, at its top
+            self.scroll_to_top(before[-1])
+
     def scroll_to_top(self, view: MessageView) -> None:
         """Scroll `view` to the top of the screen once laid out; moving there shows no more turns."""
-        self.settling = True
+        self.settling += 1
 
         def scroll() -> None:
             view.scroll_visible(top=True, animate=False)
-            self.call_after_refresh(setattr, self, "settling", False)
+            self.call_after_refresh(self.settled)
 
         self.call_after_refresh(scroll)
+
+    def settled(self) -> None:
+        self.settling -= 1
 
     def to_end(self) -> None:
         """Show the last turns, if they are not, or only they if many more are (a new message
@@ -557,6 +583,8 @@ class QuillApp(App):
             self.start_stream(result, self.add_message("model", "", turn=len(self.session.turns) - 1,
                                                        title=self.session.template.model_name))
         elif isinstance(result, str):
+            if self.session is not None and not isinstance(result, commands.TurnsChanged):
+                self.to_end()  # what a command says goes after the last turn, where the next one will be
             self.add_message("output", result)
         if self.session is not None:
             self.profile_name = self.session.profile.name
