@@ -445,8 +445,9 @@ class QuillApp(App):
 
     def tick(self) -> None:
         """Ten times a second: draw streamed text, and what the jobs reported."""
-        if self.streaming:
-            conversation = self.query_one("#conversation", VerticalScroll)
+        found = self.query("#conversation")  # none while the app is closing and its widgets go
+        if self.streaming and found:
+            conversation = found.first()
             at_end = conversation.scroll_y >= conversation.max_scroll_y - 1
             self.streaming[0].flush()
             if at_end:  # follow the reply, unless the user scrolled up to read
