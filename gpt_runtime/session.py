@@ -217,6 +217,7 @@ class ChatSession:
         self._busy = threading.Lock()
         self._busy_with = ""  # "reply" or "loading", while busy
         self.use_profile(profile)
+        self._check_store()
 
     # --- settings -----------------------------------------------------------------
 
@@ -741,7 +742,15 @@ class ChatSession:
 
         return Store(self.store_path or default_path())
 
-    def _saving(self, write) -> None:
+    def _check_store(self) -> None:
+        """Say at once, not at the first reply, that a sessions database there is unusable
+        (corrupt, from a newer Quill): the chat goes on unsaved. None is made for this."""
+        from .store import default_path
+
+        if self.saving and (self.store_path or default_path()).exists():
+            self._saving(lambda store: None, "this chat is not saved")
+
+    def _saving(self, write, failed: str = "this chat is no longer saved") -> None:
         """Run `write(store)` if the chat is saved; a failure stops saving, with one notice."""
         if not self.saving:
             return
@@ -753,7 +762,7 @@ class ChatSession:
         except (QuillError, sqlite3.Error, OSError) as exc:
             reason = exc.message if isinstance(exc, QuillError) else f"{type(exc).__name__}: {exc}"
             self.save_error = reason
-            self._tell(f"this chat is no longer saved: {reason}")
+            self._tell(f"{failed}: {reason}")
 
     def _update_saved(self, change) -> None:
         """`change(store)` the chat's saved session, unless it was deleted meanwhile (the

@@ -141,9 +141,9 @@ def test_a_corrupt_database_stops_saving_with_one_notice_and_the_chat_goes_on(ch
     default_path().parent.mkdir(parents=True)
     default_path().write_bytes(b"this is not a database" * 100)
     s = ChatSession("alpha")
+    (notice,) = s.job_notices()  # said as the chat opens, not at the first reply
+    assert notice.text.startswith(f"this chat is not saved: {str(default_path())!r} is not a usable sessions database")
     say(s, "Speak")
-    (notice,) = s.job_notices()
-    assert notice.text.startswith(f"this chat is no longer saved: {str(default_path())!r} is not a usable sessions database")
     assert not s.saving and s.save_error
     say(s, "hear me speak")
     list(s.regenerate())
@@ -265,25 +265,31 @@ def test_the_full_screen_chat_resumes_a_session_with_its_messages(chat_profiles)
 
 
 def test_a_full_disk_stops_saving_and_the_chat_goes_on(chat_profiles):
-    """The sessions database cannot grow (a file-size limit, as a full disk): the chat says so once, and goes on."""
+    """The sessions database can grow by 16 KiB only (a file-size limit, as a full disk): the
+    chat opens, saves while it can, then says once that saving stopped, and goes on."""
     import resource
 
     Store(default_path()).close()  # an existing database, as after earlier chats
+    limit = default_path().stat().st_size + 16384  # (over SQLite's 32 KiB of shared memory)
 
     def small_files() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, resource.RLIM_INFINITY))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
     env = quill_env({"OMP_NUM_THREADS": "1", "QUILL_PROFILES": str(chat_profiles)})
-    out = subprocess.run([sys.executable, "-m", "tui.cli", "chat", "--profile", "beta"], input=b"/set max_new_tokens 4\n"
-                         b"Speak\nhear me speak\n", capture_output=True, env=env, cwd=REPO, preexec_fn=small_files)
+    words = ["Speak", "Hear", "First", "Citizen", "Before", "Resolved"]
+    script = "/set max_new_tokens 4\n" + "".join(f"{word} {'x' * 2000}\n" for word in words)  # long, to fill it
+    out = subprocess.run([sys.executable, "-m", "tui.cli", "chat", "--profile", "beta"], input=script.encode(),
+                         capture_output=True, env=env, cwd=REPO, preexec_fn=small_files)
     assert out.returncode == 0, out.stderr
     text = out.stdout.decode()
-    assert text.count("[this chat is no longer saved: cannot use the sessions database") == 1
-    assert "disk" in text and text.index("> hear me speak\n") > text.index("no longer saved")
-    assert len(text.split("> hear me speak\n")[1].strip()) > 0  # the second reply came
+    assert text.count("[this chat is no longer saved: cannot use the sessions database") == 1, text[:3000]
+    assert "disk" in text and "not saved:" not in text  # it opened fine, and stopped later
+    replies = [part.split("\n", 1)[1] for part in text.split("\n> ")[1:]]
+    assert len(replies) == len(words) and all(reply.strip() for reply in replies)  # every message had its reply
     with Store(default_path()) as store:
-        assert store.list_sessions() == []
+        saved = [m.text.split()[0] for m in store.path(store.list_sessions()[0].id)][::2] if store.list_sessions() else []
+    assert 1 <= len(saved) < len(words) and saved == words[:len(saved)]  # what was saved before the disk filled
 
 
 def test_the_saved_session_follows_the_profile_and_is_saved_again_if_deleted(chat_profiles):
@@ -322,3 +328,17 @@ def test_branching_in_the_plain_chat_and_resuming_at_a_search_hit(chat_profiles)
     lines = again.stdout.decode().splitlines()
     assert lines[0] == f"resumed session {hit['session']} with beta: 2 turns"
     assert [line for line in lines if line.startswith("> ")] == ["> Speak", "> Citizen speak"]
+
+
+def test_a_database_from_a_newer_quill_is_said_as_the_plain_chat_opens_and_the_chat_goes_on(chat_profiles):
+    import sqlite3
+
+    Store(default_path()).close()
+    with sqlite3.connect(default_path()) as db:
+        db.execute("PRAGMA user_version = 99")
+    out = chat("--profile", "beta", input="/set max_new_tokens 4\nSpeak\n")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.decode().splitlines()
+    assert lines[0].startswith(f"[this chat is not saved: the sessions database {str(default_path())!r} was written "
+                               "by a newer Quill (schema 99")
+    assert lines[-2] == "> Speak" and lines[-1].strip()  # and it replied

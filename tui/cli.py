@@ -45,7 +45,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from gpt_runtime.profiles import default_profile, history_path
     from gpt_runtime.session import ChatSession, saved_profile
 
-    from .repl import resume, run_interactive, run_script
+    from .repl import resume, run_interactive, run_script, show_job_notices
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive and not args.plain:
@@ -57,6 +57,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     session = ChatSession(profile, save=args.save)
     if args.resume:
         resume(session, args.resume, sys.stdout, switch_profile=False)
+    show_job_notices(session, sys.stdout)  # e.g. that the sessions database is unusable, so the chat is not saved
     if interactive:
         run_interactive(session, str(history_path()))
         return 0
