@@ -31,7 +31,7 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from .plugins import get_registry
 from .profiles import ChatTemplate, Profile, get_profile, is_name
 from .sampling import build_chain, check_seed, settings_from_strings
 from .store import StoreLocked
+from .turns import Fork, Provenance, Turn, path_to, tree_entries, tree_from_messages, tree_from_transcript, turn_entry
 
 
 @dataclass
@@ -52,29 +53,6 @@ class Notice:
     """A one-line message for the user, e.g. that old turns left the context window."""
 
     text: str
-
-
-@dataclass
-class Provenance:
-    """Everything that decided one reply; `ChatSession.replay` uses it to redo the reply."""
-
-    profile: str
-    checkpoint: str
-    checkpoint_sha256: str  # first 16 hex digits of the file's SHA-256
-    step: int
-    tokenizer_fingerprint: str
-    chain: str
-    options: dict[str, dict[str, Any]]
-    seed: int
-    max_new_tokens: int
-    first_turn: int  # the oldest turn the prompt held (older ones had left the context window)
-    reason: str = ""
-    new_tokens: int = 0
-    tokens_per_second: float = 0.0
-    template: dict[str, Any] = field(default_factory=dict)  # the chat template the prompt was laid out with
-    dtype: str = ""  # what the model computed in: replies in another dtype differ in the last digits
-    quantize: str = "none"
-    path: str = ""  # the generation path (calibrate.GenerationPath.name): float32, bfloat16, int8, ... graph
 
 
 @dataclass
@@ -112,38 +90,6 @@ class _Reply:
             self._busy.release()
 
     __del__ = close
-
-
-_ASKED = itertools.count(1)  # tells user messages apart: the turns of one message's replies share its number
-
-
-@dataclass
-class Turn:
-    """One exchange: what the user said and what the model replied.
-
-    The conversation is a tree of turns: each follows its `parent` (None for a
-    first one). An edited message is a new turn beside the old one, under the same
-    parent; a regenerated reply is a new turn with the same `asked` (the same
-    message). `ChatSession.turns` is the path from the first turn to the current one.
-    """
-
-    user: str
-    reply: str = ""
-    provenance: Provenance | None = None
-    saved: tuple[int, int] | None = field(default=None, compare=False, repr=False)  # (message, reply) ids in the store
-    parent: Turn | None = field(default=None, compare=False, repr=False)
-    asked: int = field(default_factory=lambda: next(_ASKED), compare=False, repr=False)
-    seen: int = field(default=0, compare=False, repr=False)  # when it was last on the path: a switch back goes there
-
-
-@dataclass
-class Fork:
-    """A message of the conversation that has other versions: `ChatSession.forks`."""
-
-    index: int  # the turn (0-based)
-    role: str  # "user": edits of the message; "model": replies to it
-    versions: list[Turn]  # oldest first
-    current: int  # which of them is on the path
 
 
 def checkpoint_id(path: Path) -> str:
@@ -534,7 +480,7 @@ class ChatSession:
     def _go(self, turn: Turn) -> None:
         """Make the conversation the branch through `turn`, and below it the turns that were
         on the path with it when it was last there (none were, if an /undo had left it last)."""
-        path = _path_to(turn)
+        path = path_to(turn)
         groups = self._by_parent()
         while groups.get(id(path[-1])):
             newest = max(groups[id(path[-1])], key=lambda t: t.seen)
@@ -640,21 +586,13 @@ class ChatSession:
 
     def to_dict(self) -> dict[str, Any]:
         """The conversation with its provenance, as saved by ``/save FILE.json``: `turns` is the
-        current branch, `tree` every turn of every branch (each names its parent's index, and
-        the first turn of the message it answers), `current` the index of the current turn."""
+        current branch, `tree` every turn of every branch (`turns.tree_entries`), `current`
+        the index of the current turn."""
         known = {id(t) for t in self.tree}
         tree = self.tree + [t for t in self.turns if id(t) not in known]  # turns set by hand are kept too
         index = {id(t): i for i, t in enumerate(tree)}
-        first: dict[int, int] = {}
-        for i, t in enumerate(tree):
-            first.setdefault(t.asked, i)
-
-        def entry(t: Turn) -> dict[str, Any]:
-            return {"user": t.user, "reply": t.reply, "provenance": asdict(t.provenance) if t.provenance else None}
-
         return {"format": "quill-transcript", "version": 2, "profile": self.profile.name, "system": self.system,
-                "turns": [entry(t) for t in self.turns],
-                "tree": [{**entry(t), "parent": index.get(id(t.parent)), "asks": first[t.asked]} for t in tree],
+                "turns": [turn_entry(t) for t in self.turns], "tree": tree_entries(tree),
                 "current": index[id(self.turns[-1])] if self.turns else None}
 
     def to_markdown(self) -> str:
@@ -695,16 +633,16 @@ class ChatSession:
             if data["format"] == "quill-session":
                 from .store import Message
 
-                tree, leaf, _ = _tree_from([Message(session=0, **m) for m in data["messages"]], data.get("current"))
+                tree, leaf, _ = tree_from_messages([Message(session=0, **m) for m in data["messages"]], data.get("current"))
             else:
-                tree, leaf = _tree_from_transcript(data)
+                tree, leaf = tree_from_transcript(data)
             system = data.get("system")
             if system is not None and not isinstance(system, str):
                 raise ValueError(f"its system text is {system!r}")
         except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             hint = "load a .json transcript written by /save FILE.json" if Path(path).suffix != ".json" else None
             raise QuillError(f"{where} is not a Quill JSON transcript ({exc})", hint=hint) from None
-        self.tree, self.turns = tree, _path_to(leaf) if leaf else []
+        self.tree, self.turns = tree, path_to(leaf) if leaf else []
         self._clock = itertools.count(max((t.seen for t in tree), default=0) + 1)  # after the saved ids of an export
         self._mark()
         self.set_system(system, save=False)
@@ -845,7 +783,7 @@ class ChatSession:
         if message is not None and not any(m.id == message for m in messages):
             raise QuillError(f"there is no message {message} in session {info.id}",
                              hint=f"`quill sessions show {info.id}` shows its messages")
-        tree, leaf, unanswered = _tree_from(messages, info.current if message is None else message)
+        tree, leaf, unanswered = tree_from_messages(messages, info.current if message is None else message)
         said = []
         if info.profile != self.profile.name:
             try:
@@ -858,12 +796,12 @@ class ChatSession:
                 else:
                     said.append(f"it was held with profile {info.profile}; chatting with {self.profile.name} as asked")
         self._idle()
-        self.tree, self.turns = tree, _path_to(leaf) if leaf else []
+        self.tree, self.turns = tree, path_to(leaf) if leaf else []
         self._clock = itertools.count(max((t.seen for t in tree), default=0) + 1)
         self.saved_id, self._pending_title = info.id, None
         if message is not None and leaf is not None:
             self._go(leaf)
-            self.resumed_at = len(_path_to(leaf)) - 1
+            self.resumed_at = len(path_to(leaf)) - 1
         else:
             self._mark()
             self.resumed_at = None
@@ -986,72 +924,6 @@ def saved_profile(ref: str | int, store: str | os.PathLike | None = None) -> str
     except QuillError:
         return None
     return name
-
-
-def _path_to(turn: Turn) -> list[Turn]:
-    """The turns from the first to `turn`."""
-    path = []
-    while turn is not None:
-        path.append(turn)
-        turn = turn.parent
-    return path[::-1]
-
-
-def _tree_from(messages: list[Any], at: int | None) -> tuple[list[Turn], Turn | None, bool]:
-    """The turns of a saved session's messages (`store.Message`s), the turn message `at` is
-    in (a user message: its last reply), and whether `at` is a message with no reply. A user
-    message whose reply was never saved is left out, with what follows it."""
-    users, replies, asked, tree = {}, {}, {}, []
-    for m in sorted(messages, key=lambda m: m.id):
-        if m.role == "user":
-            users[m.id] = m
-        elif m.role == "model" and m.parent in users:
-            question = users[m.parent]
-            parent = replies.get(question.parent)
-            if question.parent is not None and parent is None:
-                continue  # it follows an exchange that was not kept
-            key = asked.setdefault(question.id, next(_ASKED))
-            replies[m.id] = Turn(question.text, m.text, _provenance(m.provenance), (question.id, m.id), parent, key, m.id)
-            tree.append(replies[m.id])
-    if at in replies:
-        return tree, replies[at], False
-    answers = [t for t in tree if t.saved[0] == at]
-    if answers:
-        return tree, max(answers, key=lambda t: t.seen), False
-    return tree, replies.get(users[at].parent) if at in users else None, at in users
-
-
-def _tree_from_transcript(data: dict[str, Any]) -> tuple[list[Turn], Turn | None]:
-    """The turns of a /save JSON transcript and its current one (one branch before version 2)."""
-    def turn(t: dict[str, Any], parent: Turn | None) -> Turn:
-        if not isinstance(t["user"], str) or not isinstance(t["reply"], str):
-            raise ValueError("a turn's user and reply are text")
-        return Turn(t["user"], t["reply"], Provenance(**t["provenance"]) if t.get("provenance") else None, parent=parent)
-
-    if "tree" not in data:
-        tree: list[Turn] = []
-        for t in data["turns"]:
-            tree.append(turn(t, tree[-1] if tree else None))
-        return tree, tree[-1] if tree else None
-    tree = []
-    for i, t in enumerate(data["tree"]):
-        parent = t["parent"]
-        if parent is not None and not 0 <= parent < i or not 0 <= t["asks"] <= i:
-            raise ValueError(f"turn {i} of its tree names a turn after it")
-        tree.append(turn(t, None if parent is None else tree[parent]))
-        tree[-1].asked = tree[t["asks"]].asked if t["asks"] < i else tree[-1].asked
-        tree[-1].seen = i + 1  # below a switch, the newest turn (as a saved session resumes)
-    current = data["current"]
-    if current is not None and not 0 <= current < len(tree):
-        raise ValueError(f"its current turn {current} is not in its tree")
-    return tree, None if current is None else tree[current]
-
-
-def _provenance(data: dict[str, Any] | None) -> Provenance | None:
-    try:
-        return Provenance(**data) if data else None
-    except TypeError:  # saved by a Quill whose provenance had other fields
-        return None
 
 
 def _whole(name: str, value: str) -> int:
