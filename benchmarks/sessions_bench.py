@@ -15,7 +15,7 @@ data directory (XDG_DATA_HOME), the user's own is never opened.
 - `tui_ready_s` and `tui_resume_ready_s`: the full-screen chat run headless
   (in-process, 120x40, the model already imported once, so mostly the app's own
   start), from starting the app to the greeting shown, without and with
-  ``resume=ID``; with it, to the session's last turns (`tui.app.SHOWN_TURNS` of
+  ``resume=ID``; with it, to the session's last turns (`tui.conversation.SHOWN_TURNS` of
   them: earlier ones are shown as the user scrolls up) mounted, laid out and scrolled to
   the end (medians of --runs, alternated). `tui_resume_extra_s` is the
   difference; target 0.3 s. `tui_resume_mount_ms`: its part in the app's
@@ -275,7 +275,8 @@ async def launch(profile: str, resume: str | None, stream_tokens: int = 0) -> di
 
     The app is watched with plain sleeps, not `Pilot.pause`, which sends a message to every
     widget and waits for each: with 1,000 messages on screen that alone loads the loop."""
-    from tui.app import SHOWN_TURNS, QuillApp
+    from tui.app import QuillApp
+    from tui.conversation import SHOWN_TURNS
 
     start = time.perf_counter()
     app = QuillApp(profile, resume=resume)
@@ -293,13 +294,14 @@ async def launch(profile: str, resume: str | None, stream_tokens: int = 0) -> di
             if resume is None:
                 return True
             shown = views(app)  # the last SHOWN_TURNS turns; the rest come as the user scrolls up
-            return (app.shown == (max(0, EXCHANGES - SHOWN_TURNS), EXCHANGES) and len(shown) >= 2 * min(EXCHANGES, SHOWN_TURNS) + 2
+            return (app.conversation.shown == (max(0, EXCHANGES - SHOWN_TURNS), EXCHANGES)
+                    and len(shown) >= 2 * min(EXCHANGES, SHOWN_TURNS) + 2
                     and shown[-1].role == "output" and shown[-1].is_mounted
                     and conversation.max_scroll_y > 0 and conversation.scroll_y >= conversation.max_scroll_y - 1)
 
         while not ready():
             if time.perf_counter() - start > 60:
-                raise SystemExit(f"the app was not ready after 60 s (resume={resume}; turns shown {app.shown}, "
+                raise SystemExit(f"the app was not ready after 60 s (resume={resume}; turns shown {app.conversation.shown}, "
                                  f"{len(views(app))} messages, scrolled {conversation.scroll_y} of {conversation.max_scroll_y})")
             await asyncio.sleep(0.005)
         out["ready_s"] = time.perf_counter() - start

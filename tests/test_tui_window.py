@@ -1,4 +1,4 @@
-"""A long conversation in the full-screen chat shows a window of its turns (tui.app.SHOWN_TURNS):
+"""A long conversation in the full-screen chat shows a window of its turns (tui.conversation.SHOWN_TURNS):
 the rest come as you scroll or click "earlier"/"later", the window slides, a new message goes
 back to the end, and a search hit deep in a saved chat opens at its message.
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-import tui.app
+import tui.conversation
 from gpt_runtime.store import Store, default_path
 from pilot import run, type_command, until, views
 from tui.app import QuillApp
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(autouse=True)
 def small_window(data_home, monkeypatch) -> None:
-    monkeypatch.setattr(tui.app, "SHOWN_TURNS", 3)
+    monkeypatch.setattr(tui.conversation, "SHOWN_TURNS", 3)
 
 
 def saved_chat(exchanges: int) -> dict[int, int]:
@@ -56,7 +56,7 @@ def test_a_long_chat_shows_its_last_turns_and_more_as_asked_and_a_new_message_go
         assert more(app, "earlier").startswith("↑ 4 earlier turns") and conversation.scroll_y > 0  # where it was
         conversation.scroll_home(animate=False)  # the window slides up: the last turns go, "later" says so
         await until(pilot, lambda: turns_shown(app) == [1, 2, 3, 4, 5, 6])
-        assert more(app, "later").startswith("↓ 3 later turns") and app.shown == (1, 7)
+        assert more(app, "later").startswith("↓ 3 later turns") and app.conversation.shown == (1, 7)
         await type_command(pilot, "/set max_new_tokens 4")
         await pilot.press(*"Speak", "enter")  # a new message: back to the end, after the last turns
         await until(pilot, lambda: not app.streaming and app.session.turns[-1].provenance is not None)

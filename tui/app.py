@@ -20,7 +20,7 @@ from typing import Any
 from textual import events, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
@@ -29,18 +29,11 @@ from gpt_runtime.errors import QuillError, debug_enabled, explain
 from gpt_runtime.profiles import default_profile, find_profiles
 from gpt_runtime.session import ChatSession, Notice
 
+from .conversation import Conversation
 from .panels import JobsPanel, RunCommand, SidePanel
-from .screens import (
-    CompareScreen,
-    ConfirmScreen,
-    EditScreen,
-    FindScreen,
-    HelpScreen,
-    ProbabilityScreen,
-    ProvenanceScreen,
-    TokensScreen,
-)
-from .widgets import ChatInput, MessageView, More
+from .screens import (CompareScreen, ConfirmScreen, EditScreen, FindScreen, HelpScreen, ProbabilityScreen,
+                      ProvenanceScreen, TokensScreen)
+from .widgets import ChatInput, MessageView
 
 MIN_WIDTH, MIN_HEIGHT = 60, 16
 PROBS = 5  # alternatives kept per token for the probability view
@@ -48,9 +41,6 @@ PROBS = 5  # alternatives kept per token for the probability view
 # Python's lock meanwhile: at 20 draws a second the shipped model streamed 365-388 tokens/s
 # in the app, at 10, 437-477 (2-core AVX2 EPYC). Ten batches a second still read as a stream.
 DRAW_INTERVAL = 0.1
-# A long conversation shows a window of its turns, more as you scroll: with 1,000 messages
-# mounted, each streamed line re-laid them all out, 60-360 ms a frame (benchmarks/sessions_bench.py).
-SHOWN_TURNS = 40
 NO_MODEL = "no model loaded: pick a profile with /profile NAME (/profiles lists them)"
 
 
@@ -118,17 +108,13 @@ class QuillApp(App):
         self.first_load = threading.Lock()  # held while /profile loads the first model after a failed one
         self.suggestions: list[str] = []
         self.last_speed = ""
-        self.shown = (0, 0)  # the turns on screen: first, and one past the last
-        self.settling = 0  # while above 0, the app moves the scroll position itself: show no more turns for it
 
     # --- layout ---------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="main"):
             with Vertical(id="chat-column"):
-                with VerticalScroll(id="conversation"):
-                    yield More(id="earlier")
-                    yield More(id="later")
+                yield Conversation(id="conversation")
                 yield Static("", id="suggestions", markup=False)
                 yield ChatInput(id="input", soft_wrap=True, show_line_numbers=False)
                 yield Static("", id="status", markup=False)
@@ -147,7 +133,6 @@ class QuillApp(App):
         self.loading = self.add_message("notice", "Loading the model… you can type meanwhile.")
         self.status("loading…")
         self.set_interval(DRAW_INTERVAL, self.tick)
-        self.watch(self.query_one("#conversation", VerticalScroll), "scroll_y", self.scrolled, init=False)
         self.query_one(ChatInput).focus()
         self.load(self.profile_arg)
 
@@ -200,7 +185,7 @@ class QuillApp(App):
         self.loading.finish(f"Profile {p.name}: {p.description or p.checkpoint}. /help lists the commands; F1 the keys; "
                             "F2 the sampler panel.")
         if resumed:
-            self.show_resumed(resumed, clear=False)  # below the greeting
+            self.conversation.show_resumed(resumed, clear=False)  # below the greeting
             self.add_message("output", resumed)
         self.refresh_panels()
 
@@ -216,221 +201,26 @@ class QuillApp(App):
 
     # --- the conversation -----------------------------------------------------------
 
+    @property
+    def conversation(self) -> Conversation:
+        return self.query_one(Conversation)
+
     def add_message(self, role: str, text: str, turn: int | None = None, title: str = "",
                     before: MessageView | None = None) -> MessageView:
-        view = MessageView(role, text, turn, title)
-        conversation = self.query_one("#conversation", VerticalScroll)
-        at_end = conversation.scroll_y >= conversation.max_scroll_y - 1
-        conversation.mount(view, before=before or conversation.query_one("#later"))
-        if at_end or role == "user":  # follow the end, unless the user scrolled up to read
-            self.follow_end()
-        if turn is not None:
-            self.shown = (self.shown[0], max(self.shown[1], turn + 1))
-        return view
-
-    def follow_end(self) -> None:
-        """Scroll to the end of the conversation once new text is laid out, unless the
-        user scrolls away meanwhile."""
-        conversation = self.query_one("#conversation", VerticalScroll)
-        y = conversation.scroll_y
-
-        def scroll() -> None:
-            if conversation.scroll_y == y:
-                conversation.scroll_end(animate=False, immediate=True)
-
-        self.call_after_refresh(scroll)
-
-    def turn_views(self, start: int, stop: int) -> list[MessageView]:
-        names, views = self.session.template, []
-        for n, turn in enumerate(self.session.turns[start:stop], start=start):
-            views += [MessageView("user", turn.user, n, names.user_name), MessageView("model", turn.reply, n, names.model_name)]
-        self.label_versions(views)
-        return views
-
-    def add_turns(self, start: int, stop: int | None = None) -> list[MessageView]:
-        """Show the session's turns `start` to `stop` (by default, at most SHOWN_TURNS of them)
-        after those shown; returns their views."""
-        stop = min(len(self.session.turns), start + SHOWN_TURNS) if stop is None else stop
-        views = self.turn_views(start, stop)
-        conversation = self.query_one("#conversation", VerticalScroll)
-        if views:
-            conversation.mount_all(views, before=conversation.query_one("#later"))  # one layout for them all
-        self.shown = (self.shown[0], stop)
-        self.update_more()
-        if stop == len(self.session.turns):  # not when later turns are left out: the window is not at the end
-            self.follow_end()
-        return views
-
-    def show_window(self, start: int, clear: bool = True) -> list[MessageView]:
-        """Show afresh the window of turns from `start` (after what is on screen, unless `clear`); returns their views."""
-        if clear:
-            self.query_one("#conversation", VerticalScroll).query(MessageView).remove()
-        self.shown = (start, start)
-        views = self.add_turns(start)
-        self.settling += 1  # the scroll position moves as the old window goes: that is no user scrolling
-        self.call_after_refresh(self.settled)
-        return views
-
-    def rebuild_conversation(self, clear: bool = True) -> list[MessageView]:
-        """Show the session's last turns afresh (after /clear, /load, a failed reply)."""
-        return self.show_window(max(0, len(self.session.turns) - SHOWN_TURNS), clear)
-
-    def show_resumed(self, result: commands.Resumed, clear: bool = True) -> None:
-        """A resumed conversation: its last turns, or those from the message it was resumed at
-        (after what is on screen, unless `clear`)."""
-        if result.at is None:
-            self.rebuild_conversation(clear)
-            return
-        views = self.show_window(max(0, min(result.at, len(self.session.turns) - SHOWN_TURNS)), clear)
-        found = self._message_at(result.at, "user", views)
-        if found is not None:  # the search hit, at the top of the screen
-            self.scroll_to_top(found)
-
-    def redraw_turns(self, kept: int, show_kept: bool = False) -> list[MessageView]:
-        """After a command changed the turns from `kept` on (/undo, /clear, /load, /edit, a
-        version switched): show them afresh; returns their views. The replies before `kept`
-        keep their token probabilities. From turn 0 (/load, /clear), the conversation's end
-        is shown, unless `show_kept`."""
-        if kept == 0 and not show_kept:
-            return self.rebuild_conversation()
-        first, last = self.shown
-        if kept == 0 or not first <= kept <= last or last - first > 2 * SHOWN_TURNS:
-            # not next to the window (or it grew wide, which slows a reply): the window from there
-            return self.show_window(max(0, min(kept, len(self.session.turns) - SHOWN_TURNS)))
-        views = list(self.query(MessageView))
-        # the first message of turn `kept`: what the command said about earlier turns stays above it
-        first = next((i for i, v in enumerate(views) if v.role in ("user", "model") and v.turn is not None
-                      and v.turn >= kept), None)
-        for view in views[first:] if first is not None else []:
-            view.remove()
-        self.shown = (self.shown[0], min(kept, self.shown[1]))
-        return self.add_turns(kept)
-
-    def scrolled(self, old: float, y: float) -> None:
-        """Scrolled up to the top (or down to the bottom) of the turns shown: show more, if
-        there are. (Not when the window shrank under the scroll position: that moves it too.)"""
-        conversation = self.query_one("#conversation", VerticalScroll)
-        if self.settling:
-            return
-        if y < old and y <= 0 and self.shown[0] > 0:
-            self.show_more("earlier")
-        elif y > old and y >= conversation.max_scroll_y > 0 and self.session is not None \
-                and self.shown[1] < len(self.session.turns):
-            self.show_more("later")
+        return self.conversation.add(MessageView(role, text, turn, title), before)
 
     def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
-        """The wheel turned at the top of the conversation (it did not scroll): show earlier turns."""
-        if self.in_conversation(event) and self.shown[0] > 0:
-            self.show_more("earlier")
+        """The wheel turned at the top of the conversation (it did not scroll: the event came
+        up to the app): show earlier turns."""
+        if self.in_conversation(event):
+            self.conversation.show_more("earlier")
 
     def on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
-        if self.in_conversation(event) and self.shown[1] < len(self.session.turns):
-            self.show_more("later")
+        if self.in_conversation(event):
+            self.conversation.show_more("later")
 
     def in_conversation(self, event: events.MouseEvent) -> bool:
-        conversation = self.query_one("#conversation", VerticalScroll)
-        return (self.session is not None and not self.settling and event.widget is not None
-                and conversation in event.widget.ancestors_with_self)
-
-    def update_more(self) -> None:
-        """Say how many turns are above and below those shown."""
-        conversation = self.query_one("#conversation", VerticalScroll)
-        total = len(self.session.turns) if self.session is not None else 0
-        conversation.query_one("#earlier", More).show(self.shown[0])
-        conversation.query_one("#later", More).show(max(0, total - self.shown[1]))
-
-    def show_more(self, which: str) -> None:
-        """Show SHOWN_TURNS more turns above ("earlier") or below ("later") those shown."""
-        if self.session is None:
-            return
-        first, last = self.shown
-        if which == "later":
-            if last < len(self.session.turns):
-                self.show_later()
-            return
-        if first == 0:
-            return
-        start = max(0, first - SHOWN_TURNS)
-        views = self.turn_views(start, first)
-        conversation = self.query_one("#conversation", VerticalScroll)
-        anchor = next((v for v in conversation.query(MessageView)), None)
-        conversation.mount_all(views, after=conversation.query_one("#earlier"))
-        if last - start > 2 * SHOWN_TURNS and not self.streaming:  # the window slides up: what is far below goes
-            last, cut = start + 2 * SHOWN_TURNS, False
-            for view in list(conversation.query(MessageView)):
-                cut = cut or (view.turn is not None and view.turn >= last)  # and the notices among them
-                if cut:
-                    view.remove()
-        self.shown = (start, last)
-        self.update_more()
-        if anchor is not None:  # what was at the top stays where it was on screen
-            self.scroll_to_top(anchor)
-
-    def show_later(self) -> None:
-        """SHOWN_TURNS more turns below; the window slides down: what is far above goes."""
-        conversation = self.query_one("#conversation", VerticalScroll)
-        before = [v for v in conversation.query(MessageView) if v.turn is not None]
-        self.add_turns(self.shown[1])
-        first, last = self.shown
-        if last - first <= 2 * SHOWN_TURNS or self.streaming:
-            return
-        first = last - 2 * SHOWN_TURNS
-        for view in list(conversation.query(MessageView)):
-            if view.role == "user" and view.turn is not None and view.turn >= first:
-                break
-            view.remove()
-        self.shown = (first, last)
-        self.update_more()
-        if before:  # the message that was last stays on screen, at its top
-            self.scroll_to_top(before[-1])
-
-    def scroll_to_top(self, view: MessageView) -> None:
-        """Scroll `view` to the top of the screen once laid out; moving there shows no more turns."""
-        self.settling += 1
-
-        def scroll() -> None:
-            view.scroll_visible(top=True, animate=False)
-            self.call_after_refresh(self.settled)
-
-        self.call_after_refresh(scroll)
-
-    def settled(self) -> None:
-        self.settling -= 1
-
-    def to_end(self) -> None:
-        """Show the last turns, if they are not, or only they if many more are (a new message
-        or reply goes after them, and a reply streams fastest with few messages mounted)."""
-        first, last = self.shown
-        if last < len(self.session.turns) or last - first > 2 * SHOWN_TURNS:
-            self.rebuild_conversation()
-
-    def trim(self) -> None:
-        """After a reply, at the end of a conversation grown long in this sitting: keep only its last turns."""
-        first, last = self.shown
-        conversation = self.query_one("#conversation", VerticalScroll)
-        if last - first <= 2 * SHOWN_TURNS or conversation.scroll_y < conversation.max_scroll_y - 1:
-            return
-        keep = last - SHOWN_TURNS
-        for view in list(conversation.query(MessageView)):
-            if view.role == "user" and view.turn is not None and view.turn >= keep:
-                break
-            view.remove()
-        self.shown = (keep, last)
-        self.update_more()
-
-    def label_versions(self, views: list[MessageView] | None = None) -> None:
-        """Mark each message that has other versions with which one it is ("2/3"). The
-        forks are found once for all the messages: a long conversation redraws quickly."""
-        if self.session is None:
-            return
-        try:
-            shown = {(f.index, f.role): f"{f.current + 1}/{len(f.versions)}" for f in self.session.forks()}
-        except IndexError:  # the conversation changed under us (a reply ending): the next redraw labels
-            return
-        streaming = self.streaming[0] if self.streaming else None
-        for view in self.query(MessageView) if views is None else views:
-            if view.role in ("user", "model") and view.turn is not None and view is not streaming:
-                view.set_version(shown.get((view.turn, view.role), ""))
+        return self.session is not None and event.widget is not None and self.conversation in event.widget.ancestors_with_self
 
     def status(self, text: str) -> None:
         self.query_one("#status", Static).update(text)
@@ -451,7 +241,7 @@ class QuillApp(App):
             at_end = conversation.scroll_y >= conversation.max_scroll_y - 1
             self.streaming[0].flush()
             if at_end:  # follow the reply, unless the user scrolled up to read
-                self.follow_end()
+                conversation.follow_end()
         if self.session is not None:
             try:
                 notices = self.session.job_notices()
@@ -527,7 +317,7 @@ class QuillApp(App):
         if self.streaming or self.session.busy:
             self.notify("A reply is still streaming (or a model loading): wait, or press Escape to stop it.")
             return False
-        self.to_end()
+        self.conversation.to_end()
         try:
             events = self.session.send(line)
         except Exception as exc:  # noqa: BLE001
@@ -561,9 +351,9 @@ class QuillApp(App):
             self.loaded()
         # The conversation is redrawn first, so what the command says stays below it.
         if isinstance(result, commands.Resumed):
-            self.show_resumed(result)
+            self.conversation.show_resumed(result)
         elif isinstance(result, commands.TurnsChanged):
-            self.redraw_turns(result.kept)
+            self.conversation.redraw_turns(result.kept)
         if isinstance(result, commands.JobsChanged):
             self.show_panel("jobs", toggle=False)
         if isinstance(result, commands.CommandHelp):
@@ -575,9 +365,9 @@ class QuillApp(App):
         elif isinstance(result, commands.Found) and result.hits:
             self.push_screen(FindScreen(result.hits), self.resume_hit)
         elif isinstance(result, commands.Reply) and result.kept is not None:  # /edit: the turns from `kept` changed
-            self.start_stream(result, self.redraw_turns(result.kept)[-1])  # the last turn's reply is the new one
+            self.start_stream(result, self.conversation.redraw_turns(result.kept)[-1])  # the last turn's reply is the new one
         elif isinstance(result, commands.Reply):  # replaces the last reply (/regen)
-            self.to_end()
+            self.conversation.to_end()
             models = [v for v in self.query(MessageView) if v.role == "model"]
             if models:
                 models[-1].remove()
@@ -585,7 +375,7 @@ class QuillApp(App):
                                                        title=self.session.template.model_name))
         elif isinstance(result, str):
             if self.session is not None and not isinstance(result, commands.TurnsChanged):
-                self.to_end()  # what a command says goes after the last turn, where the next one will be
+                self.conversation.to_end()  # what a command says goes after the last turn, where the next one will be
             self.add_message("output", result)
         if self.session is not None:
             self.profile_name = self.session.profile.name
@@ -622,7 +412,7 @@ class QuillApp(App):
             self.streaming.clear()
         view.flush()
         if done is None:  # it failed: show what the session kept, then why
-            self.rebuild_conversation()
+            self.conversation.show_last()
             if error is not None:
                 self.show_error(error)
         else:
@@ -631,8 +421,8 @@ class QuillApp(App):
             self.last_speed = f"{speed:.0f} tok/s"
             stopped = " · stopped" if done.reason == "cancelled" else ""
             view.finish(turn.reply if turn else view.text.strip(), f"{done.new_tokens} tokens · {speed:.0f} tok/s{stopped}")
-            self.label_versions()  # a new reply (/regen) is another version; an edit made its message one
-            self.trim()
+            self.conversation.label_versions()  # a new reply (/regen) is another version; an edit made its message one
+            self.conversation.trim()
         self.update_status()
 
     # --- actions --------------------------------------------------------------------
@@ -754,7 +544,7 @@ class QuillApp(App):
         except QuillError as exc:
             self.notify(exc.message, severity="warning")
             return
-        moved = self._message_at(index, role, self.redraw_turns(index, show_kept=True))
+        moved = self._message_at(index, role, self.conversation.redraw_turns(index, show_kept=True))
         if moved is not None:  # keep going through the versions from the same place
             self.call_after_refresh(moved.focus)
         self.update_status()

@@ -67,7 +67,7 @@ class More(Static):
                         f"scroll {'up' if up else 'down'} or click here to show them")
 
     def on_click(self) -> None:
-        self.app.show_more(self.id)
+        self.parent.show_more(self.id)  # the conversation's
 
 
 class MessageView(Static, can_focus=True):
