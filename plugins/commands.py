@@ -168,8 +168,8 @@ def find_(session, args: str) -> Found:
         return Found(f"no saved message holds {args.strip()!r}", [])
     lines = [f"{hit.session}:{hit.message}  {hit.title or '(untitled)'}  ({'you' if hit.role == 'user' else 'model'})  "
              f"{_preview(hit.snippet, 70)}" for hit in hits]
-    return Found("\n".join(lines + [f"/resume SESSION:MESSAGE carries on there, e.g. /resume {hits[0].session}:{hits[0].message}"]),
-                 hits)
+    example = f"/resume {hits[0].session}:{hits[0].message}"
+    return Found("\n".join(lines + [f"/resume SESSION:MESSAGE carries on there, e.g. {example}"]), hits)
 
 
 def undo(session, args: str) -> TurnsChanged:
