@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 
 from gpt_runtime import commands
@@ -29,8 +30,8 @@ class Conversation(VerticalScroll):
         self.shown = (0, 0)  # the turns on screen: the first, and one past the last
         self.settling = 0  # while above 0, the app moves the scroll position itself: show no more turns for it
 
-    def compose(self):
-        yield More(id="earlier")
+    def compose(self) -> ComposeResult:
+        yield More(id="earlier")  # the lines saying how many turns are above and below those shown
         yield More(id="later")
 
     @property
