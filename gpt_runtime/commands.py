@@ -83,7 +83,7 @@ class Resumed(TurnsChanged):
         """What /resume and `quill chat --resume` say: which session, its profile and turns, and `said`."""
         turns = len(session.turns)
         return cls(f"resumed session {number} with {session.profile.name}: {turns} turn{'s' if turns != 1 else ''}"
-                   + "".join(f"; {line}" for line in said), getattr(session, "resumed_at", None))
+                   + "".join(f"; {line}" for line in said), session.resumed_at)
 
 
 class Found(Text):

@@ -305,20 +305,17 @@ class ChatSession:
         forks there, and the old branch is kept (`versions`, `switch`)."""
         if not text.strip():
             raise UsageError("/edit needs the message's new text", hint="/edit N TEXT")
-        self._check_message(n, "edit")
+        if not self.turns:
+            raise QuillError("there are no messages to edit yet")
+        if not 1 <= n <= len(self.turns):
+            raise QuillError(f"there is no message {n} to edit",
+                             hint=f"your messages are numbered 1 to {len(self.turns)}" if len(self.turns) > 1
+                             else "your only message is number 1")
         stream = self._stream(n - 1)
         self.turns = self.turns[:n - 1]
         self._dropped_told = min(self._dropped_told, n - 1)
         self._grow(Turn(text, parent=self.turns[-1] if self.turns else None))
         return stream
-
-    def _check_message(self, n: int, what: str) -> None:
-        if not self.turns:
-            raise QuillError(f"there are no messages to {what} yet")
-        if not 1 <= n <= len(self.turns):
-            raise QuillError(f"there is no message {n} to {what}",
-                             hint=f"your messages are numbered 1 to {len(self.turns)}" if len(self.turns) > 1
-                             else "your only message is number 1")
 
     def _grow(self, turn: Turn) -> None:
         """Put a new turn at the end of the conversation, and in its tree."""
@@ -751,6 +748,16 @@ class ChatSession:
             return []
         with self._open_store() as store:
             return store.list_sessions(limit)
+
+    def search(self, words: str, limit: int = 20):
+        """The saved messages holding every one of `words` (`store.Hit`s, best first); none,
+        and no database made, when nothing was ever saved."""
+        from .store import default_path
+
+        if not (self.store_path or default_path()).exists():
+            return []
+        with self._open_store() as store:
+            return store.search(words, limit)
 
     def rename(self, title: str) -> str:
         """Title this chat's saved session (before the first exchange: the session it will start)."""

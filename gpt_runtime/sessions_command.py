@@ -65,10 +65,6 @@ def _open():
     return Store(default_path())
 
 
-def _line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def cmd_sessions_list(args: argparse.Namespace) -> None:
     from .store import when
 
@@ -119,6 +115,8 @@ def cmd_sessions_export(args: argparse.Namespace) -> None:
 
 
 def cmd_sessions_search(args: argparse.Namespace) -> None:
+    from .store import hit_line
+
     with _open() as store:
         hits = store.search(args.text, args.limit)
         if args.json:
@@ -128,6 +126,5 @@ def cmd_sessions_search(args: argparse.Namespace) -> None:
         print(f"no message holds {args.text!r}")
         return
     for hit in hits:
-        print(f"{hit.session}:{hit.message}  {hit.title or '(untitled)'}  ({'you' if hit.role == 'user' else hit.role})\n"
-              f"    {_line(hit.snippet)}")
+        print(hit_line(hit))
     print(f"\ncarry on at one: quill chat --resume {hits[0].session}:{hits[0].message}")

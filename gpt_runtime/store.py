@@ -110,6 +110,13 @@ class Hit(NamedTuple):
     title: str | None
 
 
+def hit_line(hit: Hit) -> str:
+    """A search hit on one line, as `quill sessions search` and /find show it: where it is
+    (SESSION:MESSAGE, which `--resume` and /resume take), the session's title, who said it, the words found."""
+    who = "you" if hit.role == "user" else hit.role
+    return f"{hit.session}:{hit.message}  {hit.title or '(untitled)'}  ({who})  {' '.join(hit.snippet.split())}"
+
+
 def default_path() -> Path:
     """The user's sessions database: ``sessions.db`` in the data directory."""
     from .profiles import data_dir

@@ -155,21 +155,16 @@ def system(session, args: str) -> str:
 
 
 def find_(session, args: str) -> Found:
-    from gpt_runtime.store import Store, default_path
+    from gpt_runtime.store import hit_line
 
     if not args.strip():
         raise UsageError("/find needs the words to look for")
-    path = session.store_path or default_path()
-    if not path.exists():
-        return Found("no chat has been saved yet", [])
-    with Store(path) as store:
-        hits = store.search(args)
+    hits = session.search(args)
     if not hits:
         return Found(f"no saved message holds {args.strip()!r}", [])
-    lines = [f"{hit.session}:{hit.message}  {hit.title or '(untitled)'}  ({'you' if hit.role == 'user' else 'model'})  "
-             f"{_preview(hit.snippet, 70)}" for hit in hits]
     example = f"/resume {hits[0].session}:{hits[0].message}"
-    return Found("\n".join(lines + [f"/resume SESSION:MESSAGE carries on there, e.g. {example}"]), hits)
+    return Found("\n".join([hit_line(hit) for hit in hits] + [f"/resume SESSION:MESSAGE carries on there, e.g. {example}"]),
+                 hits)
 
 
 def undo(session, args: str) -> TurnsChanged:

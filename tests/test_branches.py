@@ -16,6 +16,15 @@ from gpt_runtime.store import Store, default_path
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "data_home")  # saved chats of each test its own
 
 
+def chat(*messages: str, save: bool | None = None) -> ChatSession:
+    """A chat with the small model alpha, short replies, and `messages` said."""
+    s = ChatSession("alpha", save=save)
+    s.set("max_new_tokens", "4")
+    for text in messages:
+        say(s, text)
+    return s
+
+
 def say(session: ChatSession, text: str) -> str:
     list(session.send(text))
     return session.turns[-1].reply
@@ -41,10 +50,7 @@ def prompt_of_last_reply(session: ChatSession) -> str:
 
 
 def test_edit_forks_and_keeps_the_old_branch_and_versions_switch_back_and_forth(chat_profiles):
-    s = ChatSession("alpha")
-    s.set("max_new_tokens", "6")
-    for text in ("Speak", "hear me", "First"):
-        say(s, text)
+    s = chat("Speak", "hear me", "First")
     old = list(s.turns)
     list(s.edit(2, "Citizen speak"))
     assert users(s) == ["Speak", "Citizen speak"] and s.turns[0] is old[0]
@@ -61,10 +67,7 @@ def test_edit_forks_and_keeps_the_old_branch_and_versions_switch_back_and_forth(
 
 
 def test_regen_keeps_the_previous_reply_as_a_version_and_forks_list_them(chat_profiles):
-    s = ChatSession("alpha")
-    s.set("max_new_tokens", "6")
-    say(s, "Speak")
-    say(s, "hear me")
+    s = chat("Speak", "hear me")
     first = s.turns[-1]
     list(s.regenerate())
     second = s.turns[-1]
@@ -81,10 +84,7 @@ def test_regen_keeps_the_previous_reply_as_a_version_and_forks_list_them(chat_pr
 
 
 def test_a_message_said_after_switching_follows_the_branch_switched_to(chat_profiles):
-    s = ChatSession("alpha")
-    s.set("max_new_tokens", "4")
-    say(s, "Speak")
-    say(s, "hear me")
+    s = chat("Speak", "hear me")
     list(s.edit(1, "First"))
     s.switch(0, "user", 0)
     say(s, "Resolved")
@@ -112,10 +112,7 @@ def test_bad_edits_say_which_messages_can_be_edited(chat_profiles):
 
 
 def test_the_branch_command_lists_the_forks_and_switches(chat_profiles):
-    s = ChatSession("alpha")
-    s.set("max_new_tokens", "4")
-    say(s, "Speak")
-    say(s, "hear me")
+    s = chat("Speak", "hear me")
     list(s.regenerate())
     result = commands.run(s, "/edit 1 First")
     assert isinstance(result, commands.Reply) and result.kept == 0
@@ -133,10 +130,7 @@ def test_the_branch_command_lists_the_forks_and_switches(chat_profiles):
 
 
 def test_save_and_load_keep_the_whole_tree(chat_profiles, tmp_path):
-    s = ChatSession("alpha")
-    s.set("max_new_tokens", "4")
-    say(s, "Speak")
-    say(s, "hear me")
+    s = chat("Speak", "hear me")
     list(s.regenerate())
     list(s.edit(1, "First"))
     s.set_system("You are a citizen of Rome.")
@@ -158,9 +152,7 @@ def test_save_and_load_keep_the_whole_tree(chat_profiles, tmp_path):
 
 
 def test_a_loaded_tree_is_saved_whole_as_a_new_session(chat_profiles, tmp_path):
-    s = ChatSession("alpha", save=False)
-    s.set("max_new_tokens", "4")
-    say(s, "Speak")
+    s = chat("Speak", save=False)
     list(s.regenerate())
     s.save(tmp_path / "tree.json")
     other = ChatSession("alpha")
@@ -172,10 +164,7 @@ def test_a_loaded_tree_is_saved_whole_as_a_new_session(chat_profiles, tmp_path):
 
 
 def test_resume_rebuilds_the_tree_and_a_search_hit_resumes_at_its_message(chat_profiles):
-    s = ChatSession("alpha")
-    s.set("max_new_tokens", "4")
-    say(s, "Speak")
-    say(s, "hear me")
+    s = chat("Speak", "hear me")
     list(s.edit(2, "Citizen"))
     with Store(default_path()) as store:
         (hit,) = store.search("hear")
@@ -193,8 +182,7 @@ def test_resume_rebuilds_the_tree_and_a_search_hit_resumes_at_its_message(chat_p
 
 
 def test_system_text_changes_the_prompt_and_is_saved_with_the_session(chat_profiles):
-    s = ChatSession("alpha")
-    s.set("max_new_tokens", "4")
+    s = chat()
     assert commands.run(s, "/system") == "system text: none (the profile's)"
     assert commands.run(s, "/system Speak like a Roman") == "system text: 'Speak like a Roman'"
     say(s, "Speak")
@@ -228,10 +216,7 @@ def test_a_transcript_whose_tree_is_bad_is_a_clear_error(chat_profiles, tmp_path
 
 
 def test_an_undone_exchange_does_not_come_back_when_switching_back(chat_profiles):
-    s = ChatSession("alpha")
-    s.set("max_new_tokens", "4")
-    say(s, "Speak")
-    say(s, "hear me")
+    s = chat("Speak", "hear me")
     list(s.edit(1, "First"))
     s.switch(0, "user", 0)
     assert users(s) == ["Speak", "hear me"]
@@ -243,10 +228,7 @@ def test_an_undone_exchange_does_not_come_back_when_switching_back(chat_profiles
 
 
 def test_a_loaded_export_switches_back_to_the_branch_it_was_on(chat_profiles, tmp_path):
-    s = ChatSession("alpha")
-    s.set("max_new_tokens", "4")
-    for text in ("one", "two", "three"):  # message ids in the database above the new session's turn count
-        say(s, text)
+    s = chat("one", "two", "three")  # message ids in the database above the new session's turn count
     s.clear()
     say(s, "Speak")
     say(s, "hear me")

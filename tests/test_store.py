@@ -293,7 +293,7 @@ def test_cli_list_show_export_search_rm(data_home):
     assert md.startswith("# Who art thou, stranger?")
 
     found = run_quill("sessions", "search", "romeo", env=env).stdout.decode()
-    assert found.startswith(f"{ids['chat']}:{ids['a']}  Who art thou, stranger?  (model)\n    A friend of [Romeo].")
+    assert found.startswith(f"{ids['chat']}:{ids['a']}  Who art thou, stranger?  (model)  A friend of [Romeo].\n")
     assert found.endswith(f"quill chat --resume {ids['chat']}:{ids['a']}\n")
     hits = json.loads(run_quill("sessions", "search", "romeo", "--json", env=env).stdout)
     assert hits == [{"session": ids["chat"], "message": ids["a"], "snippet": "A friend of [Romeo].", "role": "model",
