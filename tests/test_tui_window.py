@@ -1,6 +1,7 @@
 """A long conversation in the full-screen chat shows a window of its turns (tui.conversation.SHOWN_TURNS):
-the rest come as you scroll or click "earlier"/"later", the window slides, a new message goes
-back to the end, and a search hit deep in a saved chat opens at its message.
+the rest come as you turn the wheel on past its top or bottom, or click "earlier"/"later"; the
+window slides, a new message goes back to the end, and a search hit deep in a saved chat opens
+at its message.
 
 Laying out every message of a 1,000-message chat on each streamed line stalled the screen
 (benchmarks/sessions_bench.py); here the window is 3 turns, so 10 saved exchanges show it.
@@ -9,6 +10,7 @@ Laying out every message of a 1,000-message chat on each streamed line stalled t
 from __future__ import annotations
 
 import pytest
+from textual import events
 
 import tui.conversation
 from gpt_runtime.store import Store, default_path
@@ -43,6 +45,18 @@ def more(app: QuillApp, which: str) -> str:
     return str(widget.render()) if widget.display else ""
 
 
+async def wheel(pilot, app: QuillApp, to: str) -> None:
+    """Scroll the conversation to its top or bottom, then turn the mouse wheel on past it, as
+    a user would (scrolling there shows no more turns; the wheel past the edge does)."""
+    c = app.conversation
+    shown = c.shown
+    c.scroll_home(animate=False) if to == "top" else c.scroll_end(animate=False)
+    await pilot.pause(0.2)
+    assert c.shown == shown
+    kind = events.MouseScrollUp if to == "top" else events.MouseScrollDown
+    c.post_message(kind(c, 1, 1, 0, -1 if to == "top" else 1, 0, False, False, False))
+
+
 def test_a_long_chat_shows_its_last_turns_and_more_as_asked_and_a_new_message_goes_to_the_end(chat_profiles):
     saved_chat(10)
     app = QuillApp("alpha", resume="last")
@@ -50,11 +64,10 @@ def test_a_long_chat_shows_its_last_turns_and_more_as_asked_and_a_new_message_go
     async def steps(pilot):
         await until(pilot, lambda: turns_shown(app) == [7, 8, 9])
         assert more(app, "earlier").startswith("↑ 7 earlier turns") and more(app, "later") == ""
-        conversation = app.query_one("#conversation")
-        conversation.scroll_home(animate=False)  # scrolled up to the top: the turns before come
+        await wheel(pilot, app, "top")  # on past the top: the turns before come
         await until(pilot, lambda: turns_shown(app) == [4, 5, 6, 7, 8, 9])
-        assert more(app, "earlier").startswith("↑ 4 earlier turns") and conversation.scroll_y > 0  # where it was
-        conversation.scroll_home(animate=False)  # the window slides up: the last turns go, "later" says so
+        assert more(app, "earlier").startswith("↑ 4 earlier turns")
+        await wheel(pilot, app, "top")  # the window slides up: the last turns go, "later" says so
         await until(pilot, lambda: turns_shown(app) == [1, 2, 3, 4, 5, 6])
         assert more(app, "later").startswith("↓ 3 later turns") and app.conversation.shown == (1, 7)
         await type_command(pilot, "/set max_new_tokens 4")
@@ -76,14 +89,14 @@ def test_a_search_hit_deep_in_a_long_chat_opens_at_its_message(chat_profiles):
         assert more(app, "earlier").startswith("↑ 2 earlier") and more(app, "later").startswith("↓ 5 later")
         await pilot.click("#later")  # at the bottom already: a click on it
         await until(pilot, lambda: turns_shown(app) == [2, 3, 4, 5, 6, 7])
-        app.query_one("#conversation").scroll_end(animate=False)  # scrolled down to the bottom: the turns after come
+        await wheel(pilot, app, "bottom")  # on past the bottom: the turns after come
         await until(pilot, lambda: turns_shown(app) == [4, 5, 6, 7, 8, 9])  # the window slides down too
         assert more(app, "later") == "" and more(app, "earlier").startswith("↑ 4 earlier")
         app.query_one("#input").focus()  # back to the message box from the click
         await type_command(pilot, "/set max_new_tokens 4")
         await type_command(pilot, "/undo")
         await until(pilot, lambda: turns_shown(app) == [4, 5, 6, 7, 8])
-        app.query_one("#conversation").scroll_home(animate=False)
+        await wheel(pilot, app, "top")
         await until(pilot, lambda: turns_shown(app) == [1, 2, 3, 4, 5, 6])
         assert more(app, "later").startswith("↓ 2 later")
         await type_command(pilot, "/edit 9 changed")  # below the window, not next to it: the window from there

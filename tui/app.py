@@ -210,8 +210,8 @@ class QuillApp(App):
         return self.conversation.add(MessageView(role, text, turn, title), before)
 
     def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
-        """The wheel turned at the top of the conversation (it did not scroll: the event came
-        up to the app): show earlier turns."""
+        """The wheel turned up at the top of the conversation (it could not scroll, so the
+        event came up to the app): show earlier turns."""
         if self.in_conversation(event):
             self.conversation.show_more("earlier")
 

@@ -1,8 +1,9 @@
 """The conversation in the full-screen chat: its messages, and a window of a long one.
 
 A long conversation shows a window of its turns, the last `SHOWN_TURNS` at first,
-and more as the user scrolls to the top or bottom of those shown (or clicks the line
-saying how many are left out). With every message of a 1,000-message chat mounted,
+and more as the user scrolls on past the top or bottom of those shown (the app sees
+the wheel turn the conversation could not follow) or clicks the line saying how many
+are left out. With every message of a 1,000-message chat mounted,
 each streamed line re-laid them all out, 60-360 ms a frame (benchmarks/sessions_bench.py).
 The window slides, so at most twice SHOWN_TURNS turns stay mounted; a new message, a
 command's output and the end of a reply bring it back to the last turns.
@@ -28,7 +29,6 @@ class Conversation(VerticalScroll):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.shown = (0, 0)  # the turns on screen: the first, and one past the last
-        self.settling = 0  # while above 0, the app moves the scroll position itself: show no more turns for it
 
     def compose(self) -> ComposeResult:
         yield More(id="earlier")  # the lines saying how many turns are above and below those shown
@@ -72,23 +72,31 @@ class Conversation(VerticalScroll):
         after those shown; returns their views."""
         stop = min(len(self.session.turns), start + SHOWN_TURNS) if stop is None else stop
         views = self.turn_views(start, stop)
+        y = self.scroll_y
         if views:
-            self.mount_all(views, before=self.query_one("#later"))  # one layout for them all
+            mounted = self.mount_all(views, before=self.query_one("#later"))  # one layout for them all
         self.shown = (self.shown[0], stop)
         self.update_more()
         if stop == len(self.session.turns):  # not when later turns are left out: the window is not at the end
             self.follow_end()
+            if views:
+                self.call_later(self.follow_when_mounted, mounted, y)
         return views
+
+    async def follow_when_mounted(self, mounted: Any, y: float) -> None:
+        """Follow the end again once `mounted` (many messages at once) is: on a busy machine
+        their layout can come after the refresh `follow_end` waited for. Not if the user
+        scrolled away from `y` meanwhile (or from the end)."""
+        await mounted
+        if self.scroll_y == y or self.scroll_y >= self.max_scroll_y - 1:
+            self.follow_end()
 
     def show_window(self, start: int, clear: bool = True) -> list[MessageView]:
         """Show afresh the window of turns from `start` (after what is on screen, unless `clear`); returns their views."""
         if clear:
             self.query(MessageView).remove()
         self.shown = (start, start)
-        views = self.add_turns(start)
-        self.settling += 1  # the scroll position moves as the old window goes: that is no user scrolling
-        self.app.call_after_refresh(self.settled)
-        return views
+        return self.add_turns(start)
 
     def show_last(self, clear: bool = True) -> list[MessageView]:
         """Show the session's last turns afresh (after /clear, /load, a failed reply)."""
@@ -124,18 +132,6 @@ class Conversation(VerticalScroll):
             view.remove()
         self.shown = (self.shown[0], min(kept, self.shown[1]))
         return self.add_turns(kept)
-
-    def watch_scroll_y(self, old: float, y: float) -> None:
-        """Scrolled up to the top (or down to the bottom) of the turns shown: show more, if
-        there are. (Not when the window shrank under the scroll position: that moves it too.)"""
-        super().watch_scroll_y(old, y)
-        if self.settling:
-            return
-        if y < old and y <= 0 and self.shown[0] > 0:
-            self.show_more("earlier")
-        elif y > old and y >= self.max_scroll_y > 0 and self.session is not None \
-                and self.shown[1] < len(self.session.turns):
-            self.show_more("later")
 
     def update_more(self) -> None:
         """Say how many turns are above and below those shown."""
@@ -189,17 +185,8 @@ class Conversation(VerticalScroll):
         self.update_more()
 
     def scroll_to_top(self, view: MessageView) -> None:
-        """Scroll `view` to the top of the screen once laid out; moving there shows no more turns."""
-        self.settling += 1
-
-        def scroll() -> None:
-            view.scroll_visible(top=True, animate=False)
-            self.app.call_after_refresh(self.settled)
-
-        self.app.call_after_refresh(scroll)
-
-    def settled(self) -> None:
-        self.settling -= 1
+        """Scroll `view` to the top of the screen once laid out."""
+        self.app.call_after_refresh(lambda: view.scroll_visible(top=True, animate=False))
 
     def to_end(self) -> None:
         """Show the last turns, if they are not, or only they if many more are (a new message
