@@ -125,8 +125,8 @@ class JobCard(Vertical):
             yield Button("Chat with it", id="open", variant="success")
 
     def update_from_job(self) -> None:
-        if not self.query("#plot"):
-            return  # not composed yet: drawn on the next tick
+        if not self.query("#open"):
+            return  # not all composed yet (the buttons' row comes last): drawn on the next tick
         job = self.job
         state = (job.status, len(job.history), repr(job.last), job.profile, job.error, job.result is not None)
         if state == getattr(self, "_state", None):
